@@ -1,0 +1,40 @@
+"""Converter errors: each class carries the CLI exit code it maps to.
+
+The CLI turns any `ConvertError` into a one-line message and its exit code
+(2 for bad input, 1 for a failed verification); nothing else in the converter
+decides exit codes.
+"""
+
+from __future__ import annotations
+
+
+class ConvertError(Exception):
+    """Base class: a conversion that cannot go on, with a message for the user."""
+
+    exit_code = 2
+
+
+class SourceError(ConvertError):
+    """The source cannot be read: missing or unreadable file, unknown built-in, bad factory."""
+
+
+class InputShapeError(ConvertError):
+    """The input shape is missing, malformed, or does not fit the model."""
+
+
+class UntraceableModel(ConvertError):
+    """torch.fx cannot trace the model; the message names the construct."""
+
+
+class UnsupportedSource(ConvertError):
+    """A source kind or ONNX construct bnfold does not handle."""
+
+
+class PackageError(ConvertError):
+    """The package cannot be written where asked (bad name, version already present)."""
+
+
+class VerificationFailed(ConvertError):
+    """The converted graphs disagree with the original beyond tolerance; nothing was written."""
+
+    exit_code = 1

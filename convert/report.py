@@ -1,0 +1,88 @@
+"""What a conversion found and did: the BN report and the tensor specs.
+
+Plain dataclasses shared by the torch and ONNX paths, turned into the
+manifest's JSON by `as_dict` (see docs/package-format.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+#: numpy dtype -> KServe V2 datatype name.
+V2_DATATYPES: dict[np.dtype, str] = {
+    np.dtype(np.float32): "FP32",
+    np.dtype(np.float64): "FP64",
+    np.dtype(np.float16): "FP16",
+    np.dtype(np.int8): "INT8",
+    np.dtype(np.int16): "INT16",
+    np.dtype(np.int32): "INT32",
+    np.dtype(np.int64): "INT64",
+    np.dtype(np.uint8): "UINT8",
+    np.dtype(np.uint16): "UINT16",
+    np.dtype(np.uint32): "UINT32",
+    np.dtype(np.uint64): "UINT64",
+    np.dtype(np.bool_): "BOOL",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output: name, V2 datatype, shape with -1 for dynamic axes."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+@dataclass(frozen=True)
+class FoldedBatchNorm:
+    name: str
+    into: str
+    direction: str  # "forward": BN after the layer; "backward": BN before it
+
+
+@dataclass(frozen=True)
+class KeptBatchNorm:
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class BatchNormLayer:
+    """One BN of the original model with the statistics the compare endpoint needs."""
+
+    name: str
+    channels: int
+    eps: float
+    running_mean: list[float]
+    running_var: list[float]
+    input_rank: int
+    batch_mean_output: str
+    batch_var_output: str
+    channel_axis: int = 1
+
+
+@dataclass
+class BatchNormReport:
+    folded: list[FoldedBatchNorm] = field(default_factory=list)
+    kept: list[KeptBatchNorm] = field(default_factory=list)
+    layers: list[BatchNormLayer] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return len(self.folded) + len(self.kept)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "total": self.total,
+            "folded": [asdict(item) for item in self.folded],
+            "kept": [asdict(item) for item in self.kept],
+            "layers": [asdict(item) for item in self.layers],
+        }
+
+
+def batch_stat_output_names(layer_name: str) -> tuple[str, str]:
+    """The train graph's output names for one BN's batch mean and variance."""
+    return f"{layer_name}.batch_mean", f"{layer_name}.batch_var"

@@ -1,0 +1,88 @@
+"""Numerical agreement between a converted graph and its original.
+
+Pure numpy so the torch path and the ONNX path judge with the same rule:
+|actual − expected| ≤ atol + rtol·|expected| elementwise, float32 tolerances
+(atol 1e-5, rtol 1e-4). The relative error reported is the largest
+|actual − expected| / max(|expected|, atol), so tiny expected values do not
+blow it up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float = 1e-5
+    rtol: float = 1e-4
+
+
+FLOAT32_TOLERANCE = Tolerance()
+
+
+@dataclass
+class Agreement:
+    """Running maxima over every compared batch; `samples` counts batch rows."""
+
+    tolerance: Tolerance = FLOAT32_TOLERANCE
+    max_abs_err: float = 0.0
+    max_rel_err: float = 0.0
+    samples: int = 0
+    passed: bool = True
+    failures: list[str] = field(default_factory=list)
+
+    def add(
+        self, label: str, actual: Sequence[np.ndarray], expected: Sequence[np.ndarray]
+    ) -> None:
+        """Compare one batch's outputs (same order, same shapes)."""
+        if len(actual) != len(expected):
+            self._fail(f"{label}: {len(actual)} outputs, expected {len(expected)}")
+            return
+        for index, (got, want) in enumerate(zip(actual, expected, strict=True)):
+            got64 = np.asarray(got, dtype=np.float64)
+            want64 = np.asarray(want, dtype=np.float64)
+            if got64.shape != want64.shape:
+                self._fail(f"{label} output {index}: shape {got64.shape}, expected {want64.shape}")
+                continue
+            if got64.size == 0:
+                continue
+            error = np.abs(got64 - want64)
+            nonfinite = ~np.isfinite(error)
+            # NaN in the same places on both sides is agreement, not an error.
+            same_nonfinite = nonfinite & (
+                (np.isnan(got64) & np.isnan(want64)) | (got64 == want64)
+            )
+            if np.any(nonfinite & ~same_nonfinite):
+                self._fail(f"{label} output {index}: non-finite values disagree")
+                continue
+            error = np.where(same_nonfinite, 0.0, error)
+            magnitude = np.where(same_nonfinite, 0.0, np.abs(want64))
+            self.max_abs_err = max(self.max_abs_err, float(error.max()))
+            relative = error / np.maximum(magnitude, self.tolerance.atol)
+            self.max_rel_err = max(self.max_rel_err, float(relative.max()))
+            limit = self.tolerance.atol + self.tolerance.rtol * magnitude
+            excess = error > limit
+            if np.any(excess):
+                worst = int(np.argmax(error - limit))
+                self._fail(
+                    f"{label} output {index}: {int(excess.sum())} of {error.size} values out of "
+                    f"tolerance, worst |Δ|={error.flat[worst]:.3g} at |expected|="
+                    f"{magnitude.flat[worst]:.3g}"
+                )
+        self.samples += int(np.asarray(expected[0]).shape[0]) if expected and np.ndim(expected[0]) else 1
+
+    def _fail(self, message: str) -> None:
+        self.passed = False
+        self.failures.append(message)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "max_abs_err": self.max_abs_err,
+            "max_rel_err": self.max_rel_err,
+            "samples": self.samples,
+            "passed": self.passed,
+        }
