@@ -69,7 +69,9 @@ def _bias_or_zeros(bias: np.ndarray | None, size: int) -> np.ndarray:
 
 def _check_channels(expected: int, bn: BatchNormParams, what: str) -> None:
     if bn.channels != expected:
-        raise ValueError(f"BatchNorm has {bn.channels} channels but the layer's {what} has {expected}")
+        raise ValueError(
+            f"BatchNorm has {bn.channels} channels but the layer's {what} has {expected}"
+        )
 
 
 def fold_after_layer(

@@ -113,7 +113,8 @@ def staged_package(repository: Path, name: str, version: int | None) -> Iterator
         raise PackageError(
             f"{repository / name / str(chosen)} already exists; choose another --version"
         )
-    directory = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{name}.{chosen}.tmp-", dir=repository))
+    prefix = f"{_STAGING_PREFIX}{name}.{chosen}.tmp-{os.getpid()}-"
+    directory = Path(tempfile.mkdtemp(prefix=prefix, dir=repository))
     try:
         yield StagedPackage(repository, name, chosen, directory)
     finally:
@@ -122,10 +123,24 @@ def staged_package(repository: Path, name: str, version: int | None) -> Iterator
 
 
 def _remove_stale_staging(repository: Path) -> None:
-    """Remove staging directories left by a killed conversion (pid no longer alive or any age)."""
-    for path in repository.glob(f"{_STAGING_PREFIX}*.tmp-*"):
-        if path.is_dir():
+    """Remove staging directories whose writing process is gone (a killed conversion).
+
+    A concurrent conversion's staging directory is left alone: its pid is alive.
+    """
+    for path in repository.glob(f"{_STAGING_PREFIX}*.tmp-*-*"):
+        owner = path.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+        if path.is_dir() and owner.isdigit() and not _process_alive(int(owner)):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_path(path: Path) -> None:

@@ -35,9 +35,7 @@ class Agreement:
     passed: bool = True
     failures: list[str] = field(default_factory=list)
 
-    def add(
-        self, label: str, actual: Sequence[np.ndarray], expected: Sequence[np.ndarray]
-    ) -> None:
+    def add(self, label: str, actual: Sequence[np.ndarray], expected: Sequence[np.ndarray]) -> None:
         """Compare one batch's outputs (same order, same shapes)."""
         if len(actual) != len(expected):
             self._fail(f"{label}: {len(actual)} outputs, expected {len(expected)}")
@@ -53,9 +51,7 @@ class Agreement:
             error = np.abs(got64 - want64)
             nonfinite = ~np.isfinite(error)
             # NaN in the same places on both sides is agreement, not an error.
-            same_nonfinite = nonfinite & (
-                (np.isnan(got64) & np.isnan(want64)) | (got64 == want64)
-            )
+            same_nonfinite = nonfinite & ((np.isnan(got64) & np.isnan(want64)) | (got64 == want64))
             if np.any(nonfinite & ~same_nonfinite):
                 self._fail(f"{label} output {index}: non-finite values disagree")
                 continue
@@ -73,7 +69,8 @@ class Agreement:
                     f"tolerance, worst |Δ|={error.flat[worst]:.3g} at |expected|="
                     f"{magnitude.flat[worst]:.3g}"
                 )
-        self.samples += int(np.asarray(expected[0]).shape[0]) if expected and np.ndim(expected[0]) else 1
+        first = np.asarray(expected[0]) if expected else np.zeros(())
+        self.samples += int(first.shape[0]) if first.ndim else 1
 
     def _fail(self, message: str) -> None:
         self.passed = False
