@@ -86,3 +86,35 @@ class BatchNormReport:
 def batch_stat_output_names(layer_name: str) -> tuple[str, str]:
     """The train graph's output names for one BN's batch mean and variance."""
     return f"{layer_name}.batch_mean", f"{layer_name}.batch_var"
+
+
+@dataclass
+class ConversionResult:
+    """What `bnfold convert` reports, whichever path (torch or ONNX) produced it.
+
+    `verification` holds the manifest's verification block; `package_path` is
+    the committed package directory.
+    """
+
+    name: str
+    version: int
+    package_path: str
+    source_kind: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    batchnorm: BatchNormReport
+    verification: dict[str, object]
+    node_counts: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "package": self.package_path,
+            "source_kind": self.source_kind,
+            "inputs": [asdict(spec) for spec in self.inputs],
+            "outputs": [asdict(spec) for spec in self.outputs],
+            "batchnorm": self.batchnorm.as_dict(),
+            "verification": self.verification,
+            "node_counts": self.node_counts,
+        }
