@@ -56,8 +56,8 @@ class BatchNormLayer:
     name: str
     channels: int
     eps: float
-    running_mean: list[float]
-    running_var: list[float]
+    running_mean: list[float] | None  # None for track_running_stats=False
+    running_var: list[float] | None
     input_rank: int
     batch_mean_output: str
     batch_var_output: str

@@ -1,0 +1,300 @@
+"""Converter commands: `bnfold convert`, `bnfold models list|build`.
+
+Thin by design: parse, call the library, print, and turn a `ConvertError`
+into its one-line message and exit code (2 bad input, 1 verification failed).
+Importing this module must not import torch: the serving install has none,
+and `bnfold serve --help` must still work there.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+if TYPE_CHECKING:
+    import numpy as np
+    from bnfold.convert.report import ConversionResult
+
+stdout = Console()
+stderr = Console(stderr=True)
+
+CONVERT_STEPS = ("load", "trace", "fold", "export", "verify", "write")
+
+CONVERT_EPILOG = """
+Examples:
+
+  bnfold convert digits_resnet --repository ./repo
+
+  bnfold convert my_net.py:build --weights net.pt --input-shape 1,3,32,32 --repository ./repo
+
+  bnfold convert mypkg.nets:resnet --input-shape 1,3,224,224 --repository ./repo --json
+
+  bnfold convert whole_model.pt --trust-pickle --input-shape 1,64 --repository ./repo
+
+  bnfold convert exported.onnx --repository ./repo --sample batch.npy
+"""
+
+
+def register(app: typer.Typer) -> None:
+    app.command(epilog=CONVERT_EPILOG)(convert)
+    models_app = typer.Typer(
+        help="The built-in reference models and the embedded default repository.",
+        no_args_is_help=True,
+    )
+    models_app.command("list")(models_list)
+    models_app.command("build", epilog="Example:\n\n  bnfold models build --repository ./repo")(
+        models_build
+    )
+    app.add_typer(models_app, name="models")
+
+
+def convert(
+    source: str = typer.Argument(
+        ...,
+        help="A built-in name, path/to/file.py:factory, package.module:factory, "
+        "a pickled model (.pt, needs --trust-pickle) or a .onnx file.",
+    ),
+    repository: Path = typer.Option(
+        ..., "--repository", "-r", help="Model repository to write REPO/NAME/VERSION/ into."
+    ),
+    name: str | None = typer.Option(
+        None, help="Package name (default: built-in name, factory name or file stem)."
+    ),
+    version: int | None = typer.Option(
+        None, min=1, help="Package version (default: the next integer)."
+    ),
+    input_shape: str | None = typer.Option(
+        None,
+        "--input-shape",
+        help="Input shape with the batch axis first, e.g. 1,3,32,32 (the batch axis is exported dynamic).",
+    ),
+    weights: Path | None = typer.Option(
+        None, help="A state_dict for a factory source, loaded with weights_only=True."
+    ),
+    sample: Path | None = typer.Option(
+        None, help="A .npy batch to verify on, in addition to seeded random inputs."
+    ),
+    trust_pickle: bool = typer.Option(
+        False, "--trust-pickle", help="Allow unpickling a whole model (pickles run code)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+) -> None:
+    """Fold every exactly-foldable BatchNorm, verify, and write an ONNX model package."""
+    with _exit_on_convert_error():
+        from bnfold.convert.sources import is_onnx_source
+
+        sample_array = _load_sample(sample) if sample is not None else None
+        if is_onnx_source(source):
+            result = _convert_onnx(source, repository, name, version, sample_array, as_json)
+        else:
+            result = _convert_torch(
+                source,
+                repository=repository,
+                name=name,
+                version=version,
+                input_shape=input_shape,
+                weights=weights,
+                sample=sample_array,
+                trust_pickle=trust_pickle,
+                show_progress=not as_json,
+            )
+        if as_json:
+            stdout.print_json(json.dumps(result.as_dict()))
+        else:
+            print_conversion(result)
+
+
+def _convert_torch(
+    source: str,
+    *,
+    repository: Path,
+    name: str | None,
+    version: int | None,
+    input_shape: str | None,
+    weights: Path | None,
+    sample: np.ndarray | None,
+    trust_pickle: bool,
+    show_progress: bool,
+) -> ConversionResult:
+    from bnfold.convert.pipeline import TorchConversionRequest, convert_torch
+    from bnfold.convert.sources import load_source, parse_input_shape
+
+    shape = parse_input_shape(input_shape) if input_shape else None
+    with conversion_progress(show_progress) as advance:
+        advance("load")
+        loaded = load_source(source, weights=weights, trust_pickle=trust_pickle)
+        request = TorchConversionRequest(
+            loaded=loaded,
+            repository=repository,
+            name=name,
+            version=version,
+            input_shape=shape,
+            sample=sample,
+        )
+        return convert_torch(request, advance)
+
+
+def _convert_onnx(
+    source: str,
+    repository: Path,
+    name: str | None,
+    version: int | None,
+    sample: np.ndarray | None,
+    as_json: bool,
+) -> ConversionResult:
+    from bnfold.convert.errors import SourceError
+
+    path = Path(source)
+    if not path.is_file():
+        raise SourceError(f"cannot read {source}: no such file")
+    from bnfold.convert.onnx_pipeline import convert_onnx_file
+
+    return convert_onnx_file(
+        path,
+        repository=repository,
+        name=name,
+        version=version,
+        sample=sample,
+        progress=not as_json,
+    )
+
+
+def models_list() -> None:
+    """List the built-in models and their input shapes."""
+    from bnfold.models.registry import BUILTIN_MODELS
+
+    table = Table(title="Built-in models")
+    table.add_column("name")
+    table.add_column("input shape")
+    table.add_column("default repository")
+    table.add_column("description")
+    for spec in BUILTIN_MODELS.values():
+        table.add_row(
+            spec.name,
+            ",".join(map(str, spec.input_shape)),
+            "yes" if spec.in_default_repository else "no",
+            spec.description,
+        )
+    stdout.print(table)
+
+
+def models_build(
+    repository: Path | None = typer.Option(
+        None, "--repository", "-r", help="Where to build (default: the embedded repository)."
+    ),
+    force: bool = typer.Option(False, help="Convert again even when a package exists."),
+) -> None:
+    """Train (cached) and convert the built-in digits models into a repository."""
+    with _exit_on_convert_error():
+        from bnfold.convert.repository_build import build_default_repository
+        from bnfold.models import DEFAULT_REPOSITORY
+
+        target = repository or DEFAULT_REPOSITORY
+        results = build_default_repository(target, progress=True, force=force)
+        for result in results:
+            print_conversion(result)
+        stdout.print(f"[bold]repository ready:[/bold] {target}")
+
+
+def print_conversion(result: ConversionResult) -> None:
+    """The BN table and the measured errors."""
+    report = result.batchnorm
+    table = Table(
+        title=f"{result.name} v{result.version}: {len(report.folded)} of {report.total} "
+        f"BatchNorms folded",
+        title_justify="left",
+    )
+    table.add_column("BatchNorm")
+    table.add_column("result")
+    table.add_column("into / why kept", overflow="fold")
+    for folded in report.folded:
+        table.add_row(folded.name, f"folded {folded.direction}", folded.into)
+    for kept in report.kept:
+        table.add_row(kept.name, "[yellow]kept[/yellow]", kept.reason)
+    stdout.print(table)
+    verification = result.verification
+    eval_block = verification.get("eval", {})
+    train_block = verification.get("train", {})
+    stdout.print(
+        f"verified on {verification.get('samples')} samples: "
+        f"eval max |Δ| {_number(eval_block, 'max_abs_err')} (rel {_number(eval_block, 'max_rel_err')}), "
+        f"train max |Δ| {_number(train_block, 'max_abs_err')} (rel {_number(train_block, 'max_rel_err')})"
+    )
+    stdout.print(f"[green]wrote[/green] {result.package_path}")
+
+
+def _number(block: dict[str, Any], key: str) -> str:
+    value = block.get(key)
+    return f"{value:.2e}" if isinstance(value, (int, float)) else "n/a"
+
+
+def _load_sample(path: Path) -> np.ndarray:
+    import numpy as np
+    from bnfold.convert.errors import SourceError
+
+    if not path.is_file():
+        raise SourceError(f"cannot read sample {path}: no such file")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as error:
+        raise SourceError(f"cannot read sample {path} as a .npy array: {error}") from error
+
+
+@contextmanager
+def conversion_progress(enabled: bool) -> Iterator[Callable[[str], None]]:
+    """A progress bar over the conversion steps, on stderr."""
+    if not enabled:
+        yield lambda _label: None
+        return
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        console=stderr,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("converting", total=len(CONVERT_STEPS))
+        seen: list[str] = []
+
+        def advance(label: str) -> None:
+            if seen:
+                progress.advance(task)
+            seen.append(label)
+            progress.update(task, description=f"converting: {label}")
+
+        yield advance
+        progress.update(task, completed=len(CONVERT_STEPS))
+
+
+@contextmanager
+def _exit_on_convert_error() -> Iterator[None]:
+    """The one place converter errors become exit codes."""
+    try:
+        yield
+    except ModuleNotFoundError as error:
+        if error.name in ("torch", "sklearn"):
+            stderr.print(
+                f"[red]error:[/red] {error.name} is not installed: "
+                "install the converter with pip install 'bnfold[convert]'"
+            )
+            raise typer.Exit(2) from None
+        raise
+    except KeyboardInterrupt:
+        stderr.print("[red]interrupted:[/red] nothing was written")
+        raise typer.Exit(130) from None
+    except Exception as error:
+        from bnfold.convert.errors import ConvertError
+
+        if not isinstance(error, ConvertError):
+            raise
+        stderr.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(error.exit_code) from None

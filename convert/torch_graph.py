@@ -1,0 +1,331 @@
+"""Find the BatchNorms a traced torch model can fold, and why the others cannot.
+
+Works on a torch.fx graph with shapes propagated from an example input, never
+on module order: a BN folds into the layer that really produces (forward) or
+really consumes (backward) its tensor. The decisions are pure: this module
+reads the graph and returns a `FoldPlan`; `torch_fold` applies it.
+
+Patterns (→ data flow, [..] optional eval-mode no-ops: Dropout, Identity):
+
+    forward:   Conv/ConvTranspose ─[..]→ BN
+               Linear ─[..]→ BN1d                         on (N, C)
+               Linear ─→ transpose(1, 2) / permute(0, 2, 1) ─→ BN1d   (N, L, C) → (N, C, L)
+    backward:  BN ─[.. / Flatten]→ Linear
+               BN ─[..]→ Conv   only without zero padding (padding 0 or a
+                                non-zeros padding_mode): a padded zero is not
+                                BN(0), so zero padding would break exactness.
+
+Guards (a BN matching none of these is kept, with the reason):
+    the layer's output or the BN's output has other users (residual branch),
+    a non-linear op sits in between, track_running_stats=False, the channel
+    axis does not line up, the BN or the layer is applied in several places or
+    its parameters are tied to another module's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from bnfold.convert.report import KeptBatchNorm
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TRANSPOSE_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+FORWARD_TARGET_TYPES = (*CONV_TYPES, *CONV_TRANSPOSE_TYPES, nn.Linear)
+#: Modules that are the identity in eval mode: a fold may look through them.
+EVAL_NO_OP_TYPES = (
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+
+@dataclass(frozen=True)
+class FoldStep:
+    """Fold BN module `bn` into layer module `layer`.
+
+    `repeats` > 1 when a Flatten sits between a backward-folded BN and a
+    Linear: each BN channel then covers `repeats` consecutive input features.
+    """
+
+    bn: str
+    layer: str
+    direction: str  # "forward" | "backward"
+    repeats: int = 1
+
+
+@dataclass(frozen=True)
+class BatchNormSite:
+    """One application of a BN module in the graph."""
+
+    name: str  # unique layer name: the module path, suffixed when applied twice
+    module_path: str
+    node_name: str
+    input_rank: int
+
+
+@dataclass
+class FoldPlan:
+    steps: list[FoldStep] = field(default_factory=list)
+    kept: list[KeptBatchNorm] = field(default_factory=list)
+    sites: list[BatchNormSite] = field(default_factory=list)
+
+
+def plan_folds(graph_module: fx.GraphModule) -> FoldPlan:
+    """Decide, for every BN call in the graph, whether and where it folds.
+
+    Requires `node.meta["tensor_meta"]` from shape propagation.
+    """
+    analysis = _GraphAnalysis(graph_module)
+    plan = FoldPlan()
+    for node in analysis.batchnorm_nodes:
+        module_path = str(node.target)
+        calls = analysis.call_counts[module_path]
+        site_name = module_path if calls == 1 else f"{module_path}@{node.name}"
+        plan.sites.append(BatchNormSite(site_name, module_path, node.name, _rank(node.args[0])))
+        step_or_reason = analysis.decide(node)
+        if isinstance(step_or_reason, FoldStep):
+            plan.steps.append(step_or_reason)
+        else:
+            plan.kept.append(KeptBatchNorm(site_name, step_or_reason))
+    return plan
+
+
+class _GraphAnalysis:
+    def __init__(self, graph_module: fx.GraphModule) -> None:
+        self.graph_module = graph_module
+        self.modules = dict(graph_module.named_modules())
+        self.call_counts: Counter[str] = Counter(
+            str(node.target) for node in graph_module.graph.nodes if node.op == "call_module"
+        )
+        self.batchnorm_nodes = [
+            node for node in graph_module.graph.nodes if isinstance(self._module(node), _BatchNorm)
+        ]
+        self._parameter_owners = _parameter_owners(graph_module)
+        self._claimed_layers: Counter[tuple[str, str]] = Counter()
+
+    def _module(self, node: fx.Node) -> nn.Module | None:
+        if node.op != "call_module":
+            return None
+        return self.modules.get(str(node.target))
+
+    def decide(self, bn_node: fx.Node) -> FoldStep | str:
+        bn_path = str(bn_node.target)
+        bn = self.modules[bn_path]
+        assert isinstance(bn, _BatchNorm)
+        if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
+            return (
+                "track_running_stats=False: eval mode normalises with batch statistics, "
+                "so there is no fixed affine map to fold"
+            )
+        if self.call_counts[bn_path] > 1:
+            return (
+                f"parameters are shared: the BN module is applied at "
+                f"{self.call_counts[bn_path]} places"
+            )
+        shared = self._shared_with(bn_path)
+        if shared:
+            return f"parameters are shared with `{shared}`"
+        forward = self._forward(bn_node, bn_path)
+        if isinstance(forward, FoldStep):
+            return forward
+        backward = self._backward(bn_node, bn_path)
+        if isinstance(backward, FoldStep):
+            return backward
+        return f"{forward}; {backward}"
+
+    # ---- forward: layer → BN -------------------------------------------------
+    def _forward(self, bn_node: fx.Node, bn_path: str) -> FoldStep | str:
+        source = bn_node.args[0]
+        if not isinstance(source, fx.Node):
+            return "its input is not a tensor produced in the graph"
+        chain: list[fx.Node] = []
+        channel_moved = False
+        while True:
+            if len(source.users) > 1:
+                return (
+                    f"`{_describe(source)}` feeds {len(source.users)} users "
+                    "(a residual branch): folding would change the other users"
+                )
+            module = self._module(source)
+            if isinstance(module, FORWARD_TARGET_TYPES):
+                break
+            if isinstance(module, EVAL_NO_OP_TYPES):
+                chain.append(source)
+                source = source.args[0]
+                continue
+            if _moves_last_axis_to_channel(source) and not channel_moved:
+                channel_moved = True
+                chain.append(source)
+                source = source.args[0]
+                continue
+            if source.op == "placeholder":
+                return "it reads a graph input directly (no layer before it)"
+            return f"a non-linear or unsupported op `{_describe(source)}` sits between it and the layer before"
+        layer_path = str(source.target)
+        layer = self.modules[layer_path]
+        reason = self._layer_unshareable(layer_path)
+        if reason:
+            return reason
+        output_rank = _rank(source)
+        if isinstance(layer, nn.Linear):
+            if channel_moved and output_rank != 3:
+                return (
+                    f"channel axis does not line up: `{layer_path}` output has rank {output_rank}, "
+                    "the transpose only proves the mapping for (N, L, C)"
+                )
+            if not channel_moved and output_rank != 2:
+                return (
+                    f"channel axis does not line up: BN normalises axis 1 of the rank-{output_rank} "
+                    f"output of `{layer_path}`, whose features are on the last axis"
+                )
+        elif channel_moved:
+            return f"channel axis does not line up: a transpose sits between `{layer_path}` and it"
+        return FoldStep(bn_path, layer_path, "forward")
+
+    # ---- backward: BN → layer ------------------------------------------------
+    def _backward(self, bn_node: fx.Node, bn_path: str) -> FoldStep | str:
+        target = bn_node
+        flatten_repeats: int | None = None
+        while True:
+            users = list(target.users)
+            if len(users) != 1:
+                return (
+                    f"its output feeds {len(users)} users, not one layer"
+                    if users
+                    else "its output is unused"
+                )
+            (target,) = users
+            if target.op == "output":
+                return "its output is a graph output"
+            module = self._module(target)
+            if isinstance(module, EVAL_NO_OP_TYPES):
+                continue
+            if _is_flatten_from_1(target, module) and flatten_repeats is None:
+                flatten_repeats = math.prod(_shape(bn_node.args[0])[2:])
+                continue
+            if isinstance(module, (*CONV_TYPES, nn.Linear)):
+                break
+            if isinstance(module, CONV_TRANSPOSE_TYPES):
+                return (
+                    f"`{target.target}` is a ConvTranspose: border outputs sum fewer inputs, "
+                    "so the BN shift would not fold into one bias"
+                )
+            return f"a non-linear or unsupported op `{_describe(target)}` sits between it and the next layer"
+        layer_path = str(target.target)
+        layer = self.modules[layer_path]
+        reason = self._layer_unshareable(layer_path)
+        if reason:
+            return reason
+        input_rank = _rank(bn_node.args[0])
+        if isinstance(layer, nn.Linear):
+            if flatten_repeats is None and input_rank != 2:
+                return (
+                    f"channel axis does not line up: BN channels are axis 1 of a rank-{input_rank} "
+                    f"tensor, `{layer_path}` reads the last axis"
+                )
+            return FoldStep(bn_path, layer_path, "backward", flatten_repeats or 1)
+        if flatten_repeats is not None:
+            return f"channel axis does not line up: a Flatten sits between it and `{layer_path}`"
+        assert isinstance(layer, CONV_TYPES)
+        if layer.padding_mode == "zeros" and any(layer._reversed_padding_repeated_twice):
+            return (
+                f"`{layer_path}` zero-pads its input: a padded zero is not BN(0), "
+                "so the fold would not be exact"
+            )
+        return FoldStep(bn_path, layer_path, "backward")
+
+    def _layer_unshareable(self, layer_path: str) -> str | None:
+        if self.call_counts[layer_path] > 1:
+            return (
+                f"parameters are shared: `{layer_path}` is applied at "
+                f"{self.call_counts[layer_path]} places"
+            )
+        shared = self._shared_with(layer_path)
+        if shared:
+            return f"parameters are shared: `{layer_path}` ties parameters with `{shared}`"
+        return None
+
+    def _shared_with(self, module_path: str) -> str | None:
+        module = self.modules[module_path]
+        for tensor in _own_tensors(module):
+            others = self._parameter_owners.get(id(tensor), set()) - {module_path}
+            if others:
+                return sorted(others)[0]
+        return None
+
+
+def _own_tensors(module: nn.Module) -> Iterable[torch.Tensor]:
+    yield from module.parameters(recurse=False)
+    yield from (buffer for buffer in module.buffers(recurse=False) if buffer is not None)
+
+
+def _parameter_owners(graph_module: fx.GraphModule) -> dict[int, set[str]]:
+    owners: dict[int, set[str]] = {}
+    for path, module in graph_module.named_modules(remove_duplicate=False):
+        for tensor in _own_tensors(module):
+            owners.setdefault(id(tensor), set()).add(path)
+    return owners
+
+
+def _shape(node: object) -> tuple[int, ...]:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    shape = getattr(meta, "shape", None)
+    return tuple(int(dim) for dim in shape) if shape is not None else ()
+
+
+def _rank(node: object) -> int:
+    return len(_shape(node))
+
+
+def _describe(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    if node.op in ("call_function", "call_method"):
+        return getattr(node.target, "__name__", str(node.target))
+    return node.name
+
+
+def _moves_last_axis_to_channel(node: fx.Node) -> bool:
+    """True for transpose(1, 2) / permute(0, 2, 1) of a rank-3 tensor."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    name = getattr(node.target, "__name__", node.target)
+    arguments = node.args[1:]
+    if len(_shape(node)) != 3:
+        return False
+    if name == "transpose" and len(arguments) == 2:
+        axes = {int(axis) % 3 for axis in arguments if isinstance(axis, int)}
+        return axes == {1, 2}
+    if name == "permute":
+        dims = (
+            arguments[0]
+            if len(arguments) == 1 and isinstance(arguments[0], (list, tuple))
+            else arguments
+        )
+        return [int(dim) % 3 for dim in dims] == [0, 2, 1]
+    return False
+
+
+def _is_flatten_from_1(node: fx.Node, module: nn.Module | None) -> bool:
+    """nn.Flatten / torch.flatten / Tensor.flatten folding every axis from 1 on."""
+    if isinstance(module, nn.Flatten):
+        return module.start_dim == 1 and module.end_dim == -1
+    if node.op == "call_function" and node.target is torch.flatten:
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        return start == 1 and end == -1
+    if node.op == "call_method" and node.target == "flatten":
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        return start == 1 and end == -1
+    return False
