@@ -11,7 +11,6 @@ from __future__ import annotations
 from importlib.metadata import version as package_version
 
 import typer
-
 from bnfold.convert.cli import register as register_convert_commands
 from bnfold.service.serve_cli import register as register_serve_command
 
@@ -33,7 +32,11 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(
-        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        False,
+        "--version",
+        callback=_print_version,
+        is_eager=True,
+        help="Print the version and exit.",
     ),
 ) -> None:
     """bnfold: convert BatchNorm networks to folded ONNX packages and serve them."""
@@ -45,3 +48,7 @@ register_serve_command(app)
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

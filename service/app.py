@@ -1,0 +1,590 @@
+"""The FastAPI app: `create_app(settings)`, the lifespan that loads the repository, thin routes.
+
+Routes read the body themselves (`read_body`: the size limit holds for chunked
+uploads too), hand it to `codec` and `DataPlane`, and answer with orjson bytes.
+They never let FastAPI validate a tensor body: the pydantic models in
+`protocol` only document the wire format (see /docs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import zlib
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from bnfold.service import errors
+from bnfold.service.codec import (
+    EncodedResponse,
+    decode_request,
+    dumps,
+    encode_response,
+    parse_header_length,
+    parse_json_object,
+)
+from bnfold.service.dataplane import DataPlane, ExecutorRunner, server_version
+from bnfold.service.errors import (
+    BadRequest,
+    Forbidden,
+    PayloadTooLarge,
+    Unauthorized,
+    Unavailable,
+    UnsupportedMediaType,
+)
+from bnfold.service.metrics import CONTENT_TYPE, ServiceMetrics
+from bnfold.service.protocol import (
+    INFERENCE_HEADER,
+    WIRE_MODELS,
+    CompareRequest,
+    CompareResponse,
+    ErrorResponse,
+    InferenceRequest,
+    InferenceResponse,
+    LiveResponse,
+    ModelConfigResponse,
+    ModelMetadataResponse,
+    ModelReadyResponse,
+    ReadyResponse,
+    RepositoryIndexRequest,
+    RepositoryLoadRequest,
+    RepositoryModel,
+    ServerMetadataResponse,
+)
+from bnfold.service.providers import resolve_providers
+from bnfold.service.registry import ModelRegistry, ModelState
+from bnfold.service.sessions import SessionConfig
+from bnfold.service.settings import Settings
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+from starlette.responses import Response
+
+logger = logging.getLogger("bnfold.service")
+
+JSON = "application/json"
+_DECOMPRESSORS = {
+    "gzip": 16 + zlib.MAX_WBITS,
+    "deflate": zlib.MAX_WBITS,
+    "x-gzip": 16 + zlib.MAX_WBITS,
+}
+
+
+# ---------------------------------------------------------------- request plumbing
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it exceeds `limit` (declared, streamed or inflated)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadRequest(f"invalid Content-Length {declared!r}")
+        if int(declared) > limit:
+            raise PayloadTooLarge(
+                f"request body of {declared} bytes is over the {limit}-byte limit"
+            )
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise PayloadTooLarge(f"request body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in _DECOMPRESSORS:
+        raise UnsupportedMediaType(
+            f"unsupported Content-Encoding {encoding!r}; use gzip or deflate"
+        )
+    inflater = zlib.decompressobj(_DECOMPRESSORS[encoding])
+    try:
+        inflated = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise BadRequest(f"request body is not valid {encoding}: {exc}") from None
+    if len(inflated) > limit or inflater.unconsumed_tail:
+        raise PayloadTooLarge(f"decompressed request body is over the {limit}-byte limit")
+    return inflated
+
+
+def json_response(payload: Any, status_code: int = 200) -> Response:
+    return Response(content=dumps(payload), status_code=status_code, media_type=JSON)
+
+
+def inference_response(encoded: EncodedResponse) -> Response:
+    if encoded.header_length is None:
+        return Response(content=encoded.body, media_type=JSON)
+    return Response(
+        content=encoded.body,
+        media_type="application/octet-stream",
+        headers={INFERENCE_HEADER: str(encoded.header_length)},
+    )
+
+
+async def get_dataplane(request: Request) -> DataPlane:
+    dataplane = getattr(request.app.state, "dataplane", None)
+    if dataplane is None:
+        raise Unavailable("the server is starting")
+    return dataplane
+
+
+async def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+async def require_admin(request: Request) -> None:
+    """Admin endpoints: off without a configured token, else `Authorization: Bearer <token>`."""
+    token = request.app.state.settings.admin_token
+    if token is None:
+        raise Forbidden(
+            "admin endpoints are disabled: start the server with BNFOLD_ADMIN_TOKEN "
+            "(or --admin-token) to enable load and unload"
+        )
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        raise Unauthorized("this admin endpoint needs 'Authorization: Bearer <token>'")
+    if not hmac.compare_digest(credentials.strip().encode(), token.get_secret_value().encode()):
+        raise Unauthorized("wrong admin token")
+
+
+DataPlaneDep = Annotated[DataPlane, Depends(get_dataplane)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+# ---------------------------------------------------------------- OpenAPI helpers
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "Malformed JSON, tensor or parameter.",
+        404: "Unknown model or version.",
+        413: "Body over the size limit.",
+        422: "Tensors do not fit the model (names, datatypes, shapes; the expected shape is in "
+        "the message) or, for compare, a batch without statistics.",
+        503: "Model or server not ready.",
+    }.items()
+}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: _ERRORS[status] for status in statuses}
+
+
+_MLP_EXAMPLE = {
+    "id": "request-1",
+    "inputs": [
+        {
+            "name": "input",
+            "shape": [2, 64],
+            "datatype": "FP32",
+            "data": [[0.0] * 64, [0.5] * 64],
+        }
+    ],
+    "outputs": [{"name": "output"}],
+}
+
+
+def _request_body(model: type[BaseModel], examples: dict[str, Any], binary: bool) -> dict[str, Any]:
+    content: dict[str, Any] = {
+        JSON: {
+            "schema": {"$ref": f"#/components/schemas/{model.__name__}"},
+            "examples": {name: {"value": value} for name, value in examples.items()},
+        }
+    }
+    if binary:
+        content["application/octet-stream"] = {
+            "schema": {"type": "string", "format": "binary"},
+            "description": "Triton binary tensor data extension: a JSON header of "
+            "`Inference-Header-Content-Length` bytes, then each input with "
+            "`parameters.binary_data_size` as raw little-endian bytes, in input order.",
+        }
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def _optional_body(model: type[BaseModel], example: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": False,
+            "content": {
+                JSON: {
+                    "schema": {"$ref": f"#/components/schemas/{model.__name__}"},
+                    "example": example,
+                }
+            },
+        }
+    }
+
+
+# ---------------------------------------------------------------- routes
+
+
+def _health_routes() -> APIRouter:
+    router = APIRouter(tags=["health and metadata"])
+
+    @router.get("/v2", response_model=ServerMetadataResponse, summary="Server metadata")
+    async def server_metadata(dataplane: DataPlaneDep) -> Response:
+        return json_response(dataplane.server_metadata())
+
+    @router.get("/v2/health/live", response_model=LiveResponse, summary="Liveness")
+    async def live() -> Response:
+        return json_response({"live": True})
+
+    @router.get(
+        "/v2/health/ready",
+        response_model=ReadyResponse,
+        summary="Readiness: 200 once the repository is loaded, 503 before and while shutting down",
+        responses=_errors(503),
+    )
+    async def ready(dataplane: DataPlaneDep) -> Response:
+        dataplane.check_ready()
+        return json_response({"ready": True})
+
+    @router.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE: {}}}},
+    )
+    async def metrics(request: Request) -> Response:
+        return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
+
+    return router
+
+
+def _model_routes() -> APIRouter:
+    router = APIRouter(tags=["models"])
+    model_path = "/v2/models/{model_name}"
+    version_path = "/v2/models/{model_name}/versions/{model_version}"
+
+    metadata_doc: dict[str, Any] = {
+        "response_model": ModelMetadataResponse,
+        "responses": _errors(404, 503),
+        "description": "Inputs and outputs with datatypes and shapes (-1: dynamic), the "
+        "platform, the ready versions and the execution providers in use. Without a "
+        "version the highest ready version answers.",
+    }
+
+    @router.get(model_path, summary="Model metadata", **metadata_doc)
+    async def metadata(model_name: str, dataplane: DataPlaneDep) -> Response:
+        return json_response(dataplane.model_metadata(model_name, None))
+
+    @router.get(version_path, summary="Model version metadata", **metadata_doc)
+    async def version_metadata(
+        model_name: str, model_version: str, dataplane: DataPlaneDep
+    ) -> Response:
+        return json_response(dataplane.model_metadata(model_name, model_version))
+
+    ready_doc: dict[str, Any] = {
+        "response_model": ModelReadyResponse,
+        "responses": _errors(404, 503),
+        "description": "200 when the model (version) can serve; 503 with the reason if not.",
+    }
+
+    @router.get(f"{model_path}/ready", summary="Model readiness", **ready_doc)
+    async def model_ready(model_name: str, dataplane: DataPlaneDep) -> Response:
+        return json_response(dataplane.model_ready(model_name, None))
+
+    @router.get(f"{version_path}/ready", summary="Model version readiness", **ready_doc)
+    async def version_ready(
+        model_name: str, model_version: str, dataplane: DataPlaneDep
+    ) -> Response:
+        return json_response(dataplane.model_ready(model_name, model_version))
+
+    config_doc: dict[str, Any] = {
+        "response_model": ModelConfigResponse,
+        "responses": _errors(404, 503),
+        "description": "Triton's model configuration for this onnxruntime model "
+        "(max_batch_size 0: dims include the -1 batch axis).",
+    }
+
+    @router.get(f"{model_path}/config", summary="Model configuration (Triton)", **config_doc)
+    async def config(model_name: str, dataplane: DataPlaneDep) -> Response:
+        return json_response(dataplane.model_config(model_name, None))
+
+    @router.get(f"{version_path}/config", summary="Model version configuration", **config_doc)
+    async def version_config(
+        model_name: str, model_version: str, dataplane: DataPlaneDep
+    ) -> Response:
+        return json_response(dataplane.model_config(model_name, model_version))
+
+    return router
+
+
+def _inference_routes() -> APIRouter:
+    router = APIRouter(tags=["inference"])
+    model_path = "/v2/models/{model_name}"
+    version_path = "/v2/models/{model_name}/versions/{model_version}"
+
+    async def run_infer(
+        request: Request, dataplane: DataPlane, settings: Settings, name: str, version: str | None
+    ) -> Response:
+        with dataplane.metrics.track(dataplane.model_label(name), "infer"):
+            body = await read_body(request, settings.max_body_bytes)
+            header_length = parse_header_length(request.headers.get(INFERENCE_HEADER), len(body))
+            decoded = decode_request(body, header_length)
+            result = await dataplane.infer(name, version, decoded)
+            header: dict[str, Any] = {
+                "model_name": result.model_name,
+                "model_version": result.model_version,
+            }
+            if result.id is not None:
+                header["id"] = result.id
+            encoded = encode_response(
+                header,
+                [
+                    (out_name, array, decoded.binary_for(out_name))
+                    for out_name, array in result.outputs
+                ],
+            )
+        return inference_response(encoded)
+
+    infer_doc: dict[str, Any] = {
+        "response_model": InferenceResponse,
+        "responses": {
+            200: {
+                "content": {
+                    "application/octet-stream": {
+                        "schema": {"type": "string", "format": "binary"},
+                        "description": "When an output asks for binary_data: the JSON header "
+                        "(Inference-Header-Content-Length bytes), then the outputs' raw bytes.",
+                    }
+                }
+            },
+            **_errors(400, 404, 413, 422, 503),
+        },
+        "openapi_extra": _request_body(
+            InferenceRequest,
+            {
+                "json": _MLP_EXAMPLE,
+                "binary outputs": {
+                    **_MLP_EXAMPLE,
+                    "outputs": [{"name": "output", "parameters": {"binary_data": True}}],
+                },
+            },
+            binary=True,
+        ),
+        "description": "KServe V2 inference on model.onnx (eval mode, BatchNorm folded). "
+        "Tensors as JSON (`data` flat or nested, row-major) or as Triton binary tensor data.",
+    }
+
+    @router.post(f"{model_path}/infer", summary="Inference", **infer_doc)
+    async def infer(
+        model_name: str, request: Request, dataplane: DataPlaneDep, settings: SettingsDep
+    ) -> Response:
+        return await run_infer(request, dataplane, settings, model_name, None)
+
+    @router.post(f"{version_path}/infer", summary="Inference on a version", **infer_doc)
+    async def version_infer(
+        model_name: str,
+        model_version: str,
+        request: Request,
+        dataplane: DataPlaneDep,
+        settings: SettingsDep,
+    ) -> Response:
+        return await run_infer(request, dataplane, settings, model_name, model_version)
+
+    async def run_compare(
+        request: Request, dataplane: DataPlane, settings: Settings, name: str, version: str | None
+    ) -> Response:
+        with dataplane.metrics.track(dataplane.model_label(name), "compare"):
+            body = await read_body(request, settings.max_body_bytes)
+            header_length = parse_header_length(request.headers.get(INFERENCE_HEADER), len(body))
+            report = await dataplane.compare(name, version, decode_request(body, header_length))
+        return json_response(report)
+
+    compare_doc: dict[str, Any] = {
+        "response_model": CompareResponse,
+        "responses": _errors(400, 404, 413, 422, 503),
+        "openapi_extra": _request_body(
+            CompareRequest,
+            {
+                "compare": {
+                    "inputs": [
+                        {
+                            "name": "input",
+                            "shape": [2, 64],
+                            "datatype": "FP32",
+                            "data": [[0.1] * 64, [0.6] * 64],
+                        }
+                    ],
+                    "return_outputs": False,
+                }
+            },
+            binary=True,
+        ),
+        "description": "Runs model.onnx (eval: running statistics) and train.onnx (train: "
+        "batch statistics) on the same batch. Per output: max/mean absolute difference, "
+        "relative L2, cosine similarity, argmax agreement. Per BatchNorm layer, worst "
+        "first: batch mean vs running mean in running standard deviations, batch/running "
+        "variance ratio, KL divergence. The batch needs more than one value per BN "
+        "channel (422 otherwise). Stateless: eval results never change.",
+    }
+
+    @router.post(f"{model_path}/compare", summary="Train vs eval comparison", **compare_doc)
+    async def compare(
+        model_name: str, request: Request, dataplane: DataPlaneDep, settings: SettingsDep
+    ) -> Response:
+        return await run_compare(request, dataplane, settings, model_name, None)
+
+    @router.post(f"{version_path}/compare", summary="Train vs eval on a version", **compare_doc)
+    async def version_compare(
+        model_name: str,
+        model_version: str,
+        request: Request,
+        dataplane: DataPlaneDep,
+        settings: SettingsDep,
+    ) -> Response:
+        return await run_compare(request, dataplane, settings, model_name, model_version)
+
+    return router
+
+
+def _repository_routes() -> APIRouter:
+    router = APIRouter(tags=["model repository"])
+
+    @router.post(
+        "/v2/repository/index",
+        summary="Repository index",
+        response_model=list[RepositoryModel],
+        responses=_errors(400),
+        openapi_extra=_optional_body(RepositoryIndexRequest, {"ready": False}),
+        description="Every package version with its state; unavailable ones carry the reason "
+        "(a hash mismatch, a missing file, an admin unload...).",
+    )
+    async def index(request: Request, dataplane: DataPlaneDep, settings: SettingsDep) -> Response:
+        fields = parse_json_object(await read_body(request, settings.max_body_bytes))
+        ready_only = fields.get("ready", False)
+        if not isinstance(ready_only, bool):
+            raise BadRequest("'ready' must be a boolean")
+        return json_response(dataplane.repository_index(ready_only))
+
+    admin_responses = {
+        401: {"model": ErrorResponse, "description": "Missing or wrong bearer token."},
+        403: {"model": ErrorResponse, "description": "Admin endpoints disabled (no token set)."},
+        **_errors(400, 404, 503),
+    }
+
+    @router.post(
+        "/v2/repository/models/{model_name}/load",
+        summary="Load or reload a model (admin)",
+        dependencies=[Depends(require_admin)],
+        responses=admin_responses,
+        openapi_extra=_optional_body(RepositoryLoadRequest, {}),
+        description="Re-reads every version of the model from the repository, checking the "
+        "manifest and hashes again. Needs `Authorization: Bearer <BNFOLD_ADMIN_TOKEN>`.",
+    )
+    async def load(
+        model_name: str, request: Request, dataplane: DataPlaneDep, settings: SettingsDep
+    ) -> Response:
+        fields = parse_json_object(await read_body(request, settings.max_body_bytes))
+        parameters = fields.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise BadRequest("'parameters' must be a JSON object")
+        if parameters:
+            raise BadRequest(
+                "load takes no parameters: packages come from the repository on disk, "
+                f"not from the request (got {', '.join(sorted(parameters))})"
+            )
+        await dataplane.load(model_name)
+        return json_response({})
+
+    @router.post(
+        "/v2/repository/models/{model_name}/unload",
+        summary="Unload a model (admin)",
+        dependencies=[Depends(require_admin)],
+        responses=admin_responses,
+        openapi_extra=_optional_body(RepositoryLoadRequest, {}),
+        description="Stops serving every version of the model (in-flight requests finish). "
+        "Needs `Authorization: Bearer <BNFOLD_ADMIN_TOKEN>`.",
+    )
+    async def unload(
+        model_name: str, request: Request, dataplane: DataPlaneDep, settings: SettingsDep
+    ) -> Response:
+        parse_json_object(await read_body(request, settings.max_body_bytes))
+        await dataplane.unload(model_name)
+        return json_response({})
+
+    return router
+
+
+# ---------------------------------------------------------------- the app
+
+
+def _lifespan(settings: Settings):  # type: ignore[no-untyped-def]
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        started = time.perf_counter()
+        providers = await asyncio.to_thread(resolve_providers, settings.device)
+        registry = ModelRegistry(
+            settings.repository,
+            SessionConfig(providers=providers, intra_op_threads=settings.intra_op_threads),
+        )
+        executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="bnfold-run")
+        metrics: ServiceMetrics = app.state.metrics
+        dataplane = DataPlane(registry, ExecutorRunner(executor, metrics), metrics)
+        app.state.dataplane = dataplane
+        index = await asyncio.to_thread(registry.load_all)
+        ready = sum(entry.state is ModelState.READY for entry in index)
+        logger.info(
+            "serving %s: %d of %d package versions ready, providers %s, %d worker(s) x %d "
+            "thread(s), started in %.2f s",
+            settings.repository,
+            ready,
+            len(index),
+            ", ".join(providers),
+            settings.workers,
+            settings.intra_op_threads,
+            time.perf_counter() - started,
+        )
+        dataplane.ready = True
+        try:
+            yield
+        finally:
+            dataplane.ready = False
+            await asyncio.to_thread(executor.shutdown, wait=True)
+
+    return lifespan
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The service for `settings`; models load when the app starts (its lifespan)."""
+    app = FastAPI(
+        title="bnfold",
+        version=server_version(),
+        description="KServe V2 / Open Inference Protocol inference on BatchNorm-folded ONNX "
+        "packages, with Triton's binary tensor, model configuration and repository "
+        "extensions, and a train-vs-eval comparison endpoint.",
+        lifespan=_lifespan(settings),
+    )
+    app.state.settings = settings
+    app.state.metrics = ServiceMetrics()
+    errors.install(app)
+    for router in (_health_routes(), _model_routes(), _inference_routes(), _repository_routes()):
+        app.include_router(router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            _, definitions = models_json_schema(
+                [(model, "validation") for model in WIRE_MODELS],
+                ref_template="#/components/schemas/{model}",
+            )
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name, definition in definitions.get("$defs", {}).items():
+                components.setdefault(name, definition)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,320 @@
+"""The data plane: find the model, check the request against it, run it. No HTTP here.
+
+A request goes decode (codec) -> `DataPlane.infer`: look the model up, check
+the tensors against the manifest (`check_inputs`, 422 on a mismatch), then hand
+the feeds to a `Runner`. `ExecutorRunner` runs the session in a thread pool
+sized to the session threads (onnxruntime releases the GIL, so runs overlap
+while the event loop keeps serving). A dynamic batcher slots in as another
+`Runner`: the feeds it receives are already validated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+from typing import Any, Protocol
+
+import numpy as np
+import onnxruntime as ort
+from bnfold.service import compare
+from bnfold.service.codec import DecodedRequest, RequestedOutput, tensor_json
+from bnfold.service.errors import BadRequest, Unavailable, Unprocessable
+from bnfold.service.metrics import UNKNOWN_MODEL, ServiceMetrics
+from bnfold.service.protocol import BACKEND, DATATYPE_OF_DTYPE, PLATFORM
+from bnfold.service.registry import ModelRegistry, ModelState
+from bnfold.service.repository import ManifestTensor
+from bnfold.service.sessions import LoadedModel
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
+
+SERVER_NAME = "bnfold"
+EXTENSIONS = ("binary_tensor_data", "model_repository", "model_configuration", "bnfold_compare")
+
+
+def server_version() -> str:
+    try:
+        return package_version("bnfold")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+class Runner(Protocol):
+    async def run(
+        self,
+        model: LoadedModel,
+        session: ort.InferenceSession,
+        feeds: dict[str, np.ndarray],
+        output_names: Sequence[str],
+    ) -> list[np.ndarray]: ...
+
+
+class ExecutorRunner:
+    """One session run per executor task; records queue and compute time."""
+
+    def __init__(self, executor: Executor, metrics: ServiceMetrics) -> None:
+        self._executor = executor
+        self._metrics = metrics
+
+    async def run(
+        self,
+        model: LoadedModel,
+        session: ort.InferenceSession,
+        feeds: dict[str, np.ndarray],
+        output_names: Sequence[str],
+    ) -> list[np.ndarray]:
+        submitted = time.perf_counter()
+
+        def job() -> tuple[float, float, list[np.ndarray]]:
+            started = time.perf_counter()
+            outputs = session.run(list(output_names), feeds)
+            return started, time.perf_counter(), outputs
+
+        try:
+            started, finished, outputs = await asyncio.get_running_loop().run_in_executor(
+                self._executor, job
+            )
+        except (InvalidArgument, Fail, RuntimeException) as exc:
+            # The inputs matched the manifest; what remains is input-dependent (a dynamic
+            # axis the graph cannot take): the request's problem, not the server's.
+            raise Unprocessable(
+                f"onnxruntime could not run {model.name} on this input: {exc}"
+            ) from None
+        graph = "eval" if session is model.eval_session else "train"
+        self._metrics.queue.labels(model.name).observe(started - submitted)
+        self._metrics.compute.labels(model.name, graph).observe(finished - started)
+        return outputs
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    model_name: str
+    model_version: str
+    id: str | None
+    outputs: list[tuple[str, np.ndarray]]
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(dim) for dim in shape) + "]"
+
+
+def check_inputs(model: LoadedModel, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The feeds, once every input matches the manifest by name, datatype and shape (else 422)."""
+    expected = {tensor.name: tensor for tensor in model.inputs}
+    unknown = [name for name in inputs if name not in expected]
+    if unknown:
+        raise Unprocessable(
+            f"unknown input {unknown[0]!r}: {model.name} takes {', '.join(expected)}"
+        )
+    missing = [name for name in expected if name not in inputs]
+    if missing:
+        raise Unprocessable(
+            f"missing input {missing[0]!r}: {model.name} takes {', '.join(expected)}"
+        )
+    batch_sizes = set()
+    for name, tensor in expected.items():
+        array = inputs[name]
+        _check_tensor(tensor, array)
+        if tensor.shape and tensor.shape[0] == -1:
+            batch_sizes.add(array.shape[0])
+    if len(batch_sizes) > 1:
+        raise Unprocessable(f"the inputs disagree on the batch size: {sorted(batch_sizes)}")
+    return {name: inputs[name] for name in expected}
+
+
+def _check_tensor(tensor: ManifestTensor, array: np.ndarray) -> None:
+    datatype = DATATYPE_OF_DTYPE[array.dtype]
+    if datatype != tensor.datatype:
+        raise Unprocessable(
+            f"input {tensor.name!r} is {datatype} but the model expects {tensor.datatype}"
+        )
+    fits = len(array.shape) == len(tensor.shape) and all(
+        want in (-1, got) for want, got in zip(tensor.shape, array.shape, strict=True)
+    )
+    if not fits:
+        raise Unprocessable(
+            f"input {tensor.name!r} has shape {_shape_text(array.shape)} but the model expects "
+            f"{_shape_text(tensor.shape)} (-1: any size)"
+        )
+
+
+def select_outputs(model: LoadedModel, requested: tuple[RequestedOutput, ...] | None) -> list[str]:
+    names = [tensor.name for tensor in model.outputs]
+    if requested is None:
+        return names
+    for output in requested:
+        if output.name not in names:
+            raise Unprocessable(
+                f"unknown output {output.name!r}: {model.name} returns {', '.join(names)}"
+            )
+    return [output.name for output in requested]
+
+
+def _batch_size(feeds: dict[str, np.ndarray]) -> int:
+    first = next(iter(feeds.values()))
+    return int(first.shape[0]) if first.ndim else 1
+
+
+def _tensor_metadata(tensors: Sequence[ManifestTensor]) -> list[dict[str, Any]]:
+    return [
+        {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+        for tensor in tensors
+    ]
+
+
+class DataPlane:
+    """What the REST layer calls: every method takes names and decoded requests, not HTTP."""
+
+    def __init__(self, registry: ModelRegistry, runner: Runner, metrics: ServiceMetrics) -> None:
+        self.registry = registry
+        self.runner = runner
+        self.metrics = metrics
+        self.ready = False
+
+    def model_label(self, name: str) -> str:
+        """`name` if the repository has it; a bounded label for metrics otherwise."""
+        return name if self.registry.knows(name) else UNKNOWN_MODEL
+
+    def check_ready(self) -> None:
+        if not self.ready:
+            raise Unavailable("the server is not ready (loading models or shutting down)")
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": server_version(), "extensions": list(EXTENSIONS)}
+
+    def model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
+        model = self.registry.get(name, version)
+        return {
+            "name": model.name,
+            "versions": [str(number) for number in self.registry.ready_versions(name)],
+            "platform": PLATFORM,
+            "inputs": _tensor_metadata(model.inputs),
+            "outputs": _tensor_metadata(model.outputs),
+            "parameters": {
+                "version": str(model.version),
+                "execution_providers": list(model.providers),
+                "batchnorm_layers": [layer.name for layer in model.layers],
+            },
+        }
+
+    def model_config(self, name: str, version: str | None) -> dict[str, Any]:
+        """Triton's model configuration, as its `GET .../config` returns it."""
+        model = self.registry.get(name, version)
+        kind = "KIND_GPU" if model.providers[0] == "CUDAExecutionProvider" else "KIND_CPU"
+
+        def tensors(specs: Sequence[ManifestTensor]) -> list[dict[str, Any]]:
+            return [
+                {"name": spec.name, "data_type": f"TYPE_{spec.datatype}", "dims": list(spec.shape)}
+                for spec in specs
+            ]
+
+        return {
+            "name": model.name,
+            "platform": PLATFORM,
+            "backend": BACKEND,
+            "version_policy": {"latest": {"num_versions": 1}},
+            "max_batch_size": 0,
+            "input": tensors(model.inputs),
+            "output": tensors(model.outputs),
+            "instance_group": [{"name": model.name, "kind": kind, "count": 1}],
+            "default_model_filename": "model.onnx",
+            "parameters": {
+                "execution_providers": {"string_value": ",".join(model.providers)},
+            },
+        }
+
+    def model_ready(self, name: str, version: str | None) -> dict[str, Any]:
+        """`{"name", "ready": true}`; raises NotFound (unknown) or Unavailable (not ready)."""
+        self.check_ready()
+        model = self.registry.get(name, version)
+        return {"name": model.name, "ready": True}
+
+    def repository_index(self, ready_only: bool) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": entry.name,
+                "version": str(entry.version),
+                "state": entry.state.value,
+                "reason": entry.reason,
+            }
+            for entry in self.registry.index()
+            if not ready_only or entry.state is ModelState.READY
+        ]
+
+    async def load(self, name: str) -> None:
+        await asyncio.to_thread(self.registry.load, name)
+
+    async def unload(self, name: str) -> None:
+        await asyncio.to_thread(self.registry.unload, name)
+
+    async def infer(
+        self, name: str, version: str | None, request: DecodedRequest
+    ) -> InferenceResult:
+        self.check_ready()
+        model = self.registry.get(name, version)
+        feeds = check_inputs(model, request.inputs)
+        output_names = select_outputs(model, request.outputs)
+        self.metrics.batch_size.labels(model.name, "infer").observe(_batch_size(feeds))
+        arrays = await self.runner.run(model, model.eval_session, feeds, output_names)
+        return InferenceResult(
+            model.name,
+            str(model.version),
+            request.id,
+            list(zip(output_names, arrays, strict=True)),
+        )
+
+    async def compare(
+        self, name: str, version: str | None, request: DecodedRequest
+    ) -> dict[str, Any]:
+        """Run both graphs on one batch; never touches any state (the graphs are pure)."""
+        self.check_ready()
+        return_outputs = request.fields.get("return_outputs", False)
+        if not isinstance(return_outputs, bool):
+            raise BadRequest("'return_outputs' must be a boolean")
+        model = self.registry.get(name, version)
+        feeds = check_inputs(model, request.inputs)
+        output_names = select_outputs(model, request.outputs)
+        batch_size = _batch_size(feeds)
+        compare.check_batch_has_statistics(model.layers, batch_size)
+        compare.check_finite_inputs(feeds)
+        statistic_names = [
+            name
+            for layer in model.layers
+            for name in (layer.batch_mean_output, layer.batch_var_output)
+        ]
+        self.metrics.batch_size.labels(model.name, "compare").observe(batch_size)
+        eval_arrays, train_arrays = await asyncio.gather(
+            self.runner.run(model, model.eval_session, feeds, output_names),
+            self.runner.run(model, model.train_session, feeds, [*output_names, *statistic_names]),
+        )
+        train_outputs = train_arrays[: len(output_names)]
+        outputs, drift = compare.compare_report(
+            output_names,
+            eval_arrays,
+            train_outputs,
+            model.layers,
+            train_arrays[len(output_names) :],
+            batch_size,
+        )
+        report: dict[str, Any] = {
+            "model_name": model.name,
+            "model_version": str(model.version),
+            "batch_size": batch_size,
+            "outputs": outputs,
+            "batchnorm": drift,
+        }
+        if request.id is not None:
+            report["id"] = request.id
+        if return_outputs:
+            report["eval_outputs"] = [
+                tensor_json(name, array)
+                for name, array in zip(output_names, eval_arrays, strict=True)
+            ]
+            report["train_outputs"] = [
+                tensor_json(name, array)
+                for name, array in zip(output_names, train_outputs, strict=True)
+            ]
+        return report

@@ -1,0 +1,199 @@
+"""Reading a model repository: find the packages, check each one's manifest and hashes.
+
+Layout and contract: docs/package-format.md. `scan_repository` lists
+REPO/NAME/VERSION directories (never dot-directories: those are the
+converter's staging areas) and `read_package` returns a `VerifiedPackage` whose
+graph bytes are exactly the bytes that were hashed, so nothing can change
+between the check and the session that loads them. Any problem is a
+`PackageError` whose message is the reason shown in the repository index.
+
+Model names come from the directory listing only; a name from a request is
+never joined to a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import orjson
+from bnfold.service.errors import PackageError
+from bnfold.service.protocol import Datatype
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+MANIFEST = "manifest.json"
+EVAL_GRAPH = "model.onnx"
+TRAIN_GRAPH = "train.onnx"
+
+logger = logging.getLogger("bnfold.service")
+
+
+class ManifestTensor(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str = Field(min_length=1)
+    datatype: Datatype
+    shape: tuple[int, ...]
+
+    @model_validator(mode="after")
+    def _dims(self) -> ManifestTensor:
+        if any(dim < -1 for dim in self.shape):
+            raise ValueError(f"tensor {self.name!r}: dims are -1 (dynamic) or >= 0")
+        return self
+
+
+class ManifestLayer(BaseModel):
+    """One BatchNorm of the source model with its running statistics."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str
+    channels: int = Field(gt=0)
+    eps: float = Field(ge=0)
+    channel_axis: int = 1
+    input_rank: int | None = Field(None, ge=2)
+    running_mean: tuple[float, ...]
+    running_var: tuple[float, ...]
+    batch_mean_output: str
+    batch_var_output: str
+
+    @model_validator(mode="after")
+    def _statistics(self) -> ManifestLayer:
+        if len(self.running_mean) != self.channels or len(self.running_var) != self.channels:
+            raise ValueError(f"layer {self.name!r}: running statistics need {self.channels} values")
+        if any(var < 0 for var in self.running_var):
+            raise ValueError(f"layer {self.name!r}: negative running variance")
+        return self
+
+
+class ManifestBatchNorm(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    layers: tuple[ManifestLayer, ...] = ()
+
+
+class Manifest(BaseModel):
+    """The fields of manifest.json the service relies on; the rest is kept as is."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    schema_version: Literal[1]
+    name: str
+    version: int = Field(gt=0)
+    inputs: tuple[ManifestTensor, ...] = Field(min_length=1)
+    outputs: tuple[ManifestTensor, ...] = Field(min_length=1)
+    batchnorm: ManifestBatchNorm = ManifestBatchNorm()
+    files: dict[str, str]
+
+
+@dataclass(frozen=True, order=True)
+class PackageLocation:
+    name: str
+    version: int
+    path: Path
+
+
+@dataclass(frozen=True)
+class VerifiedPackage:
+    """A package whose manifest parsed and whose graph bytes match their sha256."""
+
+    location: PackageLocation
+    manifest: Manifest
+    eval_graph: bytes
+    train_graph: bytes
+    sha256: dict[str, str]
+
+
+def _is_version(name: str) -> bool:
+    return name.isascii() and name.isdigit() and name == str(int(name)) and int(name) > 0
+
+
+def scan_repository(repository: Path) -> list[PackageLocation]:
+    """Every REPO/NAME/VERSION directory, sorted by name then version.
+
+    Raises `FileNotFoundError` when the repository itself is missing: that is a
+    configuration error, not a broken package.
+    """
+    if not repository.is_dir():
+        raise FileNotFoundError(f"model repository {repository} does not exist")
+    found: list[PackageLocation] = []
+    for model_dir in os.scandir(repository):
+        if model_dir.name.startswith(".") or not model_dir.is_dir():
+            continue
+        for version_dir in os.scandir(model_dir.path):
+            if not version_dir.is_dir():
+                continue
+            if _is_version(version_dir.name):
+                found.append(
+                    PackageLocation(model_dir.name, int(version_dir.name), Path(version_dir.path))
+                )
+            elif not version_dir.name.startswith("."):
+                logger.debug("ignoring %s: not a positive integer version", version_dir.path)
+    return sorted(found)
+
+
+def read_manifest(location: PackageLocation) -> Manifest:
+    path = location.path / MANIFEST
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise PackageError(f"{MANIFEST} is missing") from None
+    except OSError as exc:
+        raise PackageError(f"{MANIFEST} cannot be read: {exc.strerror}") from None
+    try:
+        manifest = Manifest.model_validate(orjson.loads(raw))
+    except orjson.JSONDecodeError as exc:
+        raise PackageError(f"{MANIFEST} is not valid JSON: {exc}") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise PackageError(
+            f"{MANIFEST} does not follow the package format: {where}: {first['msg']}"
+        ) from None
+    if manifest.name != location.name or manifest.version != location.version:
+        raise PackageError(
+            f"{MANIFEST} describes {manifest.name} version {manifest.version}, "
+            f"but the package sits at {location.name}/{location.version}"
+        )
+    return manifest
+
+
+def _read_hashed(location: PackageLocation, file_name: str, expected: str) -> bytes:
+    if Path(file_name).name != file_name or file_name in {".", ".."}:
+        raise PackageError(f"{MANIFEST} lists {file_name!r}, which is not a file of the package")
+    try:
+        content = (location.path / file_name).read_bytes()
+    except FileNotFoundError:
+        raise PackageError(f"{file_name} is listed in {MANIFEST} but missing") from None
+    except OSError as exc:
+        raise PackageError(f"{file_name} cannot be read: {exc.strerror}") from None
+    actual = hashlib.sha256(content).hexdigest()
+    if actual != expected.lower():
+        raise PackageError(
+            f"sha256 of {file_name} is {actual[:12]}…, the manifest says {expected[:12]}…: "
+            "the file was changed or corrupted after conversion"
+        )
+    return content
+
+
+def read_package(location: PackageLocation) -> VerifiedPackage:
+    """Check the manifest and every file's sha256; keep both graphs' bytes."""
+    manifest = read_manifest(location)
+    for required in (EVAL_GRAPH, TRAIN_GRAPH):
+        if required not in manifest.files:
+            raise PackageError(f"{MANIFEST} has no sha256 for {required}")
+    contents = {
+        file_name: _read_hashed(location, file_name, expected)
+        for file_name, expected in manifest.files.items()
+    }
+    return VerifiedPackage(
+        location=location,
+        manifest=manifest,
+        eval_graph=contents[EVAL_GRAPH],
+        train_graph=contents[TRAIN_GRAPH],
+        sha256={name: digest.lower() for name, digest in manifest.files.items()},
+    )
