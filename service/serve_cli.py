@@ -1,13 +1,190 @@
-"""`bnfold serve`: placeholder until the service lands."""
+"""`bnfold serve`: parse options into `Settings`, make sure there is something to serve, run uvicorn.
+
+Every `Settings` field is an option here; an option left out falls back to its
+`BNFOLD_*` environment variable, then to the default. The serving process never
+imports torch: when the embedded default repository is still empty, the
+converter builds it in a child process (`bnfold models build`).
+"""
 
 from __future__ import annotations
 
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
 import typer
+import uvicorn
+from bnfold.models import DEFAULT_REPOSITORY
+from bnfold.service.app import create_app
+from bnfold.service.errors import DeviceUnavailable
+from bnfold.service.providers import resolve_providers
+from bnfold.service.repository import scan_repository
+from bnfold.service.settings import Device, LogLevel, Settings
+from pydantic import ValidationError
+
+logger = logging.getLogger("bnfold.service")
+
+EPILOG = """Examples:
+
+  bnfold serve                          the built-in digits models on 127.0.0.1:8000
+
+  bnfold serve -r ./repo --port 9000    another repository, another port
+
+  bnfold serve --device cpu --threads 2 --workers 1
+
+  BNFOLD_ADMIN_TOKEN=s3cret bnfold serve    enable load/unload (Bearer s3cret)
+
+Then: curl localhost:8000/v2/models/digits_mlp ; API docs at http://127.0.0.1:8000/docs
+"""
+
+BUILD_HINT = (
+    "run `pip install 'bnfold[convert]'` and `bnfold models build` to build it, "
+    "or serve another repository with --repository"
+)
 
 
 def register(app: typer.Typer) -> None:
-    @app.command()
-    def serve() -> None:
-        """Serve a model repository over the KServe V2 protocol."""
-        typer.echo("bnfold serve is not implemented yet", err=True)
-        raise typer.Exit(2)
+    app.command(epilog=EPILOG)(serve)
+
+
+def serve(
+    repository: Path | None = typer.Option(
+        None,
+        "--repository",
+        "-r",
+        help="Model repository (REPO/NAME/VERSION). (env BNFOLD_REPOSITORY; "
+        "default: the embedded repository, built on first use)",
+        show_default=False,
+    ),
+    host: str | None = typer.Option(
+        None, help="Interface to listen on. (env BNFOLD_HOST; default 127.0.0.1)"
+    ),
+    port: int | None = typer.Option(
+        None, help="TCP port, 0 for any free one. (env BNFOLD_PORT; default 8000)"
+    ),
+    device: Device | None = typer.Option(
+        None,
+        help="auto: CUDA when onnxruntime-gpu sees a GPU, else CPU; cuda: fail when it "
+        "cannot. (env BNFOLD_DEVICE; default auto)",
+    ),
+    intra_op_threads: int | None = typer.Option(
+        None,
+        "--threads",
+        "--intra-op-threads",
+        help="onnxruntime threads per session run. (env BNFOLD_INTRA_OP_THREADS; default 1)",
+    ),
+    executor_workers: int | None = typer.Option(
+        None,
+        "--workers",
+        "--executor-workers",
+        help="Concurrent session runs; 0 = CPU cores / threads. "
+        "(env BNFOLD_EXECUTOR_WORKERS; default 0)",
+    ),
+    max_body_bytes: int | None = typer.Option(
+        None,
+        "--max-body-bytes",
+        help="Largest request body, 413 above. (env BNFOLD_MAX_BODY_BYTES; default 64 MiB)",
+    ),
+    admin_token: str | None = typer.Option(
+        None,
+        "--admin-token",
+        help="Bearer token enabling load/unload; prefer the env variable, command lines "
+        "are visible to other users. (env BNFOLD_ADMIN_TOKEN; default: disabled)",
+        show_default=False,
+    ),
+    log_level: LogLevel | None = typer.Option(
+        None, help="debug also logs every request. (env BNFOLD_LOG_LEVEL; default info)"
+    ),
+    shutdown_grace_seconds: float | None = typer.Option(
+        None,
+        "--shutdown-grace",
+        help="Seconds in-flight requests get on shutdown. (env BNFOLD_SHUTDOWN_GRACE_SECONDS; "
+        "default 30)",
+    ),
+) -> None:
+    """Serve a model repository over the KServe V2 inference protocol (REST)."""
+    given: dict[str, Any] = {
+        "repository": repository,
+        "host": host,
+        "port": port,
+        "device": device,
+        "intra_op_threads": intra_op_threads,
+        "executor_workers": executor_workers,
+        "max_body_bytes": max_body_bytes,
+        "admin_token": admin_token,
+        "log_level": log_level,
+        "shutdown_grace_seconds": shutdown_grace_seconds,
+    }
+    try:
+        settings = Settings(**{key: value for key, value in given.items() if value is not None})
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"])
+            typer.echo(f"error: {field}: {error['msg']}", err=True)
+        raise typer.Exit(2) from None
+    configure_logging(settings.log_level)
+    try:
+        providers = resolve_providers(settings.device)
+        ensure_repository(settings.repository)
+    except (RepositoryUnavailable, DeviceUnavailable) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    logger.info(
+        "bnfold serve: repository %s, device %s -> %s",
+        settings.repository,
+        settings.device.value,
+        ", ".join(providers),
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        log_level=settings.log_level.value,
+        access_log=settings.log_level is LogLevel.DEBUG,
+        timeout_graceful_shutdown=settings.shutdown_grace_seconds,  # type: ignore[arg-type]
+        server_header=False,
+    )
+
+
+class RepositoryUnavailable(Exception):
+    """Nothing to serve: a missing repository, or a default one that cannot be built."""
+
+
+def configure_logging(level: LogLevel) -> None:
+    logging.basicConfig(
+        level=level.value.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        force=True,
+    )
+
+
+def ensure_repository(repository: Path) -> None:
+    """Check `repository` exists; build the embedded default one when it holds no package.
+
+    The build runs `bnfold models build` in a child process: it imports torch,
+    and this process must not.
+    """
+    is_default = repository.resolve() == DEFAULT_REPOSITORY.resolve()
+    if not is_default:
+        if not repository.is_dir():
+            raise RepositoryUnavailable(f"model repository {repository} does not exist")
+        return
+    if repository.is_dir() and scan_repository(repository):
+        return
+    logger.info("the embedded repository %s is empty: building it (once)", repository)
+    command = [
+        sys.executable,
+        "-m",
+        "bnfold.service.cli",
+        "models",
+        "build",
+        "--repository",
+        str(repository),
+    ]
+    if subprocess.run(command, check=False).returncode != 0:
+        raise RepositoryUnavailable(f"building the embedded repository failed; {BUILD_HINT}")
+    if not scan_repository(repository):
+        raise RepositoryUnavailable(f"the embedded repository {repository} is empty; {BUILD_HINT}")

@@ -11,6 +11,7 @@ import os
 from enum import Enum
 from pathlib import Path
 
+from bnfold.models import DEFAULT_REPOSITORY
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -33,25 +34,15 @@ class LogLevel(str, Enum):
     DEBUG = "debug"
 
 
-def default_repository() -> Path:
-    """The repository embedded in the source tree (`bnfold.models.DEFAULT_REPOSITORY`).
-
-    `bnfold.models` imports without torch; only its submodules need it.
-    """
-    import bnfold.models as models
-
-    fallback = Path(models.__file__).resolve().parent / "repository"
-    return Path(getattr(models, "DEFAULT_REPOSITORY", fallback))
-
-
 class Settings(BaseSettings):
     """Configuration of one `bnfold serve` process."""
 
     model_config = SettingsConfigDict(env_prefix="BNFOLD_", frozen=True, extra="ignore")
 
     repository: Path = Field(
-        default_factory=default_repository,
-        description="Model repository to serve (REPO/NAME/VERSION packages).",
+        DEFAULT_REPOSITORY,
+        description="Model repository to serve (REPO/NAME/VERSION packages); "
+        "default: the embedded repository of built-in digits models.",
     )
     host: str = Field("127.0.0.1", description="Interface to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port; 0 picks a free one.")
