@@ -1,0 +1,129 @@
+"""Reading BatchNormalization nodes, and the guards that hold in every fold direction.
+
+A BN can only fold when it is the plain inference-mode affine map on its
+first output: `training_mode` absent or 0 (opset 14+; earlier opsets from 9 on
+have no such attribute and are inference-mode unless their extra outputs are
+read), no running-statistics output read by anyone, and all four parameters
+constant. Each failed guard becomes the reason the BN is kept. Direction-
+specific guards (who produces or reads the tensor) live with their pattern.
+
+The BN's layer name (the manifest's `batchnorm.layers[].name`, the prefix of
+the train graph's `.batch_mean`/`.batch_var` outputs) is its node name; the
+pipeline names every nameless node first, so BNs are `BatchNormalization_<i>`
+when the exporter left them unnamed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from bnfold.convert.fold import BatchNormParams
+from bnfold.convert.onnx_graph import GraphIndex, iter_nodes, node_attribute
+from bnfold.convert.report import BatchNormLayer, batch_stat_output_names
+from onnx import NodeProto
+
+BATCHNORM = "BatchNormalization"
+DEFAULT_EPSILON = 1e-5
+
+REASON_TRAINING_MODE = "training_mode=1: the BN normalises with batch statistics"
+REASON_STATS_OUTPUTS = "its running-statistics outputs are read by other nodes"
+REASON_NOT_CONSTANT = "BN parameters are not constant initializers"
+REASON_NOT_PER_CHANNEL = "BN parameters are not per-channel vectors of one length"
+REASON_CHANNEL_AXIS = "channel axis does not line up"
+
+
+@dataclass(frozen=True)
+class BatchNormNode:
+    """One BatchNormalization node as the passes see it.
+
+    `params` is None when the parameters are not constant; `blocked` holds the
+    direction-independent reason the BN cannot fold at all, or None.
+    """
+
+    index: int
+    node: NodeProto
+    params: BatchNormParams | None
+    blocked: str | None
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    @property
+    def input(self) -> str:
+        return self.node.input[0]
+
+    @property
+    def output(self) -> str:
+        return self.node.output[0]
+
+    @property
+    def parameter_names(self) -> list[str]:
+        return list(self.node.input[1:5])
+
+    @property
+    def epsilon(self) -> float:
+        return _epsilon(self.node)
+
+
+def read_batchnorms(index: GraphIndex) -> list[BatchNormNode]:
+    """Every BatchNormalization node of the main graph, in graph order, with its guards."""
+    return [read_batchnorm(index, position) for position, _ in iter_nodes(index.graph, BATCHNORM)]
+
+
+def read_batchnorm(index: GraphIndex, position: int) -> BatchNormNode:
+    node = index.nodes[position]
+    params = _constant_params(index, node)
+    blocked: str | None = None
+    if int(node_attribute(node, "training_mode", 0)) == 1:
+        blocked = REASON_TRAINING_MODE
+    elif any(index.is_used(name) for name in node.output[1:] if name):
+        blocked = REASON_STATS_OUTPUTS
+    elif params is None:
+        blocked = (
+            REASON_NOT_CONSTANT
+            if any(index.constant(name) is None for name in node.input[1:5])
+            else REASON_NOT_PER_CHANNEL
+        )
+    return BatchNormNode(position, node, params, blocked)
+
+
+def _constant_params(index: GraphIndex, node: NodeProto) -> BatchNormParams | None:
+    values = [index.constant(name) for name in node.input[1:5]]
+    if any(value is None for value in values):
+        return None
+    scale, bias, mean, var = (np.asarray(value) for value in values)
+    if scale.ndim != 1 or any(other.shape != scale.shape for other in (bias, mean, var)):
+        return None
+    return BatchNormParams(
+        running_mean=mean, running_var=var, eps=_epsilon(node), gamma=scale, beta=bias
+    )
+
+
+def _epsilon(node: NodeProto) -> float:
+    return float(node_attribute(node, "epsilon", DEFAULT_EPSILON))
+
+
+def batchnorm_layer(index: GraphIndex, bn: BatchNormNode) -> BatchNormLayer:
+    """The manifest's layer entry; running statistics are None when not constant."""
+    mean_output, var_output = batch_stat_output_names(bn.name)
+    rank = index.rank(bn.input)
+    if bn.params is not None:
+        channels = bn.params.channels
+        running_mean: list[float] | None = np.asarray(bn.params.running_mean, float).tolist()
+        running_var: list[float] | None = np.asarray(bn.params.running_var, float).tolist()
+    else:
+        shape = index.shape(bn.input)
+        channels = shape[1] if shape and len(shape) > 1 and isinstance(shape[1], int) else -1
+        running_mean = running_var = None
+    return BatchNormLayer(
+        name=bn.name,
+        channels=int(channels),
+        eps=bn.epsilon,
+        running_mean=running_mean,
+        running_var=running_var,
+        input_rank=-1 if rank is None else rank,
+        batch_mean_output=mean_output,
+        batch_var_output=var_output,
+    )

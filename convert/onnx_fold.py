@@ -1,0 +1,91 @@
+"""Running the BN fold passes over one ONNX model, and the report of what they did.
+
+Three pattern families run in order, each on a fresh index of the graph the
+previous one left complete:
+
+  1. forward into Conv/ConvTranspose   (onnx_fold_conv)
+  2. forward into Gemm/MatMul(+Add)    (onnx_fold_dense)
+  3. backward into Conv/Gemm/MatMul    (onnx_fold_backward)
+
+Within a family every match is collected first and applied as one edit, so no
+match ever sees a half-rewritten graph. Forward goes first because it removes
+the BN without touching any other BN's neighbourhood; a BN sitting between
+two layers folds into the one before it.
+
+A BN that no family folds is kept with the reasons from both directions, or
+with the guard that stopped it in every direction (training mode, running
+statistics read, non-constant parameters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bnfold.convert.onnx_batchnorm import BatchNormNode, batchnorm_layer, read_batchnorms
+from bnfold.convert.onnx_fold_backward import apply_backward, find_backward
+from bnfold.convert.onnx_fold_conv import apply_conv_forward, find_conv_forward
+from bnfold.convert.onnx_fold_dense import apply_dense_forward, find_dense_forward
+from bnfold.convert.onnx_graph import GraphEdit, GraphIndex, TensorInfo, apply_edit
+from bnfold.convert.report import BatchNormReport, KeptBatchNorm
+from onnx import ModelProto
+
+FORWARD_LAYERS = "Conv/ConvTranspose/Gemm/MatMul"
+
+
+@dataclass(frozen=True)
+class FoldFamily:
+    """One pattern family: `find` collects (matches, reasons), `apply` turns matches into an edit."""
+
+    direction: str
+    find: Callable[[GraphIndex, list[BatchNormNode]], tuple[Sequence[Any], dict[str, str]]]
+    apply: Callable[[GraphIndex, Any], GraphEdit]
+
+
+FAMILIES = (
+    FoldFamily("forward", find_conv_forward, apply_conv_forward),
+    FoldFamily("forward", find_dense_forward, apply_dense_forward),
+    FoldFamily("backward", find_backward, apply_backward),
+)
+
+
+def fold_batchnorms(model: ModelProto, tensor_info: dict[str, TensorInfo]) -> BatchNormReport:
+    """Fold every BN that folds exactly, in place; report each BN as folded or kept.
+
+    `model` must have unique node names (the BN layer names). `tensor_info`
+    comes from shape inference on the unfolded model; folding keeps every
+    surviving tensor's shape, so it stays valid across the passes.
+    """
+    original = GraphIndex(model, tensor_info)
+    batchnorms = read_batchnorms(original)
+    report = BatchNormReport(layers=[batchnorm_layer(original, bn) for bn in batchnorms])
+    reasons: dict[str, dict[str, str]] = {"forward": {}, "backward": {}}
+    folded_names: set[str] = set()
+    for family in FAMILIES:
+        index = GraphIndex(model, tensor_info)
+        candidates = [bn for bn in read_batchnorms(index) if bn.blocked is None]
+        matches, found_reasons = family.find(index, candidates)
+        reasons[family.direction].update(found_reasons)
+        apply_edit(model, family.apply(index, matches))
+        for match in matches:
+            report.folded.append(match.folded)
+            folded_names.add(match.bn.name)
+    order = {bn.name: position for position, bn in enumerate(batchnorms)}
+    report.folded.sort(key=lambda item: order[item.name])
+    for bn in batchnorms:
+        if bn.name in folded_names:
+            continue
+        reason = bn.blocked or (
+            f"forward: {reasons['forward'].get(bn.name) or _forward_default(original, bn)}; "
+            f"backward: {reasons['backward'].get(bn.name, 'not examined')}"
+        )
+        report.kept.append(KeptBatchNorm(bn.name, reason))
+    return report
+
+
+def _forward_default(index: GraphIndex, bn: BatchNormNode) -> str:
+    producer = index.producer_of(bn.input)
+    if producer is None:
+        return "its input is a graph input"
+    return f"its input comes from {producer.op_type}, not {FORWARD_LAYERS}"
