@@ -203,8 +203,25 @@ def _json_array(name: str, data: object, shape: list[int], datatype: str, count:
         raise BadRequest(f"input '{name}': 'data' is not a rectangular array of numbers") from None
     if values.shape != tuple(nested_dims):
         raise BadRequest(f"input '{name}': 'data' is not a rectangular array of numbers")
+    if dtype.kind in "iu" and values.dtype.kind not in "iu":
+        return _exact_integers(name, data, datatype).reshape(shape)
     _check_values(name, values, datatype)
     return values.astype(dtype, copy=False).reshape(shape)
+
+
+def _exact_integers(name: str, data: list[Any], datatype: str) -> np.ndarray:
+    """Integers numpy could not type on its own (a mix beyond int64, e.g. -1 and 2**64 - 1).
+
+    numpy turns such a mix into float64, which rounds above 2**53: convert
+    each Python int exactly instead. The slow path, only for unusual data.
+    """
+    objects = np.array(data, dtype=object)
+    if not all(isinstance(value, int) and not isinstance(value, bool) for value in objects.flat):
+        raise BadRequest(f"input '{name}': {datatype} data must be integers")
+    try:
+        return objects.astype(DATATYPES[datatype])
+    except OverflowError:
+        raise BadRequest(f"input '{name}': values outside the {datatype} range") from None
 
 
 def _check_values(name: str, values: np.ndarray, datatype: str) -> None:

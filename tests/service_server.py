@@ -1,0 +1,60 @@
+"""A real uvicorn server in a background thread, for the service tests.
+
+Port 0: the kernel picks a free port and uvicorn reports it, so parallel test
+runs never collide. The server runs the app's lifespan exactly as `bnfold
+serve` does; leaving the context shuts it down gracefully.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import uvicorn
+from bnfold.service.app import create_app
+from bnfold.service.settings import Settings
+from fastapi import FastAPI
+
+START_TIMEOUT_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    app: FastAPI
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def address(self) -> str:
+        """host:port, as tritonclient wants it."""
+        return f"{self.host}:{self.port}"
+
+
+@contextmanager
+def running_server(settings: Settings) -> Iterator[RunningServer]:
+    app = create_app(settings)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the test server failed to start (see the log above)")
+        if time.monotonic() > deadline:
+            server.should_exit = True
+            raise TimeoutError("the test server did not start in time")
+        time.sleep(0.005)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield RunningServer(app, "127.0.0.1", port)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
