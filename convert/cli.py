@@ -21,6 +21,7 @@ from rich.table import Table
 
 if TYPE_CHECKING:
     import numpy as np
+
     from bnfold.convert.report import ConversionResult
 
 stdout = Console()
@@ -238,6 +239,7 @@ def _number(block: dict[str, Any], key: str) -> str:
 
 def _load_sample(path: Path) -> np.ndarray:
     import numpy as np
+
     from bnfold.convert.errors import SourceError
 
     if not path.is_file():

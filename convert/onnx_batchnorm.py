@@ -18,10 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from onnx import NodeProto
+
 from bnfold.convert.fold import BatchNormParams
 from bnfold.convert.onnx_graph import GraphIndex, iter_nodes, node_attribute
 from bnfold.convert.report import BatchNormLayer, batch_stat_output_names
-from onnx import NodeProto
 
 BATCHNORM = "BatchNormalization"
 DEFAULT_EPSILON = 1e-5

@@ -35,13 +35,14 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from onnx import NodeProto
+
 from bnfold.convert.fold import fold_before_layer
 from bnfold.convert.onnx_batchnorm import REASON_CHANNEL_AXIS, BatchNormNode
 from bnfold.convert.onnx_fold_conv import ConvLayer, read_conv, write_conv
 from bnfold.convert.onnx_fold_dense import SWAP_LAST_TWO, DenseLayer, read_dense, write_dense
 from bnfold.convert.onnx_graph import GraphEdit, GraphIndex, node_attribute, renamed_input
 from bnfold.convert.report import FoldedBatchNorm
-from onnx import NodeProto
 
 PASS_THROUGH_OPS = ("Identity", "Dropout", "Flatten", "Reshape", "Transpose", "Pad")
 TARGET_OPS = ("Conv", "Gemm", "MatMul")

@@ -23,11 +23,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from onnx import NodeProto
+
 from bnfold.convert.fold import FoldedWeights, fold_after_layer
 from bnfold.convert.onnx_batchnorm import REASON_CHANNEL_AXIS, BatchNormNode
 from bnfold.convert.onnx_graph import GraphEdit, GraphIndex, copy_node, node_attribute
 from bnfold.convert.report import FoldedBatchNorm
-from onnx import NodeProto
 
 CONV_OPS = ("Conv", "ConvTranspose")
 

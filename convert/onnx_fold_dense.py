@@ -40,6 +40,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from onnx import NodeProto, helper
+
 from bnfold.convert.fold import FoldedWeights, fold_after_layer
 from bnfold.convert.onnx_batchnorm import REASON_CHANNEL_AXIS, BatchNormNode
 from bnfold.convert.onnx_graph import (
@@ -50,7 +52,6 @@ from bnfold.convert.onnx_graph import (
     set_attribute,
 )
 from bnfold.convert.report import FoldedBatchNorm
-from onnx import NodeProto, helper
 
 DENSE_OPS = ("Gemm", "MatMul")
 SWAP_LAST_TWO = [0, 2, 1]

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+from onnx import AttributeProto, ModelProto, NodeProto
+from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
 from bnfold.convert.errors import SourceError, UnsupportedSource
 from bnfold.convert.onnx_graph import (
     TensorInfo,
@@ -28,8 +31,6 @@ from bnfold.convert.onnx_graph import (
     name_nodes_uniquely,
 )
 from bnfold.convert.package import sha256_file
-from onnx import AttributeProto, ModelProto, NodeProto
-from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
 MIN_OPSET = 9
 #: Protobuf refuses messages of 2 GiB; leave room for the graph itself.

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime
+from onnx import ModelProto, ValueInfoProto, helper
+
 from bnfold.convert.errors import (
     ConvertError,
     SourceError,
@@ -51,7 +53,6 @@ from bnfold.convert.report import (
     TensorSpec,
 )
 from bnfold.convert.verify import FLOAT32_TOLERANCE, Agreement
-from onnx import ModelProto, ValueInfoProto, helper
 
 MODEL_FILE = "model.onnx"
 TRAIN_FILE = "train.onnx"

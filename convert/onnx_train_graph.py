@@ -23,11 +23,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
+
 from bnfold.convert.errors import UnsupportedSource
 from bnfold.convert.onnx_batchnorm import BatchNormNode, read_batchnorms
 from bnfold.convert.onnx_graph import GraphIndex, TensorInfo
 from bnfold.convert.report import batch_stat_output_names
-from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 REDUCE_AXES_AS_INPUT_OPSET = 18
 

@@ -25,10 +25,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime
+from onnx import ModelProto, NodeProto, helper
+
 from bnfold.convert.onnx_batchnorm import BatchNormNode, read_batchnorms
 from bnfold.convert.onnx_graph import GraphIndex, TensorInfo, subgraph_free_names
 from bnfold.convert.onnx_io import PROTOBUF_LIMIT, save_model, weights_size
-from onnx import ModelProto, NodeProto, helper
 
 
 @dataclass

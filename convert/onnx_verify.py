@@ -21,11 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime
+from onnx import ModelProto, helper
+
 from bnfold.convert.errors import InputShapeError
 from bnfold.convert.onnx_graph import Dim
 from bnfold.convert.onnx_train_reference import TrainReference
 from bnfold.convert.verify import Agreement
-from onnx import ModelProto, helper
 
 EVAL_BATCH_SIZES = (1, 4, 16)
 VERIFY_SEED = 20261123

@@ -9,8 +9,11 @@ train-mode reference runs on its own copy, so no running statistic changes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import traceback
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +24,10 @@ import numpy as np
 import onnx
 import onnxruntime
 import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.modules.batchnorm import _BatchNorm
+
 from bnfold.convert.errors import InputShapeError, UntraceableModel, VerificationFailed
 from bnfold.convert.package import staged_package
 from bnfold.convert.report import (
@@ -36,9 +43,6 @@ from bnfold.convert.torch_fold import apply_plan
 from bnfold.convert.torch_graph import FoldPlan, plan_folds
 from bnfold.convert.torch_train_graph import build_train_graph, replace_batch_statistics_bns
 from bnfold.convert.verify import FLOAT32_TOLERANCE, Agreement
-from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
-from torch.nn.modules.batchnorm import _BatchNorm
 
 OPSET = 17
 INPUT_NAME = "input"
@@ -164,7 +168,9 @@ def trace(module: nn.Module, example: torch.Tensor, ref: str) -> fx.GraphModule:
             f"torch.fx cannot trace {ref}: {_first_line(error)}{_user_frame(error)}"
         ) from error
     try:
-        with torch.no_grad():
+        # ShapeProp prints a traceback to stderr before raising; the user gets
+        # the one-line cause instead.
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(graph_module).propagate(example)
     except Exception as error:
         raise InputShapeError(
@@ -182,7 +188,10 @@ def export_onnx(
 ) -> None:
     """Export with the TorchScript exporter: fast, stable names, dynamic batch axis."""
     dynamic_axes = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in output_names}}
-    with torch.no_grad():
+    # The TorchScript exporter's deprecation and constant-folding chatter says
+    # nothing actionable to a bnfold user; the checker below is the real gate.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
             (example,),
@@ -389,6 +398,9 @@ def _check_sample(sample: np.ndarray, input_shape: Sequence[int]) -> np.ndarray:
 
 
 def _first_line(error: BaseException) -> str:
+    """The root cause's first line: wrappers such as ShapeProp embed whole tracebacks."""
+    while error.__cause__ is not None:
+        error = error.__cause__
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 

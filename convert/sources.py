@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
+
 from bnfold.convert.errors import InputShapeError, SourceError
 from bnfold.convert.package import sha256_file
-from torch import nn
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle")
 

@@ -30,9 +30,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
-from bnfold.convert.report import KeptBatchNorm
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnfold.convert.report import KeptBatchNorm
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_TRANSPOSE_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)

@@ -16,10 +16,11 @@ from __future__ import annotations
 import operator
 
 import torch
-from bnfold.convert.report import batch_stat_output_names
-from bnfold.convert.torch_graph import BatchNormSite
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnfold.convert.report import batch_stat_output_names
+from bnfold.convert.torch_graph import BatchNormSite
 
 
 class BatchStatisticsNorm(nn.Module):

@@ -1,0 +1,372 @@
+"""`bnfold convert` as a user runs it: exit codes, messages, JSON, atomic packages."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from bnfold.convert.package import sha256_file
+from bnfold.service.cli import app
+
+from convert_helpers import run_onnx, torch_eval, torch_train_mode_bn, within_float32_tolerance
+
+runner = CliRunner()
+
+NETS = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    def _calibrate(model, shape):
+        torch.manual_seed(0)
+        model.train()
+        with torch.no_grad():
+            for _ in range(3):
+                model(torch.randn(*shape) * 2 + 1)
+        return model.eval()
+
+    def mlp():
+        torch.manual_seed(1)
+        return _calibrate(nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(),
+                                        nn.BatchNorm1d(8), nn.Dropout(0.1), nn.Linear(8, 3)), (8, 6))
+
+    def cnn():
+        torch.manual_seed(2)
+        return _calibrate(nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)), (8, 2, 6, 6))
+
+    def uncalibrated_mlp():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(),
+                             nn.BatchNorm1d(8), nn.Dropout(0.1), nn.Linear(8, 3)).eval()
+
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(6, 3)
+
+        def forward(self, x):
+            if x.sum() > 0:
+                return self.linear(x)
+            return -self.linear(x)
+
+    def branchy():
+        return DataDependent().eval()
+
+    def slow():
+        import time
+        print("factory running", flush=True)
+        time.sleep(60)
+    """
+)
+
+
+@pytest.fixture()
+def nets(tmp_path: Path) -> Path:
+    path = tmp_path / "nets.py"
+    path.write_text(NETS)
+    return path
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def load_factory(nets: Path, name: str) -> nn.Module:
+    namespace: dict = {}
+    exec(compile(nets.read_text(), str(nets), "exec"), namespace)
+    return namespace[name]()
+
+
+def test_convert_factory_writes_a_complete_package(nets: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    result = invoke("convert", f"{nets}:mlp", "--input-shape", "1,6", "-r", str(repo))
+    assert result.exit_code == 0, result.output
+    package = repo / "mlp" / "1"
+    assert sorted(p.name for p in package.iterdir()) == [
+        "manifest.json",
+        "model.onnx",
+        "train.onnx",
+    ]
+    manifest = json.loads((package / "manifest.json").read_text())
+    assert manifest["name"] == "mlp" and manifest["version"] == 1
+    assert manifest["source"]["kind"] == "factory"
+    assert manifest["source"]["sha256"] == sha256_file(nets)
+    assert manifest["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 6]}]
+    assert manifest["outputs"] == [{"name": "output", "datatype": "FP32", "shape": [-1, 3]}]
+    assert manifest["batchnorm"]["total"] == 2
+    assert {f["direction"] for f in manifest["batchnorm"]["folded"]} == {"forward", "backward"}
+    assert [layer["channels"] for layer in manifest["batchnorm"]["layers"]] == [8, 8]
+    assert manifest["verification"]["passed"] is True
+    assert manifest["verification"]["max_abs_err"] <= 1e-5
+    for name, digest in manifest["files"].items():
+        assert sha256_file(package / name) == digest
+    for file in ("model.onnx", "train.onnx"):
+        onnx.checker.check_model(str(package / file))
+    assert {"torch", "onnx", "onnxruntime", "opset"} <= set(manifest["tool_versions"])
+
+    # Dynamic batch and exactness, on inputs the converter never saw.
+    model = load_factory(nets, "mlp")
+    for batch in (1, 7):
+        x = np.random.default_rng(batch).standard_normal((batch, 6)).astype(np.float32)
+        (actual,) = run_onnx(package / "model.onnx", x)
+        assert within_float32_tolerance(actual, torch_eval(model, x))
+
+    # A second conversion takes the next version.
+    again = invoke(
+        "convert", f"{nets}:mlp", "--input-shape", "1,6", "-r", str(repo), "--name", "mlp"
+    )
+    assert again.exit_code == 0 and (repo / "mlp" / "2" / "manifest.json").is_file()
+
+
+def test_train_graph_matches_torch_train_mode_and_outputs_batch_statistics(
+    nets: Path, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    assert (
+        invoke("convert", f"{nets}:cnn", "--input-shape", "1,2,6,6", "-r", str(repo)).exit_code == 0
+    )
+    package = repo / "cnn" / "1"
+    model = load_factory(nets, "cnn")
+    running_before = model[1].running_mean.clone()
+    x = (np.random.default_rng(5).standard_normal((6, 2, 6, 6)) * 3 + 2).astype(np.float32)
+    output, batch_mean, batch_var = run_onnx(package / "train.onnx", x)
+    assert within_float32_tolerance(output, torch_train_mode_bn(model, x))
+    with torch.no_grad():
+        conv_out = model[0](torch.from_numpy(x)).double()
+    np.testing.assert_allclose(
+        batch_mean, conv_out.mean(dim=(0, 2, 3)).numpy(), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        batch_var, conv_out.var(dim=(0, 2, 3), unbiased=False).numpy(), rtol=1e-5, atol=1e-6
+    )
+    # Train and eval really differ, and BatchNorm is the only reason.
+    (eval_output,) = run_onnx(package / "model.onnx", x)
+    assert np.abs(eval_output - output).max() > 1e-3
+    assert torch.equal(model[1].running_mean, running_before)
+    names = [o.name for o in onnx.load(str(package / "train.onnx")).graph.output]
+    assert names == ["output", "1.batch_mean", "1.batch_var"]
+
+
+def test_json_report(nets: Path, tmp_path: Path) -> None:
+    result = invoke(
+        "convert", f"{nets}:cnn", "--input-shape", "1,2,6,6", "-r", str(tmp_path), "--json"
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["batchnorm"]["folded"] == [{"name": "1", "into": "0", "direction": "forward"}]
+    assert report["verification"]["passed"] is True
+
+
+def test_sample_file_is_verified(nets: Path, tmp_path: Path) -> None:
+    sample = tmp_path / "batch.npy"
+    np.save(sample, np.random.default_rng(0).standard_normal((5, 6)).astype(np.float32))
+    result = invoke(
+        "convert",
+        f"{nets}:mlp",
+        "--input-shape",
+        "1,6",
+        "-r",
+        str(tmp_path / "r"),
+        "--sample",
+        str(sample),
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["verification"]["samples"] > 5 + 21
+
+
+def test_weights_are_loaded_with_weights_only(nets: Path, tmp_path: Path) -> None:
+    trained = load_factory(nets, "mlp")
+    weights = tmp_path / "mlp.pt"
+    torch.save(trained.state_dict(), weights)
+    repo = tmp_path / "repo"
+    result = invoke(
+        "convert",
+        f"{nets}:uncalibrated_mlp",
+        "--weights",
+        str(weights),
+        "--input-shape",
+        "1,6",
+        "-r",
+        str(repo),
+    )
+    assert result.exit_code == 0, result.output
+    x = np.random.default_rng(9).standard_normal((4, 6)).astype(np.float32)
+    (actual,) = run_onnx(repo / "uncalibrated_mlp" / "1" / "model.onnx", x)
+    assert within_float32_tolerance(actual, torch_eval(trained, x))
+    manifest = json.loads((repo / "uncalibrated_mlp" / "1" / "manifest.json").read_text())
+    assert manifest["source"]["weights_sha256"] == sha256_file(weights)
+
+
+def test_pickled_model_needs_trust_pickle(nets: Path, tmp_path: Path) -> None:
+    pickled = tmp_path / "whole.pt"
+    torch.save(load_factory(nets, "mlp"), pickled)
+    refused = invoke("convert", str(pickled), "--input-shape", "1,6", "-r", str(tmp_path / "r"))
+    assert refused.exit_code == 2
+    assert "--trust-pickle" in refused.output
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+    accepted = invoke(
+        "convert", str(pickled), "--trust-pickle", "--input-shape", "1,6", "-r", str(tmp_path / "r")
+    )
+    assert accepted.exit_code == 0, accepted.output
+    assert (tmp_path / "r" / "whole" / "1" / "model.onnx").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["missing.py:build", "--input-shape", "1,6"], "no such file"),
+        (["{nets}:mlp", "--input-shape", "1,x"], "invalid --input-shape"),
+        (["{nets}:mlp", "--input-shape", "0,6"], "must be positive"),
+        (["{nets}:mlp"], "--input-shape is required"),
+        (["{nets}:mlp", "--input-shape", "1,7"], "does not run on an input of shape"),
+        (["{nets}:nothing", "--input-shape", "1,6"], "no callable 'nothing'"),
+        (["{nets}:branchy", "--input-shape", "1,6"], "if x.sum() > 0"),
+        (["no_such_builtin"], "unknown built-in model 'no_such_builtin'"),
+        (["{nets}:mlp", "--input-shape", "1,6", "--weights", "{tmp}/none.pt"], "no such file"),
+        (["{nets}:mlp", "--input-shape", "1,6", "--sample", "{tmp}/none.npy"], "no such file"),
+        (["{nets}:mlp", "--input-shape", "1,6", "--name", "../escape"], "invalid model name"),
+        (["nonexistent.onnx"], "no such file"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(
+    nets: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    filled = [arg.format(nets=nets, tmp=tmp_path) for arg in args]
+    result = invoke("convert", *filled, "-r", str(tmp_path / "repo"))
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not any((tmp_path / "repo").glob("*/*")) if (tmp_path / "repo").exists() else True
+
+
+def test_weights_that_are_not_a_state_dict_are_refused(nets: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a torch file")
+    result = invoke(
+        "convert",
+        f"{nets}:mlp",
+        "--input-shape",
+        "1,6",
+        "--weights",
+        str(bad),
+        "-r",
+        str(tmp_path / "r"),
+    )
+    assert result.exit_code == 2 and "state_dict" in result.output
+
+
+def test_existing_version_is_refused(nets: Path, tmp_path: Path) -> None:
+    args = ["convert", f"{nets}:mlp", "--input-shape", "1,6", "-r", str(tmp_path), "--version", "3"]
+    assert invoke(*args).exit_code == 0
+    second = invoke(*args)
+    assert second.exit_code == 2 and "already exists" in second.output
+
+
+def test_failed_verification_exits_1_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model whose export cannot match torch must not produce a package.
+
+    Its forward draws a Python random number on every call: tracing freezes
+    one draw into the graph, so the export disagrees with the live model.
+    """
+    nets = tmp_path / "diverging.py"
+    nets.write_text(
+        textwrap.dedent(
+            """
+        import random
+        from torch import nn
+
+        class Diverging(nn.Module):
+            def forward(self, x):
+                return x * (1.0 + random.random())
+
+        def build():
+            return nn.Sequential(nn.Linear(4, 4), Diverging()).eval()
+        """
+        )
+    )
+    result = invoke(
+        "convert", f"{nets}:build", "--input-shape", "1,4", "-r", str(tmp_path / "repo")
+    )
+    assert result.exit_code == 1, result.output
+    assert "verification failed" in result.output
+    assert list((tmp_path / "repo").iterdir()) == []
+
+
+def test_killed_conversion_leaves_no_visible_package(nets: Path, tmp_path: Path) -> None:
+    """SIGKILL in the middle: only a hidden staging dir may remain, and the next write removes it."""
+    repo = tmp_path / "repo"
+    script = textwrap.dedent(
+        f"""
+        import time
+        from pathlib import Path
+        from bnfold.convert.package import staged_package
+        with staged_package(Path({str(repo)!r}), "half", None) as staged:
+            (staged.directory / "model.onnx").write_bytes(b"partial")
+            print("staged", flush=True)
+            time.sleep(60)
+        """
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None and process.stdout.readline().strip() == "staged"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
+    assert not (repo / "half").exists()
+    assert [p.name.startswith(".") for p in repo.iterdir()] == [True]
+    assert invoke("convert", f"{nets}:mlp", "--input-shape", "1,6", "-r", str(repo)).exit_code == 0
+    assert sorted(p.name for p in repo.iterdir()) == ["mlp"]
+
+
+def test_ctrl_c_during_conversion_writes_nothing(nets: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bnfold.service.cli",
+            "convert",
+            f"{nets}:slow",
+            "--input-shape",
+            "1,6",
+            "-r",
+            str(repo),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None and process.stdout.readline().strip() == "factory running"
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err
+    assert not repo.exists() or not any(p for p in repo.iterdir() if not p.name.startswith("."))
+
+
+def test_onnx_source_is_dispatched(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00\x01 definitely not protobuf")
+    result = invoke("convert", str(garbage), "-r", str(tmp_path / "repo"))
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+
+
+def test_version_and_help() -> None:
+    assert "bnfold 0.1.0" in invoke("--version").output
+    help_text = invoke("convert", "--help").output
+    assert "Examples" in help_text and "--trust-pickle" in help_text
