@@ -27,7 +27,10 @@ def reproducible_torch(seed: int) -> Iterator[None]:
     """Seed torch, pin it to `TRAINING_THREADS` threads and deterministic kernels; undo on exit.
 
     The thread count is pinned because reductions split across a different
-    number of threads may round differently. The global RNG is forked, not
+    number of threads may round differently. Two threads train the four
+    digits models about a quarter faster than one on an idle 2-core machine,
+    but on a machine busy with other work they can be several times slower
+    (OpenMP workers spin waiting for a core). The global RNG is forked, not
     reseeded, so callers' random streams are left untouched.
     """
     previous_threads = torch.get_num_threads()
