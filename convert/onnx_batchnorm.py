@@ -1,10 +1,10 @@
 """Reading BatchNormalization nodes, and the guards that hold in every fold direction.
 
-A BN can only fold when it is the plain inference-mode affine map on its
-first output: `training_mode` absent or 0 (opset 14+; earlier opsets from 9 on
-have no such attribute and are inference-mode unless their extra outputs are
-read), no running-statistics output read by anyone, and all four parameters
-constant. Each failed guard becomes the reason the BN is kept. Direction-
+A BN can only fold when it is the plain inference-mode affine map: from
+opset 14 on, `training_mode` absent or 0; before 14 (opsets 9-13 have no such
+attribute) a single output, because the spec, and onnxruntime, take the
+optional mean/var/saved outputs as training mode. And all four parameters
+must be constant. Each failed guard becomes the reason the BN is kept. Direction-
 specific guards (who produces or reads the tensor) live with their pattern.
 
 The BN's layer name (the manifest's `batchnorm.layers[].name`, the prefix of
@@ -28,7 +28,10 @@ BATCHNORM = "BatchNormalization"
 DEFAULT_EPSILON = 1e-5
 
 REASON_TRAINING_MODE = "training_mode=1: the BN normalises with batch statistics"
-REASON_STATS_OUTPUTS = "its running-statistics outputs are read by other nodes"
+REASON_STATS_OUTPUTS = (
+    "it has running-statistics outputs, which before opset 14 means training mode"
+)
+TRAINING_MODE_ATTRIBUTE_OPSET = 14
 REASON_NOT_CONSTANT = "BN parameters are not constant initializers"
 REASON_NOT_PER_CHANNEL = "BN parameters are not per-channel vectors of one length"
 REASON_CHANNEL_AXIS = "channel axis does not line up"
@@ -79,7 +82,7 @@ def read_batchnorm(index: GraphIndex, position: int) -> BatchNormNode:
     blocked: str | None = None
     if int(node_attribute(node, "training_mode", 0)) == 1:
         blocked = REASON_TRAINING_MODE
-    elif any(index.is_used(name) for name in node.output[1:] if name):
+    elif index.opset < TRAINING_MODE_ATTRIBUTE_OPSET and any(node.output[1:]):
         blocked = REASON_STATS_OUTPUTS
     elif params is None:
         blocked = (

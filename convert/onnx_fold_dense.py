@@ -183,7 +183,9 @@ def _match(index: GraphIndex, bn: BatchNormNode) -> DenseForwardMatch | str | No
     if isinstance(layer, str):
         return layer
     if layer.output != tensor:
-        return f"the {layer.node.op_type} output also feeds other nodes"
+        # The Add is not the MatMul's bias: the MatMul feeds more than the Add (say why),
+        # or the Add's other operand is not a constant bias (not this family's business).
+        return index.fanout_reason(layer.node.output[0], layer.node.op_type)
     what = "MatMul+Add" if layer.add_index is not None else layer.node.op_type
     fanout = index.fanout_reason(layer.output, what)
     if transpose_index is not None:
