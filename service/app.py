@@ -18,6 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+from starlette.responses import Response
+
 from bnfold.service import errors
 from bnfold.service.codec import (
     EncodedResponse,
@@ -59,11 +65,6 @@ from bnfold.service.providers import resolve_providers
 from bnfold.service.registry import ModelRegistry, ModelState
 from bnfold.service.sessions import SessionConfig
 from bnfold.service.settings import Settings
-from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel
-from pydantic.json_schema import models_json_schema
-from starlette.responses import Response
 
 logger = logging.getLogger("bnfold.service")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from importlib.metadata import version as package_version
 
 import typer
+
 from bnfold.convert.cli import register as register_convert_commands
 from bnfold.service.serve_cli import register as register_serve_command
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+
 from bnfold.service.errors import BadRequest
 from bnfold.service.protocol import DATATYPE_OF_DTYPE, DATATYPES
 

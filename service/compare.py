@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
 from bnfold.service.errors import Unprocessable
 from bnfold.service.repository import ManifestLayer
 
@@ -164,9 +165,9 @@ def compare_report(
         ]
         if degenerate:
             raise Unprocessable(
-                f"a batch of one gives BatchNorm layers {', '.join(degenerate)} one value per "
-                "channel (their spatial size is 1): the batch variance is zero everywhere and "
-                "the statistics are undefined. Send a batch of several samples."
+                f"with a batch of one, BatchNorm layers {', '.join(degenerate)} see zero variance "
+                "in every channel: one value per channel (spatial size 1) or a constant input, "
+                "so the batch statistics are undefined. Send a batch of several samples."
             )
     outputs = [
         compare_output(name, eval_output, train_output)

@@ -21,6 +21,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
+
 from bnfold.service import compare
 from bnfold.service.codec import DecodedRequest, RequestedOutput, tensor_json
 from bnfold.service.errors import BadRequest, Unavailable, Unprocessable
@@ -29,7 +31,6 @@ from bnfold.service.protocol import BACKEND, DATATYPE_OF_DTYPE, PLATFORM
 from bnfold.service.registry import ModelRegistry, ModelState
 from bnfold.service.repository import ManifestTensor
 from bnfold.service.sessions import LoadedModel
-from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
 
 SERVER_NAME = "bnfold"
 EXTENSIONS = ("binary_tensor_data", "model_repository", "model_configuration", "bnfold_compare")

@@ -10,7 +10,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from bnfold.service.errors import as_service_error
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -19,6 +18,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+from bnfold.service.errors import as_service_error
 
 UNKNOWN_MODEL = "_unknown"
 CONTENT_TYPE = CONTENT_TYPE_LATEST

@@ -13,9 +13,10 @@ import logging
 from collections.abc import Sequence
 
 import onnxruntime as ort
+from onnx import TensorProto, helper
+
 from bnfold.service.errors import DeviceUnavailable
 from bnfold.service.settings import Device
-from onnx import TensorProto, helper
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"

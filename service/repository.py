@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Literal
 
 import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
 from bnfold.service.errors import PackageError
 from bnfold.service.protocol import Datatype
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 MANIFEST = "manifest.json"
 EVAL_GRAPH = "model.onnx"

@@ -16,13 +16,14 @@ from typing import Any
 
 import typer
 import uvicorn
+from pydantic import ValidationError
+
 from bnfold.models import DEFAULT_REPOSITORY
 from bnfold.service.app import create_app
 from bnfold.service.errors import DeviceUnavailable
 from bnfold.service.providers import resolve_providers
 from bnfold.service.repository import scan_repository
 from bnfold.service.settings import Device, LogLevel, Settings
-from pydantic import ValidationError
 
 logger = logging.getLogger("bnfold.service")
 

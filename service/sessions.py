@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
 from bnfold.service.errors import PackageError
 from bnfold.service.protocol import DATATYPES, ONNX_TYPES
 from bnfold.service.repository import (

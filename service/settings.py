@@ -11,9 +11,10 @@ import os
 from enum import Enum
 from pathlib import Path
 
-from bnfold.models import DEFAULT_REPOSITORY
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from bnfold.models import DEFAULT_REPOSITORY
 
 MIB = 1 << 20
 

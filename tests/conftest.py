@@ -6,13 +6,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from service_server import ADMIN_TOKEN, RunningServer, running_server
+
 from bnfold.service.settings import Settings
+
 from service_packages import build_test_repository
-from service_server import RunningServer, running_server
 
 # ---------------------------------------------------------------- service fixtures
 
-ADMIN_TOKEN = "test-admin-token"
 DIGITS_MODELS = ("digits_mlp", "digits_resnet", "digits_mobilenet", "digits_conv1d")
 
 

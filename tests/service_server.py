@@ -14,11 +14,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import uvicorn
-from bnfold.service.app import create_app
-from bnfold.service.settings import Settings
 from fastapi import FastAPI
 
+from bnfold.service.app import create_app
+from bnfold.service.settings import Settings
+
 START_TIMEOUT_SECONDS = 30.0
+ADMIN_TOKEN = "test-admin-token"
 
 
 @dataclass(frozen=True)

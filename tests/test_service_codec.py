@@ -11,6 +11,8 @@ import gzip
 import numpy as np
 import orjson
 import pytest
+from tritonclient.http import InferResult
+
 from bnfold.service.codec import (
     decode_request,
     encode_response,
@@ -18,7 +20,6 @@ from bnfold.service.codec import (
     parse_json_object,
 )
 from bnfold.service.errors import BadRequest
-from tritonclient.http import InferResult
 
 
 def _json_body(*inputs: dict, **fields: object) -> bytes:

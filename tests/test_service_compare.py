@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from bnfold.service.compare import (
     check_batch_has_statistics,
     compare_output,

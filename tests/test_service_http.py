@@ -16,6 +16,8 @@ import httpx
 import numpy as np
 import orjson
 import pytest
+from service_server import RunningServer, running_server
+
 from bnfold.service.protocol import (
     CompareResponse,
     ErrorResponse,
@@ -26,8 +28,8 @@ from bnfold.service.protocol import (
     ServerMetadataResponse,
 )
 from bnfold.service.settings import Settings
+
 from service_packages import MLP_SEEDS, mlp_reference, mlp_weights
-from service_server import RunningServer, running_server
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
 

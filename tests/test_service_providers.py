@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import onnxruntime as ort
 import pytest
+
 from bnfold.service.errors import DeviceUnavailable
 from bnfold.service.providers import CPU, CUDA, cuda_usable, resolve_providers, select_providers
 from bnfold.service.settings import Device

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+
 from bnfold.service.errors import NotFound, PackageError, Unavailable
 from bnfold.service.registry import ModelRegistry, ModelState
 from bnfold.service.repository import (
@@ -18,6 +19,7 @@ from bnfold.service.repository import (
     scan_repository,
 )
 from bnfold.service.sessions import CACHE_MARKER, SessionConfig, load_model
+
 from service_packages import write_dtypes, write_mlp
 
 CPU_CONFIG = SessionConfig(providers=("CPUExecutionProvider",))

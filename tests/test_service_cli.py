@@ -1,0 +1,233 @@
+"""`bnfold serve`: options and environment into Settings, start-up errors, the real process."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import onnxruntime as ort
+import pytest
+from typer.testing import CliRunner
+
+from bnfold.service import serve_cli
+from bnfold.service.cli import app
+from bnfold.service.settings import Device, Settings
+
+from service_packages import write_mlp
+
+runner = CliRunner()
+SETTING_OPTIONS = (
+    "--repository",
+    "--host",
+    "--port",
+    "--device",
+    "--threads",
+    "--workers",
+    "--max-body-bytes",
+    "--admin-token",
+    "--log-level",
+    "--shutdown-grace",
+)
+
+
+@pytest.fixture
+def captured_run(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Replace uvicorn.run: record the app and options instead of serving."""
+    captured: dict[str, Any] = {}
+
+    def fake_run(application: Any, **options: Any) -> None:
+        captured["settings"] = application.state.settings
+        captured.update(options)
+
+    monkeypatch.setattr(serve_cli.uvicorn, "run", fake_run)
+    for name in list(os.environ):
+        if name.startswith("BNFOLD_"):
+            monkeypatch.delenv(name)
+    return captured
+
+
+def test_help_lists_every_setting_with_examples() -> None:
+    result = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for option in SETTING_OPTIONS:
+        assert option in result.output
+    assert "Examples" in result.output and "BNFOLD_ADMIN_TOKEN" in result.output
+    assert set(Settings.model_fields) == {
+        "repository",
+        "host",
+        "port",
+        "device",
+        "intra_op_threads",
+        "executor_workers",
+        "max_body_bytes",
+        "admin_token",
+        "log_level",
+        "shutdown_grace_seconds",
+    }
+
+
+def test_options_win_over_the_environment(
+    captured_run: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    write_mlp(tmp_path, "mlp", 1, seed=1)
+    monkeypatch.setenv("BNFOLD_PORT", "9100")
+    monkeypatch.setenv("BNFOLD_ADMIN_TOKEN", "from-env")
+    monkeypatch.setenv("BNFOLD_INTRA_OP_THREADS", "4")
+    result = runner.invoke(
+        app,
+        [
+            "serve",
+            "-r",
+            str(tmp_path),
+            "--threads",
+            "2",
+            "--device",
+            "cpu",
+            "--shutdown-grace",
+            "5",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    settings: Settings = captured_run["settings"]
+    assert settings.repository == tmp_path and settings.device is Device.CPU
+    assert settings.intra_op_threads == 2 and settings.port == 9100
+    assert (
+        settings.admin_token is not None and settings.admin_token.get_secret_value() == "from-env"
+    )
+    assert captured_run["port"] == 9100 and captured_run["host"] == "127.0.0.1"
+    assert captured_run["timeout_graceful_shutdown"] == 5
+    assert captured_run["access_log"] is False
+
+
+def test_defaults(
+    captured_run: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    write_mlp(tmp_path, "mlp", 1, seed=1)
+    monkeypatch.setenv("BNFOLD_REPOSITORY", str(tmp_path))
+    monkeypatch.setenv("BNFOLD_ADMIN_TOKEN", "")
+    assert runner.invoke(app, ["serve"]).exit_code == 0
+    settings: Settings = captured_run["settings"]
+    assert (settings.host, settings.port, settings.device) == ("127.0.0.1", 8000, Device.AUTO)
+    assert settings.max_body_bytes == 64 * 2**20 and settings.admin_token is None
+    assert settings.shutdown_grace_seconds == 30 and settings.workers >= 1
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--port", "70000"], "port"),
+        (["--threads", "0"], "intra_op_threads"),
+        (["--max-body-bytes", "0"], "max_body_bytes"),
+        (["--device", "gpu"], "gpu"),
+        (["--repository", "/nonexistent/repository"], "does not exist"),
+    ],
+)
+def test_bad_settings_exit_2(
+    captured_run: dict[str, Any], tmp_path: Path, arguments: list[str], message: str
+) -> None:
+    result = runner.invoke(app, ["serve", "-r", str(tmp_path), *arguments])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "settings" not in captured_run
+
+
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" in ort.get_available_providers(), reason="this machine has CUDA"
+)
+def test_cuda_without_cuda_fails_at_start(captured_run: dict[str, Any], tmp_path: Path) -> None:
+    result = runner.invoke(app, ["serve", "-r", str(tmp_path), "--device", "cuda"])
+    assert result.exit_code == 2
+    assert "onnxruntime-gpu" in result.output
+    assert "settings" not in captured_run
+
+
+def test_empty_default_repository_is_built_in_a_child_process(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    default = tmp_path / "repository"
+    monkeypatch.setattr(serve_cli, "DEFAULT_REPOSITORY", default)
+    commands: list[list[str]] = []
+
+    def build(command: list[str], check: bool) -> subprocess.CompletedProcess[bytes]:
+        commands.append(command)
+        write_mlp(default, "mlp", 1, seed=1)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(serve_cli.subprocess, "run", build)
+    serve_cli.ensure_repository(default)
+    assert commands == [
+        [
+            sys.executable,
+            "-m",
+            "bnfold.service.cli",
+            "models",
+            "build",
+            "--repository",
+            str(default),
+        ]
+    ]
+    serve_cli.ensure_repository(default)  # built: no second build
+    assert len(commands) == 1
+
+
+def test_failed_default_build_says_how_to_fix_it(
+    captured_run: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(serve_cli, "DEFAULT_REPOSITORY", tmp_path)
+    monkeypatch.setattr(
+        serve_cli.subprocess, "run", lambda command, check: subprocess.CompletedProcess(command, 1)
+    )
+    result = runner.invoke(app, ["serve", "-r", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "pip install 'bnfold[convert]'" in result.output
+    assert "bnfold models build" in result.output
+
+
+def test_the_real_command_serves_within_seconds(service_repository: Path) -> None:
+    """`python -m bnfold.service.cli serve` as a user runs it; SIGINT stops it cleanly."""
+    started = time.monotonic()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bnfold.service.cli",
+            "serve",
+            "-r",
+            str(service_repository),
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={key: value for key, value in os.environ.items() if not key.startswith("BNFOLD_")},
+    )
+    log: list[str] = []
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:
+            log.append(line)
+            found = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line)
+            if found:
+                port = int(found.group(1))
+                break
+        else:
+            pytest.fail("the server exited:\n" + "".join(log))
+        assert time.monotonic() - started < 20
+        ready = httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=10)
+        assert ready.status_code == 200
+        text = "".join(log)
+        assert re.search(r"loaded mlp version 2 in [\d.]+ s on CPUExecutionProvider", text)
+        assert "broken_hash version 1 unavailable: sha256 of model.onnx" in text
+        assert "4 of 6 package versions ready, providers CPUExecutionProvider" in text
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=20) == 0
