@@ -335,3 +335,22 @@ def test_large_activations(tmp_path: Path) -> None:
     assert result.verification["passed"]
     (actual,) = run_onnx(Path(result.package_path) / "model.onnx", sample)
     assert within_float32_tolerance(actual, torch_eval(model, sample))
+
+
+def test_the_users_model_is_never_modified(tmp_path: Path) -> None:
+    shape = (2, 3, 6, 6)
+    model = calibrated(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2)
+        ),
+        shape,
+    )
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    modules_before = [type(module) for module in model.modules()]
+    result = convert_module(model, shape, tmp_path)
+    assert len(result.batchnorm.folded) == 1
+    assert [type(module) for module in model.modules()] == modules_before
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[key], after[key]) for key in before)  # running stats included
+    assert not model.training
