@@ -22,6 +22,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     import numpy as np
 
+    from bnfold.convert.onnx_pipeline import InspectReport
     from bnfold.convert.report import ConversionResult
 
 stdout = Console()
@@ -46,6 +47,7 @@ Examples:
 
 def register(app: typer.Typer) -> None:
     app.command(epilog=CONVERT_EPILOG)(convert)
+    app.command(epilog=INSPECT_EPILOG)(inspect)
     models_app = typer.Typer(
         help="The built-in reference models and the embedded default repository.",
         no_args_is_help=True,
@@ -166,6 +168,68 @@ def _convert_onnx(
         sample=sample,
         progress=not as_json,
     )
+
+
+INSPECT_EPILOG = """
+Examples:
+
+  bnfold inspect exported.onnx
+
+  bnfold inspect ./repo/digits_mlp/1 --json
+"""
+
+
+def inspect(
+    path: Path = typer.Argument(
+        ..., help="An .onnx file or a package directory REPO/NAME/VERSION."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+) -> None:
+    """Show the BatchNorm report (what folds, why the rest is kept) without writing anything."""
+    with _exit_on_convert_error():
+        from bnfold.convert.onnx_pipeline import inspect_path
+
+        report = inspect_path(path)
+        if as_json:
+            stdout.print_json(json.dumps(report.as_dict()))
+        else:
+            print_inspection(report)
+
+
+def print_inspection(report: InspectReport) -> None:
+    """The BN table, then node counts per op type before and after folding."""
+    verb = "folds" if report.kind == "onnx" else "folded"
+    table = Table(
+        title=f"{report.path} ({report.kind}): {len(report.folded)} of "
+        f"{report.batchnorm_total} BatchNorms {verb}",
+        title_justify="left",
+    )
+    table.add_column("BatchNorm", overflow="fold")
+    table.add_column("result")
+    table.add_column("into / why kept", overflow="fold")
+    for folded in report.folded:
+        table.add_row(folded.name, f"{verb} {folded.direction}", folded.into)
+    for kept in report.kept:
+        table.add_row(kept.name, "[yellow]kept[/yellow]", kept.reason)
+    stdout.print(table)
+    counts = Table(title="nodes per op type", title_justify="left")
+    counts.add_column("op type")
+    counts.add_column("before", justify="right")
+    counts.add_column("after", justify="right")
+    before = report.node_counts_before
+    after = report.node_counts_after
+    for op_type in dict.fromkeys([*(before or {}), *after]):
+        counts.add_row(
+            op_type,
+            "?" if before is None else str(before.get(op_type, 0)),
+            str(after.get(op_type, 0)),
+        )
+    counts.add_row(
+        "[bold]total[/bold]",
+        "?" if before is None else str(sum(before.values())),
+        str(sum(after.values())),
+    )
+    stdout.print(counts)
 
 
 def models_list() -> None:
