@@ -11,6 +11,7 @@ while the event loop keeps serving). A dynamic batcher slots in as another
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
@@ -33,6 +34,7 @@ from bnfold.service.repository import ManifestTensor
 from bnfold.service.sessions import LoadedModel
 
 SERVER_NAME = "bnfold"
+logger = logging.getLogger("bnfold.service")
 EXTENSIONS = ("binary_tensor_data", "model_repository", "model_configuration", "bnfold_compare")
 
 
@@ -260,6 +262,7 @@ class DataPlane:
         output_names = select_outputs(model, request.outputs)
         self.metrics.batch_size.labels(model.name, "infer").observe(_batch_size(feeds))
         arrays = await self.runner.run(model, model.eval_session, feeds, output_names)
+        logger.debug("infer %s version %d, batch %d", model.name, model.version, _batch_size(feeds))
         return InferenceResult(
             model.name,
             str(model.version),
@@ -291,6 +294,7 @@ class DataPlane:
             self.runner.run(model, model.eval_session, feeds, output_names),
             self.runner.run(model, model.train_session, feeds, [*output_names, *statistic_names]),
         )
+        logger.debug("compare %s version %d, batch %d", model.name, model.version, batch_size)
         train_outputs = train_arrays[: len(output_names)]
         outputs, drift = compare.compare_report(
             output_names,

@@ -79,6 +79,18 @@ class ErrorResponse(_Wire):
 
 
 class ServerMetadataResponse(_Wire):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "bnfold",
+                    "version": "0.1.0",
+                    "extensions": ["binary_tensor_data", "model_repository", "model_configuration"],
+                }
+            ]
+        }
+    )
+
     name: str
     version: str
     extensions: list[str]
@@ -93,6 +105,10 @@ class ReadyResponse(_Wire):
 
 
 class ModelReadyResponse(_Wire):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"name": "digits_mlp", "ready": True}]}
+    )
+
     name: str
     ready: bool
 
@@ -104,6 +120,25 @@ class MetadataTensor(_Wire):
 
 
 class ModelMetadataResponse(_Wire):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "digits_mlp",
+                    "versions": ["1"],
+                    "platform": PLATFORM,
+                    "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}],
+                    "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, 10]}],
+                    "parameters": {
+                        "version": "1",
+                        "execution_providers": ["CPUExecutionProvider"],
+                        "batchnorm_layers": ["body.1", "body.4", "head.0"],
+                    },
+                }
+            ]
+        }
+    )
+
     name: str
     versions: list[str] = Field(
         description="Ready versions; the highest answers unversioned calls."
@@ -156,6 +191,37 @@ class ResponseOutput(_Wire):
 
 
 class InferenceResponse(_Wire):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_name": "digits_mlp",
+                    "model_version": "1",
+                    "id": "request-1",
+                    "outputs": [
+                        {
+                            "name": "output",
+                            "datatype": "FP32",
+                            "shape": [1, 10],
+                            "data": [
+                                -1.06,
+                                -2.08,
+                                6.06,
+                                -3.31,
+                                5.04,
+                                -3.48,
+                                -2.78,
+                                2.15,
+                                1.69,
+                                0.47,
+                            ],
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
     model_name: str
     model_version: str
     id: str | None = None
@@ -204,6 +270,40 @@ class LayerDrift(_Wire):
 
 
 class CompareResponse(_Wire):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_name": "digits_mlp",
+                    "model_version": "1",
+                    "batch_size": 16,
+                    "outputs": [
+                        {
+                            "name": "output",
+                            "shape": [16, 10],
+                            "max_abs_diff": 15.59,
+                            "mean_abs_diff": 3.77,
+                            "relative_l2_diff": 0.565,
+                            "cosine_similarity": 0.906,
+                            "cosine_similarity_min": 0.818,
+                            "argmax_agreement": 0.9375,
+                        }
+                    ],
+                    "batchnorm": [
+                        {
+                            "name": "body.1",
+                            "channels": 128,
+                            "mean_shift": {"mean": 0.9, "min": 0.015, "max": 3.3},
+                            "var_ratio": {"mean": 3.74, "min": 1.09, "max": 8.38},
+                            "max_abs_log_var_ratio": 2.13,
+                            "kl_divergence": {"mean": 1.44, "min": 0.093, "max": 6.54},
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
     model_name: str
     model_version: str
     id: str | None = None
@@ -219,6 +319,19 @@ class RepositoryIndexRequest(_Wire):
 
 
 class RepositoryModel(_Wire):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "digits_mlp",
+                    "version": "2",
+                    "state": "UNAVAILABLE",
+                    "reason": "sha256 of model.onnx is 44e10b1cc47f…, the manifest says 9d3f40eaf63f…",
+                }
+            ]
+        }
+    )
+
     name: str
     version: str
     state: Literal["READY", "UNAVAILABLE"]
@@ -237,6 +350,21 @@ class ModelConfigTensor(_Wire):
 
 class ModelConfigResponse(_Wire):
     """The subset of Triton's model configuration that describes an onnxruntime model."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "digits_mlp",
+                    "platform": PLATFORM,
+                    "backend": BACKEND,
+                    "max_batch_size": 0,
+                    "input": [{"name": "input", "data_type": "TYPE_FP32", "dims": [-1, 64]}],
+                    "output": [{"name": "output", "data_type": "TYPE_FP32", "dims": [-1, 10]}],
+                }
+            ]
+        }
+    )
 
     name: str
     platform: str

@@ -24,11 +24,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 
 from bnfold.service.errors import PackageError
-from bnfold.service.protocol import DATATYPES, ONNX_TYPES
+from bnfold.service.protocol import ONNX_TYPES
 from bnfold.service.repository import (
     EVAL_GRAPH,
     TRAIN_GRAPH,
@@ -73,10 +72,6 @@ class LoadedModel:
     @property
     def layers(self) -> tuple[ManifestLayer, ...]:
         return self.manifest.batchnorm.layers
-
-    @property
-    def output_dtypes(self) -> dict[str, np.dtype]:
-        return {output.name: DATATYPES[output.datatype] for output in self.outputs}
 
 
 @functools.cache

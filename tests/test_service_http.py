@@ -570,5 +570,27 @@ def test_openapi_documents_every_endpoint_with_examples(client: httpx.Client) ->
         assert name in components
     ref = body["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
     assert ref in components
+    for name in (
+        "InferenceResponse",
+        "CompareResponse",
+        "ModelMetadataResponse",
+        "RepositoryModel",
+    ):
+        assert components[name]["examples"], name
     assert client.get("/docs").status_code == 200
-    CompareResponse.model_json_schema()
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        ServerMetadataResponse,
+        ModelMetadataResponse,
+        ModelConfigResponse,
+        InferenceResponse,
+        CompareResponse,
+        RepositoryModel,
+    ],
+)
+def test_documented_examples_are_valid(model: type) -> None:
+    [example] = model.model_json_schema()["examples"]
+    model.model_validate(example)
