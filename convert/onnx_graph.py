@@ -371,6 +371,7 @@ def remove_orphans(model: ModelProto, candidates: Iterable[str]) -> None:
         initializer_names = set(index.initializers)
         removable_nodes: set[int] = set()
         next_pending: set[str] = set()
+        unused_initializers: set[str] = set()
         for name in pending:
             if index.is_used(name):
                 continue
@@ -382,7 +383,8 @@ def remove_orphans(model: ModelProto, candidates: Iterable[str]) -> None:
                     next_pending.update(n for n in node.input if n)
                     next_pending |= subgraph_free_names(node)
             elif name in initializer_names:
-                _remove_initializer(graph, name)
+                unused_initializers.add(name)
+        _remove_initializers(graph, unused_initializers)
         if removable_nodes:
             kept = [node for i, node in enumerate(graph.node) if i not in removable_nodes]
             del graph.node[:]
@@ -390,15 +392,13 @@ def remove_orphans(model: ModelProto, candidates: Iterable[str]) -> None:
         pending = next_pending
 
 
-def _remove_initializer(graph: GraphProto, name: str) -> None:
-    kept = [tensor for tensor in graph.initializer if tensor.name != name]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    # IR < 4 lists initializers among the inputs; a stale entry would become a required input.
-    inputs = [value for value in graph.input if value.name != name]
-    if len(inputs) != len(graph.input):
-        del graph.input[:]
-        graph.input.extend(inputs)
+def _remove_initializers(graph: GraphProto, names: set[str]) -> None:
+    """Delete in place: rebuilding the repeated field would copy every weight."""
+    for field_values in (graph.initializer, graph.input):
+        # IR < 4 lists initializers among the inputs; a stale entry would be a required input.
+        for position in reversed(range(len(field_values))):
+            if field_values[position].name in names:
+                del field_values[position]
 
 
 def copy_node(node: NodeProto) -> NodeProto:

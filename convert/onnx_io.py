@@ -142,18 +142,22 @@ def weights_size(model: ModelProto) -> int:
     return sum(t.ByteSize() for t in graph.initializer) + sum(n.ByteSize() for n in graph.node)
 
 
-def needs_external_data(
-    model: ModelProto, *, source_external: bool, limit: int = PROTOBUF_LIMIT
-) -> bool:
+def fits_in_one_proto(model: ModelProto) -> bool:
+    """Whether `model` can be serialized as one protobuf message (under `PROTOBUF_LIMIT`)."""
+    return weights_size(model) < PROTOBUF_LIMIT
+
+
+def needs_external_data(model: ModelProto, *, source_external: bool) -> bool:
     """External data when the source used it, or when one proto could not hold the weights."""
-    return source_external or weights_size(model) >= limit
+    return source_external or not fits_in_one_proto(model)
 
 
-def save_model(model: ModelProto, path: Path, *, external: bool) -> list[Path]:
+def save_model(model: ModelProto, path: Path, *, external: bool, check: bool = True) -> list[Path]:
     """Write `model` to `path` (and `<name>.data` when external), check it; return the files.
 
     With external data, onnx moves the weights out of the in-memory `model`
-    while saving: treat the proto as consumed afterwards.
+    while saving: treat the proto as consumed afterwards. `check=False` is for
+    internal scratch graphs that onnxruntime validates when it loads them.
     """
     if external:
         data_name = f"{path.name}.data"
@@ -168,7 +172,8 @@ def save_model(model: ModelProto, path: Path, *, external: bool) -> list[Path]:
         )
     else:
         onnx.save_model(model, str(path))
-    onnx.checker.check_model(str(path))
+    if check:
+        onnx.checker.check_model(str(path))
     files = [path]
     if external and (path.parent / f"{path.name}.data").exists():
         files.append(path.parent / f"{path.name}.data")

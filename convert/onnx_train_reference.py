@@ -29,7 +29,7 @@ from onnx import ModelProto, NodeProto, helper
 
 from bnfold.convert.onnx_batchnorm import BatchNormNode, read_batchnorms
 from bnfold.convert.onnx_graph import GraphIndex, TensorInfo, subgraph_free_names
-from bnfold.convert.onnx_io import PROTOBUF_LIMIT, save_model, weights_size
+from bnfold.convert.onnx_io import fits_in_one_proto, save_model
 
 
 @dataclass
@@ -162,14 +162,14 @@ class TrainReference:
 
     def _value_info(self, name: str) -> onnx.ValueInfoProto:
         elem_type = self._index.elem_type(name) or onnx.TensorProto.FLOAT
-        return helper.make_tensor_value_info(name, elem_type, None)
+        return helper.make_tensor_value_info(name, elem_type, self._index.shape(name))
 
     def _session(self, model: ModelProto) -> onnxruntime.InferenceSession:
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
         providers = ["CPUExecutionProvider"]
-        if weights_size(model) < PROTOBUF_LIMIT:
+        if fits_in_one_proto(model):
             return onnxruntime.InferenceSession(model.SerializeToString(), options, providers)
         path = Path(self._workdir.name) / f"stage_{len(self._stages)}.onnx"
-        save_model(model, path, external=True)
+        save_model(model, path, external=True, check=False)
         return onnxruntime.InferenceSession(str(path), options, providers)

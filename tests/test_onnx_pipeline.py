@@ -22,7 +22,7 @@ from onnx import helper
 from test_onnx_support import array, initializer, make_model
 from torch import nn
 
-from bnfold.convert import onnx_fold_conv
+from bnfold.convert import onnx_fold_conv, onnx_io
 from bnfold.convert.errors import ConvertError, InputShapeError, VerificationFailed
 from bnfold.convert.onnx_graph import op_counts
 from bnfold.convert.onnx_pipeline import convert_onnx_file
@@ -354,3 +354,24 @@ def test_failed_verification_writes_nothing(tmp_path: Path, monkeypatch) -> None
         convert(source, tmp_path / "repo")
     assert caught.value.exit_code == 1
     assert not (tmp_path / "repo").exists()
+
+
+def test_models_over_the_protobuf_limit_are_written_with_external_data(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The >2 GB path, with the limit lowered to 1 KiB instead of a real 2 GB file.
+
+    Every proto too big for one message (the package's graphs, the train
+    reference's stages) then goes through external data, as a real large
+    model would.
+    """
+    monkeypatch.setattr(onnx_io, "PROTOBUF_LIMIT", 1024)
+    module = cnn(width=16)
+    source = export(module, tmp_path / "cnn.onnx", (2, 2, 6, 6))
+    result = convert(source, tmp_path / "repo")
+    package = Path(result.package_path)
+    assert (package / "model.onnx.data").is_file() and (package / "train.onnx.data").is_file()
+    assert result.verification["passed"]
+    x = np.random.default_rng(8).standard_normal((3, 2, 6, 6)).astype(np.float32)
+    (actual,) = run(package / "model.onnx", x)
+    np.testing.assert_allclose(actual, torch_outputs(module, x), rtol=RTOL, atol=ATOL)
