@@ -82,7 +82,8 @@ class ModelRegistry:
     def load(self, name: str) -> list[ModelVersion]:
         """(Re)load every version of `name` from disk: new versions appear, removed ones go.
 
-        Raises `NotFound` when the repository has no such model directory, and
+        Raises `NotFound` when the repository has no such model directory (a model
+        deleted from disk is dropped from the table), and
         `Unavailable` with the reasons when no version of it could be loaded.
         """
         with self._lock:
@@ -90,6 +91,8 @@ class ModelRegistry:
                 location for location in scan_repository(self.repository) if location.name == name
             ]
             if not locations:
+                # gone from disk: stop serving what memory still holds of it
+                self._table = {key: value for key, value in self._table.items() if key != name}
                 raise NotFound(f"the repository has no model {name!r}")
             versions = self._load_locations(locations)[name]
             self._table = {**self._table, name: versions}

@@ -211,3 +211,4 @@ def test_registry_reload_picks_up_new_versions_and_unload_keeps_the_entry(tmp_pa
     shutil.rmtree(tmp_path / "mlp")
     with pytest.raises(NotFound, match="no model 'mlp'"):
         registry.load("mlp")
+    assert not registry.knows("mlp") and registry.index() == []
