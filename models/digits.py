@@ -14,8 +14,9 @@ Inputs are pixels in [0, 1] (the digits' 0..16 divided by 16 by
 from __future__ import annotations
 
 import torch
-from bnfold.models.blocks import BasicBlock, conv_bn_relu6
 from torch import nn
+
+from bnfold.models.blocks import BasicBlock, conv_bn_relu6
 
 DIGIT_CLASSES = 10
 

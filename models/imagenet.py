@@ -10,8 +10,9 @@ people expect. Input (N, 3, 224, 224), ImageNet-normalised RGB; output logits
 from __future__ import annotations
 
 import torch
-from bnfold.models.blocks import BasicBlock, conv_bn_relu6
 from torch import nn
+
+from bnfold.models.blocks import BasicBlock, conv_bn_relu6
 
 IMAGENET_CLASSES = 1000
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Final
 
 import numpy as np
 import numpy.typing as npt
+
 from bnfold.models.recipes import BatchNormCalibration, DigitsTraining, Recipe
 
 if TYPE_CHECKING:

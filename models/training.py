@@ -13,10 +13,11 @@ from contextlib import contextmanager
 import numpy as np
 import numpy.typing as npt
 import torch
-from bnfold.models.recipes import BatchNormCalibration, DigitsTraining
 from rich.console import Console
 from rich.progress import track
 from torch import nn
+
+from bnfold.models.recipes import BatchNormCalibration, DigitsTraining
 
 TRAINING_THREADS = 2
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
+
 from bnfold.models.data import digits_dataset
 from bnfold.models.recipes import DigitsTraining
 from bnfold.models.training import calibrate_batchnorm, train_on_digits
-from torch import nn
 
 if TYPE_CHECKING:
     from bnfold.models.registry import BuiltinModel

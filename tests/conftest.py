@@ -6,11 +6,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from service_server import ADMIN_TOKEN, RunningServer, running_server
 
 from bnfold.service.settings import Settings
 
 from service_packages import build_test_repository
+from service_server import ADMIN_TOKEN, RunningServer, running_server
 
 # ---------------------------------------------------------------- service fixtures
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
 from bnfold.models import (
     BUILTIN_MODELS,
     BUILTIN_NAMES,
@@ -32,7 +34,6 @@ from bnfold.models import (
 )
 from bnfold.models.digits import DigitsConv1d, DigitsMLP
 from bnfold.models.weights import cache_path
-from torch import nn
 
 DIGITS_NAMES = [name for name, model in BUILTIN_MODELS.items() if model.trained_on_digits]
 IMAGENET_NAMES = [name for name, model in BUILTIN_MODELS.items() if not model.trained_on_digits]

@@ -10,12 +10,12 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from service_server import ADMIN_TOKEN, RunningServer, running_server
 from tritonclient.utils import InferenceServerException
 
 from bnfold.service.settings import Settings
 
 from service_packages import write_mlp
+from service_server import ADMIN_TOKEN, RunningServer, running_server
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 

@@ -13,13 +13,13 @@ import httpx
 import numpy as np
 import orjson
 import pytest
-from service_server import RunningServer
 
 from bnfold.service.compare import compare_output, layer_drift
 from bnfold.service.protocol import CompareResponse
 from bnfold.service.repository import ManifestLayer
 
 from service_packages import MLP_SEEDS, mlp_reference, mlp_weights
+from service_server import RunningServer
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
 

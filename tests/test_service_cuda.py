@@ -8,10 +8,11 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-from service_server import running_server
 
 from bnfold.service.providers import CUDA, cuda_usable
 from bnfold.service.settings import Settings
+
+from service_server import running_server
 
 pytestmark = pytest.mark.skipif(
     CUDA not in ort.get_available_providers() or not cuda_usable(),

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
+
 from service_server import RunningServer
 
 DIGITS_MODELS = ("digits_mlp", "digits_resnet", "digits_mobilenet", "digits_conv1d")

@@ -16,7 +16,6 @@ import httpx
 import numpy as np
 import orjson
 import pytest
-from service_server import RunningServer, running_server
 
 from bnfold.service.protocol import (
     CompareResponse,
@@ -30,6 +29,7 @@ from bnfold.service.protocol import (
 from bnfold.service.settings import Settings
 
 from service_packages import MLP_SEEDS, mlp_reference, mlp_weights
+from service_server import RunningServer, running_server
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
 

@@ -7,10 +7,10 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from service_server import RunningServer
 from tritonclient.utils import InferenceServerException
 
 from service_packages import MLP_SEEDS, mlp_reference, mlp_weights
+from service_server import RunningServer
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
 
