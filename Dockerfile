@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # bnfold, CPU (default) or CUDA, from this one file (BuildKit builds only the stages needed):
 #
 #   docker build -t bnfold:0.1.0 .                                  # CPU: onnxruntime
@@ -21,17 +19,18 @@
 
 ARG DEVICE=cpu
 
-# The multi-architecture index digest of the tag: the build is reproducible, and
-# the tag says which Python it is.
-FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS python
+# Pinned by the tag's multi-architecture index digest (the base cannot change under
+# a rebuild); the tag says which Python it is.
+FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS python-base
 
 
-FROM python AS build
+FROM python-base AS build
 # torch from the CPU index: PyPI's Linux torch pulls several GB of CUDA libraries,
 # and the converter needs none of them. The PyPI index supplies everything else.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 WORKDIR /src
@@ -57,7 +56,7 @@ WORKDIR /work
 CMD ["bnfold", "--help"]
 
 
-FROM python AS runtime-cpu
+FROM python-base AS runtime-cpu
 RUN python -m venv /opt/venv
 
 

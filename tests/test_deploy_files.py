@@ -93,9 +93,9 @@ def test_one_dockerfile_builds_cpu_or_cuda_runtime() -> None:
     assert parsed.final.name == "runtime"
     assert parsed.final.base == "runtime-${DEVICE}"
     assert {"runtime-cpu", "runtime-cuda", "build"} <= {stage.name for stage in parsed.stages}
-    python = parsed.stage("python").base
+    python = parsed.stage("python-base").base
     cuda = parsed.stage("runtime-cuda").base
-    assert parsed.stage("runtime-cpu").base == parsed.stage("build").base == "python"
+    assert parsed.stage("runtime-cpu").base == parsed.stage("build").base == "python-base"
     assert re.match(r"python:3\.\d+\.\d+-slim-\w+@sha256:", python), python
     assert DIGEST.search(python), "the Python base is pinned by digest"
     # onnxruntime-gpu 1.31 (PyPI) needs CUDA 13 and cuDNN 9, both in this base.
