@@ -8,9 +8,11 @@ previous one left complete:
   3. backward into Conv/Gemm/MatMul    (onnx_fold_backward)
 
 Within a family every match is collected first and applied as one edit, so no
-match ever sees a half-rewritten graph. Forward goes first because it removes
-the BN without touching any other BN's neighbourhood; a BN sitting between
-two layers folds into the one before it.
+match ever sees a half-rewritten graph. Forward goes first: a BN sitting
+between two layers folds into the one before it. The three families repeat
+until a round folds nothing, because a fold can expose another: in
+Conv ─► BN ─► BN the second BN reads the conv once the first is folded, and
+in BN ─► BN ─► Conv the first reaches the conv once the second is.
 
 A BN that no family folds is kept with the reasons from both directions, or
 with the guard that stopped it in every direction (training mode, running
@@ -61,24 +63,25 @@ def fold_batchnorms(model: ModelProto, tensor_info: dict[str, TensorInfo]) -> Ba
     original = GraphIndex(model, tensor_info)
     batchnorms = read_batchnorms(original)
     report = BatchNormReport(layers=[batchnorm_layer(original, bn) for bn in batchnorms])
-    reasons: dict[str, dict[str, str]] = {"forward": {}, "backward": {}}
-    folded_names: set[str] = set()
-    for family in FAMILIES:
-        index = GraphIndex(model, tensor_info)
-        candidates = [bn for bn in read_batchnorms(index) if bn.blocked is None]
-        matches, found_reasons = family.find(index, candidates)
-        reasons[family.direction].update(found_reasons)
-        apply_edit(model, family.apply(index, matches))
-        for match in matches:
-            report.folded.append(match.folded)
-            folded_names.add(match.bn.name)
+    while True:
+        reasons: dict[str, dict[str, str]] = {"forward": {}, "backward": {}}
+        folded_this_round = 0
+        for family in FAMILIES:
+            index = GraphIndex(model, tensor_info)
+            candidates = [bn for bn in read_batchnorms(index) if bn.blocked is None]
+            matches, found_reasons = family.find(index, candidates)
+            reasons[family.direction].update(found_reasons)
+            apply_edit(model, family.apply(index, matches))
+            report.folded.extend(match.folded for match in matches)
+            folded_this_round += len(matches)
+        if not folded_this_round:
+            break
+    final = GraphIndex(model, tensor_info)
     order = {bn.name: position for position, bn in enumerate(batchnorms)}
     report.folded.sort(key=lambda item: order[item.name])
-    for bn in batchnorms:
-        if bn.name in folded_names:
-            continue
+    for bn in read_batchnorms(final):
         reason = bn.blocked or (
-            f"forward: {reasons['forward'].get(bn.name) or _forward_default(original, bn)}; "
+            f"forward: {reasons['forward'].get(bn.name) or _forward_default(final, bn)}; "
             f"backward: {reasons['backward'].get(bn.name, 'not examined')}"
         )
         report.kept.append(KeptBatchNorm(bn.name, reason))

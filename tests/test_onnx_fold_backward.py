@@ -266,3 +266,14 @@ def test_forward_and_backward_folds_into_the_same_conv() -> None:
         ("bn2", "forward"),
     }
     assert op_counts(folded.graph) == {"Relu": 1, "Conv": 1}
+
+
+def test_two_chained_bns_before_a_conv_both_fold_backward() -> None:
+    """BN ─► BN ─► Conv: the second folds first, then the first reaches the conv."""
+    model = bn_then([], "Conv", shape=["N", C, 6, 6])
+    model.graph.initializer.extend(bn_initializers("bn0", C, seed=30))
+    model.graph.node.insert(1, bn_node("r", "r0", "bn0"))
+    model.graph.node[2].input[0] = "r0"
+    folded, report = check_fold(model, folded=2)
+    assert {item.direction for item in report.folded} == {"backward"}
+    assert op_counts(folded.graph) == {"Relu": 1, "Conv": 1}

@@ -151,16 +151,15 @@ def test_bn_parameters_behind_identity_are_constant() -> None:
     assert op_counts(folded.graph) == {"Conv": 1}  # the orphaned Identity went too
 
 
-def test_two_chained_bns_fold_once_and_keep_the_second() -> None:
+def test_two_chained_bns_both_fold_into_the_conv() -> None:
+    """Conv ─► BN ─► BN: once the first is folded the second reads the conv; a second round."""
     model = conv_bn()
     model.graph.initializer.extend(bn_initializers("bn2", 6, seed=9))
     model.graph.node.append(bn_node("Y", "Z", "bn2"))
     model.graph.output[0].name = "Z"
-    _folded, report = check_fold(model, folded=1, kept=1)
-    assert report.kept[0].name == "bn2"
-    assert report.kept[0].reason.startswith(
-        "forward: its input comes from BatchNormalization, not Conv/ConvTranspose/Gemm/MatMul;"
-    )
+    folded, report = check_fold(model, folded=2)
+    assert [(item.name, item.into) for item in report.folded] == [("bn", "conv"), ("bn2", "conv")]
+    assert op_counts(folded.graph) == {"Conv": 1}
 
 
 def test_unnamed_nodes_get_stable_layer_names() -> None:
