@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -35,6 +35,8 @@ from bnfold.convert.onnx_io import OnnxSource, load_onnx_source, needs_external_
 from bnfold.convert.onnx_train_graph import build_train_graph
 from bnfold.convert.onnx_train_reference import TrainReference
 from bnfold.convert.onnx_verify import (
+    Feed,
+    InputSpec,
     fixed_batch,
     input_specs,
     session,
@@ -94,44 +96,16 @@ def _convert(
     stat_names = build_train_graph(train, loaded.tensor_info)
     counts = {"before": op_counts(loaded.model.graph), "after": op_counts(folded.graph)}
     external = needs_external_data(folded, source_external=loaded.external_data)
-    reference = session(loaded.path, optimized=False)
     repository_existed = repository.exists()
     try:
         with staged_package(repository, name, version) as staged:
             step("export")
-            model_path, train_path = staged.directory / MODEL_FILE, staged.directory / TRAIN_FILE
-            pinned = fixed_batch(specs)
-            pinned_io = {
-                path: _io_snapshot(model)
-                for path, model in ((model_path, folded), (train_path, train))
-            }
-            freed = pinned is not None and free_batch_axis(folded, pinned)
-            if freed:
-                free_batch_axis(train, pinned)
-            save_model(folded, model_path, external=external)
-            save_model(train, train_path, external=external)
+            graphs = _write_graphs(staged.directory, folded, train, specs, external=external)
             del folded, train
-
             step("verify")
-            notes: list[str] = []
-            if freed and pinned is not None:
-                problem = verify_batch_growth(reference, [model_path, train_path], specs, pinned)
-                if problem:
-                    for path, snapshot in pinned_io.items():
-                        _restore_io(path, snapshot)
-                    notes.append(f"the batch axis stays fixed at {pinned}: {problem}")
-            eval_agreement = verify_eval(reference, model_path, feeds)
-            with TrainReference(loaded.model, loaded.tensor_info) as train_reference:
-                train_agreement = verify_train(train_reference, train_path, feeds)
-            verification = _verification_block(eval_agreement, train_agreement)
-            if not verification["passed"]:
-                raise VerificationFailed(
-                    "verification failed, nothing written:\n  "
-                    + "\n  ".join(eval_agreement.failures + train_agreement.failures)
-                )
-
+            verification, notes = _verify(loaded, graphs, specs, feeds)
             step("write")
-            inputs, outputs = tensor_specs(model_path)
+            inputs, outputs = tensor_specs(graphs.model_path)
             node_counts = _node_counts(counts)
             manifest: dict[str, object] = {
                 "source": {"kind": "onnx", "ref": str(loaded.path), "sha256": loaded.sha256},
@@ -176,7 +150,59 @@ def _copy(model: ModelProto) -> ModelProto:
     return duplicate
 
 
-def _io_snapshot(model: ModelProto) -> list[list[ValueInfoProto]]:
+#: A graph's inputs, outputs and value_info, copied before the batch axis is freed.
+_IoSnapshot = list[list[ValueInfoProto]]
+
+
+@dataclass
+class _WrittenGraphs:
+    """model.onnx and train.onnx on disk; `freed_batch` is the pinned size made symbolic."""
+
+    model_path: Path
+    train_path: Path
+    freed_batch: int | None
+    pinned_io: dict[Path, _IoSnapshot]
+
+    def pin_batch_again(self) -> None:
+        """Put the pinned input/output shapes back; external weights stay where they are."""
+        for path, snapshot in self.pinned_io.items():
+            model = onnx.load(str(path), load_external_data=False)
+            graph = model.graph
+            for values, saved in zip(
+                (graph.input, graph.output, graph.value_info), snapshot, strict=True
+            ):
+                del values[:]
+                values.extend(saved)
+            onnx.save_model(model, str(path))
+            onnx.checker.check_model(str(path))
+        self.freed_batch = None
+
+
+def _write_graphs(
+    directory: Path,
+    folded: ModelProto,
+    train: ModelProto,
+    specs: Sequence[InputSpec],
+    *,
+    external: bool,
+) -> _WrittenGraphs:
+    """Free a pinned batch axis in both graphs, then save them (consumes their weights)."""
+    graphs = _WrittenGraphs(directory / MODEL_FILE, directory / TRAIN_FILE, None, {})
+    pinned = fixed_batch(specs)
+    if pinned is not None:
+        graphs.pinned_io = {
+            graphs.model_path: _io_snapshot(folded),
+            graphs.train_path: _io_snapshot(train),
+        }
+        if free_batch_axis(folded, pinned):
+            free_batch_axis(train, pinned)
+            graphs.freed_batch = pinned
+    save_model(folded, graphs.model_path, external=external)
+    save_model(train, graphs.train_path, external=external)
+    return graphs
+
+
+def _io_snapshot(model: ModelProto) -> _IoSnapshot:
     graph = model.graph
     return [
         [_copy_value(value) for value in values]
@@ -190,16 +216,32 @@ def _copy_value(value: ValueInfoProto) -> ValueInfoProto:
     return duplicate
 
 
-def _restore_io(path: Path, snapshot: list[list[ValueInfoProto]]) -> None:
-    """Put the pinned input/output shapes back; external weights stay where they are."""
-    model = onnx.load(str(path), load_external_data=False)
-    for field_values, values in zip(
-        (model.graph.input, model.graph.output, model.graph.value_info), snapshot, strict=True
-    ):
-        del field_values[:]
-        field_values.extend(values)
-    onnx.save_model(model, str(path))
-    onnx.checker.check_model(str(path))
+def _verify(
+    loaded: OnnxSource,
+    graphs: _WrittenGraphs,
+    specs: Sequence[InputSpec],
+    feeds: Sequence[Feed],
+) -> tuple[dict[str, object], list[str]]:
+    """The manifest's verification block and notes; VerificationFailed if it did not pass."""
+    reference = session(loaded.path, optimized=False)
+    notes: list[str] = []
+    pinned = graphs.freed_batch
+    if pinned is not None:
+        paths = [graphs.model_path, graphs.train_path]
+        problem = verify_batch_growth(reference, paths, specs, pinned)
+        if problem:
+            graphs.pin_batch_again()
+            notes.append(f"the batch axis stays fixed at {pinned}: {problem}")
+    eval_agreement = verify_eval(reference, graphs.model_path, feeds)
+    with TrainReference(loaded.model, loaded.tensor_info) as train_reference:
+        train_agreement = verify_train(train_reference, graphs.train_path, feeds)
+    verification = _verification_block(eval_agreement, train_agreement)
+    if not verification["passed"]:
+        raise VerificationFailed(
+            "verification failed, nothing written:\n  "
+            + "\n  ".join(eval_agreement.failures + train_agreement.failures)
+        )
+    return verification, notes
 
 
 def _verification_block(eval_agreement: Agreement, train_agreement: Agreement) -> dict[str, object]:
