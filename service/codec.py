@@ -28,6 +28,9 @@ import orjson
 from bnfold.service.errors import BadRequest
 from bnfold.service.protocol import DATATYPE_OF_DTYPE, DATATYPES
 
+MAX_RANK = 32  # numpy 1.x's limit (2.x allows 64); no model input comes close
+# Elements whose index and byte size numpy can still compute (8-byte items at most).
+_MAX_ELEMENTS = int(np.iinfo(np.intp).max) // 8
 _UNSUPPORTED_INPUT_PARAMETERS = ("shared_memory_region",)
 _UNSUPPORTED_OUTPUT_PARAMETERS = ("shared_memory_region", "classification")
 
@@ -175,10 +178,22 @@ def _decode_input(
 
 
 def _shape(name: str, value: object) -> list[int]:
+    """The declared shape, refused (400) when numpy could not even describe it.
+
+    Counts are checked against the data later; what only numpy refuses is a rank
+    above its limit, or a zero-size shape whose other dims overflow an index
+    (`[0, 2**63]`): both would otherwise escape as a ValueError (a 500).
+    """
     if not isinstance(value, list) or not all(
         isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in value
     ):
         raise BadRequest(f"input '{name}': 'shape' must be an array of non-negative integers")
+    if len(value) > MAX_RANK:
+        raise BadRequest(
+            f"input '{name}': 'shape' has {len(value)} dimensions; at most {MAX_RANK} are supported"
+        )
+    if math.prod(dim for dim in value if dim) > _MAX_ELEMENTS:
+        raise BadRequest(f"input '{name}': shape {value} is too large for any tensor")
     return value
 
 
