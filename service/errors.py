@@ -9,6 +9,7 @@ first, so every error response has the same shape. Only a bug is a 500.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import ClassVar
 
@@ -17,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("bnfold.service")
 
@@ -87,6 +89,16 @@ class Unavailable(BnfoldServiceError):
     status_code = 503
 
 
+class QueueFull(Unavailable):
+    """A model's request queue is at `max_queue_size`: refused at once, the client retries later."""
+
+    RETRY_AFTER_SECONDS: ClassVar[int] = 1
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        retry = {"Retry-After": str(self.RETRY_AFTER_SECONDS)}
+        super().__init__(message, headers={**retry, **(headers or {})})
+
+
 class PackageError(Unavailable):
     """A package that cannot be served; the message is the reason shown in the index."""
 
@@ -149,7 +161,45 @@ async def handle_error(request: Request, exc: Exception) -> Response:
     return error_response(error)
 
 
+class CutOffAtShutdown:
+    """Answer 503 to a request the shutdown grace period cuts off, instead of uvicorn's 500.
+
+    When the grace period ends, uvicorn cancels the requests still running. A
+    cancellation is no bug of the request's: it gets 503 with `Retry-After` (another
+    replica, or this one restarted, can take it) and `Connection: close`, and the
+    cancelled task ends there. A response already started cannot be replaced; its
+    cancellation goes on to uvicorn.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except asyncio.CancelledError:
+            if started:
+                raise
+            cut_off = Unavailable(
+                "the server is shutting down and its grace period ended before this "
+                "request finished; retry it",
+                headers={"Retry-After": "1", "Connection": "close"},
+            )
+            await error_response(cut_off)(scope, receive, send)
+
+
 def install(app: FastAPI) -> None:
     """Register `handle_error` for our errors, the framework's, and everything else."""
     for exc_type in (BnfoldServiceError, RequestValidationError, StarletteHTTPException, Exception):
         app.add_exception_handler(exc_type, handle_error)
+    app.add_middleware(CutOffAtShutdown)
