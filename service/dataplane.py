@@ -12,23 +12,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
 
 from bnfold.service import compare
-from bnfold.service.batching import Batcher
 from bnfold.service.codec import DecodedRequest, RequestedOutput, tensor_json
 from bnfold.service.errors import BadRequest, Unavailable, Unprocessable
 from bnfold.service.metrics import UNKNOWN_MODEL, ServiceMetrics
 from bnfold.service.protocol import BACKEND, DATATYPE_OF_DTYPE, PLATFORM
 from bnfold.service.registry import ModelRegistry, ModelState
 from bnfold.service.repository import ManifestTensor
-from bnfold.service.runs import Runner
 from bnfold.service.sessions import LoadedModel
 
 SERVER_NAME = "bnfold"
@@ -41,6 +43,53 @@ def server_version() -> str:
         return package_version("bnfold")
     except PackageNotFoundError:
         return "0+unknown"
+
+
+class Runner(Protocol):
+    async def run(
+        self,
+        model: LoadedModel,
+        session: ort.InferenceSession,
+        feeds: dict[str, np.ndarray],
+        output_names: Sequence[str],
+    ) -> list[np.ndarray]: ...
+
+
+class ExecutorRunner:
+    """One session run per executor task; records queue and compute time."""
+
+    def __init__(self, executor: Executor, metrics: ServiceMetrics) -> None:
+        self._executor = executor
+        self._metrics = metrics
+
+    async def run(
+        self,
+        model: LoadedModel,
+        session: ort.InferenceSession,
+        feeds: dict[str, np.ndarray],
+        output_names: Sequence[str],
+    ) -> list[np.ndarray]:
+        submitted = time.perf_counter()
+
+        def job() -> tuple[float, float, list[np.ndarray]]:
+            started = time.perf_counter()
+            outputs = session.run(list(output_names), feeds)
+            return started, time.perf_counter(), outputs
+
+        try:
+            started, finished, outputs = await asyncio.get_running_loop().run_in_executor(
+                self._executor, job
+            )
+        except (InvalidArgument, Fail, RuntimeException) as exc:
+            # The inputs matched the manifest; what remains is input-dependent (a dynamic
+            # axis the graph cannot take): the request's problem, not the server's.
+            raise Unprocessable(
+                f"onnxruntime could not run {model.name} on this input: {exc}"
+            ) from None
+        graph = "eval" if session is model.eval_session else "train"
+        self._metrics.queue.labels(model.name).observe(started - submitted)
+        self._metrics.compute.labels(model.name, graph).observe(finished - started)
+        return outputs
 
 
 @dataclass(frozen=True)
