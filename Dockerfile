@@ -38,7 +38,7 @@ WORKDIR /src
 COPY pyproject.toml ./
 COPY deploy/runtime-requirements.py deploy/
 RUN python deploy/runtime-requirements.py --extra convert > /tmp/convert-requirements.txt \
-    && grep '^torch' /tmp/convert-requirements.txt > /tmp/torch-requirement.txt \
+    && grep -E '^torch([^a-z0-9._-]|$)' /tmp/convert-requirements.txt > /tmp/torch-requirement.txt \
     && pip install --index-url "${TORCH_INDEX_URL}" -r /tmp/torch-requirement.txt \
     && pip install -r /tmp/convert-requirements.txt
 COPY README.md ./
