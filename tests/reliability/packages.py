@@ -1,0 +1,172 @@
+"""The reliability suite's model repository: the service test packages, two models made for
+load and faults, and one broken package per fault the repository must isolate.
+
+Built with `onnx.helper` like tests/service_packages.py (no torch), on top of it:
+
+* `slow`: `x` [-1, 256] -> 32 x (MatMul 256x256 -> Tanh) -> `y` [-1, 256]. Its run
+  time grows with the batch (about 0.1 ms a row on one core), so a test picks
+  how long a request stays in flight by its batch size.
+* `lookup`: `index` INT64 [-1] -> Gather(table [10, 4]) -> `row` [-1, 4]. An index
+  outside 0..9 makes onnxruntime fail at run time: the one input-dependent error
+  a request can carry past every manifest check (the batch-poisoning case).
+* `huge`: `x` [-1, 10**12] -> ReduceSum -> `total` [-1]: a consistent package whose
+  declared width no request can fill; only an empty batch fits it.
+* faults, each UNAVAILABLE with its reason while the rest serve:
+  `corrupt_bytes` (model.onnx is garbage, and the manifest hashes the garbage),
+  `hash_mismatch` (a byte appended after hashing), `missing_file` (train.onnx
+  deleted), `absurd_shape` (the manifest declares [-1, 10**12] for an [N, 8] graph),
+  `negative_shape` (the manifest declares [-7, 8]) and `bad_manifest` (not JSON).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+from service_packages import _model, build_test_repository, write_mlp, write_package
+
+SLOW_WIDTH, SLOW_LAYERS = 256, 32
+LOOKUP_ROWS, LOOKUP_WIDTH = 10, 4
+HUGE_WIDTH = 10**12
+
+FAULTS = {
+    "corrupt_bytes": "onnxruntime cannot load model.onnx",
+    "hash_mismatch": "sha256 of model.onnx is",
+    "missing_file": "train.onnx is listed in manifest.json but missing",
+    "absurd_shape": "the manifest says [-1, 1000000000000]",
+    "negative_shape": "manifest.json does not follow the package format: inputs.0",
+    "bad_manifest": "manifest.json is not valid JSON",
+    "broken_hash": "sha256 of model.onnx is",
+}
+
+
+def slow_weights() -> list[np.ndarray]:
+    rng = np.random.default_rng(11)
+    scale = 1.0 / np.sqrt(SLOW_WIDTH)
+    return [
+        rng.normal(0.0, scale, (SLOW_WIDTH, SLOW_WIDTH)).astype(np.float32)
+        for _ in range(SLOW_LAYERS)
+    ]
+
+
+def write_slow(repository: Path, name: str = "slow", version: int = 1) -> Path:
+    nodes, initialisers, previous = [], [], "x"
+    for layer, weight in enumerate(slow_weights()):
+        product, activated = f"matmul{layer}", f"tanh{layer}"
+        if layer == SLOW_LAYERS - 1:
+            activated = "y"
+        initialisers.append(numpy_helper.from_array(weight, f"w{layer}"))
+        nodes.append(helper.make_node("MatMul", [previous, f"w{layer}"], [product]))
+        nodes.append(helper.make_node("Tanh", [product], [activated]))
+        previous = activated
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", SLOW_WIDTH])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", SLOW_WIDTH])],
+        initialisers,
+    )
+    model = _model(graph)
+    return write_package(
+        repository,
+        name,
+        version,
+        model,
+        model,
+        inputs=[{"name": "x", "datatype": "FP32", "shape": [-1, SLOW_WIDTH]}],
+        outputs=[{"name": "y", "datatype": "FP32", "shape": [-1, SLOW_WIDTH]}],
+        layers=[],
+    )
+
+
+def lookup_table() -> np.ndarray:
+    return np.arange(LOOKUP_ROWS * LOOKUP_WIDTH, dtype=np.float32).reshape(LOOKUP_ROWS, -1)
+
+
+def write_lookup(repository: Path, name: str = "lookup", version: int = 1) -> Path:
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "index"], ["row"], axis=0)],
+        "lookup",
+        [helper.make_tensor_value_info("index", TensorProto.INT64, ["batch"])],
+        [helper.make_tensor_value_info("row", TensorProto.FLOAT, ["batch", LOOKUP_WIDTH])],
+        [numpy_helper.from_array(lookup_table(), "table")],
+    )
+    model = _model(graph)
+    return write_package(
+        repository,
+        name,
+        version,
+        model,
+        model,
+        inputs=[{"name": "index", "datatype": "INT64", "shape": [-1]}],
+        outputs=[{"name": "row", "datatype": "FP32", "shape": [-1, LOOKUP_WIDTH]}],
+        layers=[],
+    )
+
+
+def write_huge(repository: Path, name: str = "huge", version: int = 1) -> Path:
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x", "axes"], ["total"], keepdims=0)],
+        "huge",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", HUGE_WIDTH])],
+        [helper.make_tensor_value_info("total", TensorProto.FLOAT, ["batch"])],
+        [numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")],
+    )
+    model = _model(graph)
+    return write_package(
+        repository,
+        name,
+        version,
+        model,
+        model,
+        inputs=[{"name": "x", "datatype": "FP32", "shape": [-1, HUGE_WIDTH]}],
+        outputs=[{"name": "total", "datatype": "FP32", "shape": [-1]}],
+        layers=[],
+    )
+
+
+def _rewrite_manifest(package: Path, **changes: object) -> None:
+    path = package / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.update(changes)
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def write_faults(repository: Path) -> None:
+    """One broken package per entry of FAULTS (broken_hash comes from the service packages)."""
+    corrupt = write_mlp(repository, "corrupt_bytes", 1, seed=5)
+    garbage = b"\x08\x07 this is not an onnx graph " + bytes(range(256))
+    (corrupt / "model.onnx").write_bytes(garbage)
+    files = json.loads((corrupt / "manifest.json").read_text())["files"]
+    _rewrite_manifest(corrupt, files={**files, "model.onnx": hashlib.sha256(garbage).hexdigest()})
+
+    mismatch = write_mlp(repository, "hash_mismatch", 1, seed=6)
+    with (mismatch / "model.onnx").open("ab") as handle:
+        handle.write(b"\0")
+
+    # service_packages already has a `missing_file` package (train.onnx deleted).
+    absurd = write_mlp(repository, "absurd_shape", 1, seed=7)
+    _rewrite_manifest(absurd, inputs=[{"name": "input", "datatype": "FP32", "shape": [-1, 10**12]}])
+
+    negative = write_mlp(repository, "negative_shape", 1, seed=8)
+    _rewrite_manifest(negative, inputs=[{"name": "input", "datatype": "FP32", "shape": [-7, 8]}])
+
+    bad_manifest = write_mlp(repository, "bad_manifest", 1, seed=9)
+    (bad_manifest / "manifest.json").write_text('{"schema_version": 1, "name": ')
+
+
+def build_reliability_repository(repository: Path) -> Path:
+    """The service test packages (mlp 1 and 2, pixels, dtypes, two broken) plus the above."""
+    build_test_repository(repository)
+    write_slow(repository)
+    write_lookup(repository)
+    write_huge(repository)
+    write_faults(repository)
+    return repository
+
+
+SERVING = ("mlp", "pixels", "dtypes", "slow", "lookup", "huge")
