@@ -249,6 +249,7 @@ def runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RuntimeServer]
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
+        shutil.rmtree(target, ignore_errors=True)  # the venv alone is ~270 MB
 
 
 def test_runtime_environment_has_no_torch(runtime: RuntimeServer) -> None:
