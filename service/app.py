@@ -25,6 +25,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.responses import Response
 
 from bnfold.service import errors
+from bnfold.service.batching import Batcher
 from bnfold.service.codec import (
     EncodedResponse,
     decode_request,
@@ -33,7 +34,7 @@ from bnfold.service.codec import (
     parse_header_length,
     parse_json_object,
 )
-from bnfold.service.dataplane import DataPlane, ExecutorRunner, server_version
+from bnfold.service.dataplane import DataPlane, server_version
 from bnfold.service.errors import (
     BadRequest,
     Forbidden,
@@ -63,8 +64,8 @@ from bnfold.service.protocol import (
 )
 from bnfold.service.providers import resolve_providers
 from bnfold.service.registry import ModelRegistry, ModelState
-from bnfold.service.sessions import SessionConfig
-from bnfold.service.settings import Settings
+from bnfold.service.runs import ExecutorRunner
+from bnfold.service.settings import LogLevel, Settings
 
 logger = logging.getLogger("bnfold.service")
 
@@ -525,23 +526,23 @@ def _lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContextMan
         started = time.perf_counter()
         providers = await asyncio.to_thread(resolve_providers, settings.device)
         registry = ModelRegistry(
-            settings.repository,
-            SessionConfig(providers=providers, intra_op_threads=settings.intra_op_threads),
+            settings.repository, settings.session_config(providers), settings.batching
         )
-        executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="bnfold-run")
+        executor = ThreadPoolExecutor(settings.run_slots, thread_name_prefix="bnfold-run")
         metrics: ServiceMetrics = app.state.metrics
-        dataplane = DataPlane(registry, ExecutorRunner(executor, metrics), metrics)
+        batcher = Batcher(executor, metrics, slots=settings.run_slots)
+        dataplane = DataPlane(registry, ExecutorRunner(executor, metrics), batcher, metrics)
         app.state.dataplane = dataplane
         index = await asyncio.to_thread(registry.load_all)
         ready = sum(entry.state is ModelState.READY for entry in index)
         logger.info(
-            "serving %s: %d of %d package versions ready, providers %s, %d worker(s) x %d "
-            "thread(s), started in %.2f s",
+            "serving %s: %d of %d package versions ready, providers %s, %d concurrent run(s) x "
+            "%d thread(s), started in %.2f s",
             settings.repository,
             ready,
             len(index),
             ", ".join(providers),
-            settings.workers,
+            settings.run_slots,
             settings.intra_op_threads,
             time.perf_counter() - started,
         )
@@ -550,6 +551,7 @@ def _lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContextMan
             yield
         finally:
             dataplane.ready = False
+            batcher.close()
             await asyncio.to_thread(executor.shutdown, wait=True)
 
     return lifespan
@@ -591,3 +593,19 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def configure_logging(level: LogLevel) -> None:
+    logging.basicConfig(
+        level=level.value.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        force=True,
+    )
+
+
+def create_app_from_env() -> FastAPI:
+    """The app for `BNFOLD_*` environment variables alone: uvicorn's factory for `--workers` > 1,
+    where every worker process builds its own app (and loads every model itself)."""
+    settings = Settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)

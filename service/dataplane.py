@@ -2,35 +2,35 @@
 
 A request goes decode (codec) -> `DataPlane.infer`: look the model up, check
 the tensors against the manifest (`check_inputs`, 422 on a mismatch), then hand
-the feeds to a `Runner`. `ExecutorRunner` runs the session in a thread pool
-sized to the session threads (onnxruntime releases the GIL, so runs overlap
-while the event loop keeps serving). A dynamic batcher slots in as another
-`Runner`: the feeds it receives are already validated.
+the validated feeds to the `Batcher`, which queues them per model version and
+runs them, merged with other requests' rows when the model's policy allows,
+on an executor thread (onnxruntime releases the GIL, so runs overlap while the
+event loop keeps serving). Compare never batches: train.onnx normalises with
+the statistics of the whole batch, so other requests' rows would change the
+answer; it runs through a plain `Runner`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-import onnxruntime as ort
-from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
 
 from bnfold.service import compare
+from bnfold.service.batching import Batcher
 from bnfold.service.codec import DecodedRequest, RequestedOutput, tensor_json
 from bnfold.service.errors import BadRequest, Unavailable, Unprocessable
 from bnfold.service.metrics import UNKNOWN_MODEL, ServiceMetrics
 from bnfold.service.protocol import BACKEND, DATATYPE_OF_DTYPE, PLATFORM
 from bnfold.service.registry import ModelRegistry, ModelState
 from bnfold.service.repository import ManifestTensor
+from bnfold.service.runs import Runner
 from bnfold.service.sessions import LoadedModel
 
 SERVER_NAME = "bnfold"
@@ -43,53 +43,6 @@ def server_version() -> str:
         return package_version("bnfold")
     except PackageNotFoundError:
         return "0+unknown"
-
-
-class Runner(Protocol):
-    async def run(
-        self,
-        model: LoadedModel,
-        session: ort.InferenceSession,
-        feeds: dict[str, np.ndarray],
-        output_names: Sequence[str],
-    ) -> list[np.ndarray]: ...
-
-
-class ExecutorRunner:
-    """One session run per executor task; records queue and compute time."""
-
-    def __init__(self, executor: Executor, metrics: ServiceMetrics) -> None:
-        self._executor = executor
-        self._metrics = metrics
-
-    async def run(
-        self,
-        model: LoadedModel,
-        session: ort.InferenceSession,
-        feeds: dict[str, np.ndarray],
-        output_names: Sequence[str],
-    ) -> list[np.ndarray]:
-        submitted = time.perf_counter()
-
-        def job() -> tuple[float, float, list[np.ndarray]]:
-            started = time.perf_counter()
-            outputs = session.run(list(output_names), feeds)
-            return started, time.perf_counter(), outputs
-
-        try:
-            started, finished, outputs = await asyncio.get_running_loop().run_in_executor(
-                self._executor, job
-            )
-        except (InvalidArgument, Fail, RuntimeException) as exc:
-            # The inputs matched the manifest; what remains is input-dependent (a dynamic
-            # axis the graph cannot take): the request's problem, not the server's.
-            raise Unprocessable(
-                f"onnxruntime could not run {model.name} on this input: {exc}"
-            ) from None
-        graph = "eval" if session is model.eval_session else "train"
-        self._metrics.queue.labels(model.name).observe(started - submitted)
-        self._metrics.compute.labels(model.name, graph).observe(finished - started)
-        return outputs
 
 
 @dataclass(frozen=True)
@@ -176,9 +129,12 @@ def _tensor_metadata(tensors: Sequence[ManifestTensor]) -> list[dict[str, Any]]:
 class DataPlane:
     """What the REST layer calls: every method takes names and decoded requests, not HTTP."""
 
-    def __init__(self, registry: ModelRegistry, runner: Runner, metrics: ServiceMetrics) -> None:
+    def __init__(
+        self, registry: ModelRegistry, runner: Runner, batcher: Batcher, metrics: ServiceMetrics
+    ) -> None:
         self.registry = registry
         self.runner = runner
+        self.batcher = batcher
         self.metrics = metrics
         self.ready = False
 
@@ -205,6 +161,7 @@ class DataPlane:
                 "version": str(model.version),
                 "execution_providers": list(model.providers),
                 "batchnorm_layers": [layer.name for layer in model.layers],
+                "batching": model.batching.describe(),
             },
         }
 
@@ -219,7 +176,7 @@ class DataPlane:
                 for spec in specs
             ]
 
-        return {
+        config: dict[str, Any] = {
             "name": model.name,
             "platform": PLATFORM,
             "backend": BACKEND,
@@ -233,6 +190,15 @@ class DataPlane:
                 "execution_providers": {"string_value": ",".join(model.providers)},
             },
         }
+        policy = model.batching
+        if policy.batching:
+            # Triton's block; max_batch_size stays 0 because the dims keep their -1 batch axis.
+            config["dynamic_batching"] = {
+                "preferred_batch_size": [policy.max_batch_size],
+                "max_queue_delay_microseconds": policy.max_queue_delay_us,
+                "default_queue_policy": {"max_queue_size": policy.max_queue_size},
+            }
+        return config
 
     def model_ready(self, name: str, version: str | None) -> dict[str, Any]:
         """`{"name", "ready": true}`; raises NotFound (unknown) or Unavailable (not ready)."""
@@ -253,10 +219,14 @@ class DataPlane:
         ]
 
     async def load(self, name: str) -> None:
-        await asyncio.to_thread(self.registry.load, name)
+        try:
+            await asyncio.to_thread(self.registry.load, name)
+        finally:
+            self.batcher.retire(name)
 
     async def unload(self, name: str) -> None:
         await asyncio.to_thread(self.registry.unload, name)
+        self.batcher.retire(name)
 
     async def infer(
         self, name: str, version: str | None, request: DecodedRequest
@@ -265,9 +235,10 @@ class DataPlane:
         model = self.registry.get(name, version)
         feeds = check_inputs(model, request.inputs)
         output_names = select_outputs(model, request.outputs)
-        self.metrics.batch_size.labels(model.name, "infer").observe(_batch_size(feeds))
-        arrays = await self.runner.run(model, model.eval_session, feeds, output_names)
-        logger.debug("infer %s version %d, batch %d", model.name, model.version, _batch_size(feeds))
+        rows = _batch_size(feeds)
+        self.metrics.batch_size.labels(model.name, "infer").observe(rows)
+        arrays = await self.batcher.run(model, feeds, output_names)
+        logger.debug("infer %s version %d, batch %d", model.name, model.version, rows)
         return InferenceResult(
             model.name,
             str(model.version),

@@ -62,7 +62,8 @@ class ServiceMetrics:
         )
         self.queue = Histogram(
             "bnfold_queue_duration_seconds",
-            "Time a session run waited for an executor worker.",
+            "Time from a request entering its model's queue (or the executor, for compare) "
+            "to the start of the session run that serves it.",
             ["model"],
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
@@ -84,6 +85,20 @@ class ServiceMetrics:
             "bnfold_batch_size",
             "Batch size (axis 0 of the inputs) of the requests that ran.",
             ["model", "endpoint"],
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.run_batch_size = Histogram(
+            "bnfold_run_batch_size",
+            "Rows per onnxruntime run of model.onnx, after the batcher merged requests.",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.run_requests = Histogram(
+            "bnfold_run_requests",
+            "Requests merged into one onnxruntime run of model.onnx (1: ran alone).",
+            ["model"],
             buckets=_BATCH_BUCKETS,
             registry=self.registry,
         )

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from bnfold.service.batch_policy import BatchPolicy
 from bnfold.service.errors import NotFound, PackageError, Unavailable
 from bnfold.service.repository import PackageLocation, read_package, scan_repository
 from bnfold.service.sessions import LoadedModel, SessionConfig, load_model
@@ -42,9 +43,11 @@ class ModelVersion:
 Table = dict[str, dict[int, ModelVersion]]
 
 
-def _load_version(location: PackageLocation, config: SessionConfig) -> ModelVersion:
+def _load_version(
+    location: PackageLocation, config: SessionConfig, batching_defaults: BatchPolicy
+) -> ModelVersion:
     try:
-        model = load_model(read_package(location), config)
+        model = load_model(read_package(location), config, batching_defaults)
     except PackageError as exc:
         logger.warning("%s version %d unavailable: %s", location.name, location.version, exc)
         return ModelVersion(location.name, location.version, ModelState.UNAVAILABLE, exc.message)
@@ -59,9 +62,15 @@ def _load_version(location: PackageLocation, config: SessionConfig) -> ModelVers
 
 
 class ModelRegistry:
-    def __init__(self, repository: Path, config: SessionConfig) -> None:
+    def __init__(
+        self,
+        repository: Path,
+        config: SessionConfig,
+        batching_defaults: BatchPolicy = BatchPolicy(),
+    ) -> None:
         self.repository = repository
         self.config = config
+        self.batching_defaults = batching_defaults
         self._table: Table = {}
         self._lock = threading.Lock()
 
@@ -69,7 +78,7 @@ class ModelRegistry:
         table: Table = {}
         for location in locations:
             table.setdefault(location.name, {})[location.version] = _load_version(
-                location, self.config
+                location, self.config, self.batching_defaults
             )
         return table
 

@@ -27,6 +27,7 @@ from bnfold.service.errors import PackageError
 from bnfold.service.protocol import Datatype
 
 MANIFEST = "manifest.json"
+MODEL_CONFIG = "config.json"
 EVAL_GRAPH = "model.onnx"
 TRAIN_GRAPH = "train.onnx"
 
@@ -77,6 +78,29 @@ class ManifestBatchNorm(BaseModel):
     layers: tuple[ManifestLayer, ...] = ()
 
 
+class BatchingFields(BaseModel):
+    """Dynamic batching settings, as a package (manifest.json) or an operator (config.json) sets them.
+
+    Every field is optional: one left out falls through to the next source
+    (REPO/NAME/config.json, then the manifest, then the server's settings).
+    Unknown fields are errors, so a typo never silently leaves the defaults on.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_batch_size: int | None = Field(None, ge=0)
+    max_queue_delay_us: int | None = Field(None, ge=0, le=1_000_000)
+    max_queue_size: int | None = Field(None, ge=1)
+
+
+class ModelConfig(BaseModel):
+    """REPO/NAME/config.json: the operator's settings for every version of NAME."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batching: BatchingFields = BatchingFields()
+
+
 class Manifest(BaseModel):
     """The fields of manifest.json the service relies on; the rest is kept as is."""
 
@@ -88,6 +112,7 @@ class Manifest(BaseModel):
     inputs: tuple[ManifestTensor, ...] = Field(min_length=1)
     outputs: tuple[ManifestTensor, ...] = Field(min_length=1)
     batchnorm: ManifestBatchNorm = ManifestBatchNorm()
+    batching: BatchingFields = BatchingFields()
     files: dict[str, str]
 
 
@@ -100,10 +125,14 @@ class PackageLocation:
 
 @dataclass(frozen=True)
 class VerifiedPackage:
-    """A package whose manifest parsed and whose graph bytes match their sha256."""
+    """A package whose manifest parsed and whose graph bytes match their sha256.
+
+    `config` is the model directory's config.json (empty when there is none).
+    """
 
     location: PackageLocation
     manifest: Manifest
+    config: ModelConfig
     eval_graph: bytes
     train_graph: bytes
     sha256: dict[str, str]
@@ -150,10 +179,8 @@ def read_manifest(location: PackageLocation) -> Manifest:
     except orjson.JSONDecodeError as exc:
         raise PackageError(f"{MANIFEST} is not valid JSON: {exc}") from None
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
         raise PackageError(
-            f"{MANIFEST} does not follow the package format: {where}: {first['msg']}"
+            f"{MANIFEST} does not follow the package format: {_validation_reason(exc)}"
         ) from None
     if manifest.name != location.name or manifest.version != location.version:
         raise PackageError(
@@ -161,6 +188,34 @@ def read_manifest(location: PackageLocation) -> Manifest:
             f"but the package sits at {location.name}/{location.version}"
         )
     return manifest
+
+
+def _validation_reason(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    return f"{where}: {first['msg']}"
+
+
+def read_model_config(location: PackageLocation) -> ModelConfig:
+    """REPO/NAME/config.json, or the empty config when the file does not exist."""
+    path = location.path.parent / MODEL_CONFIG
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return ModelConfig()
+    except OSError as exc:
+        raise PackageError(
+            f"{location.name}/{MODEL_CONFIG} cannot be read: {exc.strerror}"
+        ) from None
+    try:
+        return ModelConfig.model_validate(orjson.loads(raw))
+    except orjson.JSONDecodeError as exc:
+        raise PackageError(f"{location.name}/{MODEL_CONFIG} is not valid JSON: {exc}") from None
+    except ValidationError as exc:
+        raise PackageError(
+            f"{location.name}/{MODEL_CONFIG} is not a model configuration: "
+            f"{_validation_reason(exc)}"
+        ) from None
 
 
 def _read_hashed(location: PackageLocation, file_name: str, expected: str) -> bytes:
@@ -182,8 +237,9 @@ def _read_hashed(location: PackageLocation, file_name: str, expected: str) -> by
 
 
 def read_package(location: PackageLocation) -> VerifiedPackage:
-    """Check the manifest and every file's sha256; keep both graphs' bytes."""
+    """Check the manifest and every file's sha256; keep both graphs' bytes; read config.json."""
     manifest = read_manifest(location)
+    config = read_model_config(location)
     for required in (EVAL_GRAPH, TRAIN_GRAPH):
         if required not in manifest.files:
             raise PackageError(f"{MANIFEST} has no sha256 for {required}")
@@ -194,6 +250,7 @@ def read_package(location: PackageLocation) -> VerifiedPackage:
     return VerifiedPackage(
         location=location,
         manifest=manifest,
+        config=config,
         eval_graph=contents[EVAL_GRAPH],
         train_graph=contents[TRAIN_GRAPH],
         sha256={name: digest.lower() for name, digest in manifest.files.items()},

@@ -4,11 +4,19 @@ Every `Settings` field is an option here; an option left out falls back to its
 `BNFOLD_*` environment variable, then to the default. The serving process never
 imports torch: when the embedded default repository is still empty, the
 converter builds it in a child process (`bnfold models build`).
+
+uvicorn runs on uvloop and httptools (when installed: uvicorn[standard] brings
+both on Linux and macOS). With `--workers N` > 1, uvicorn starts N processes
+that each build the app from the environment (`create_app_from_env`), so the
+resolved settings are exported as `BNFOLD_*` variables first; every worker
+loads every model, so memory grows with N (README: Serving).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +27,11 @@ import uvicorn
 from pydantic import ValidationError
 
 from bnfold.models import DEFAULT_REPOSITORY
-from bnfold.service.app import create_app
+from bnfold.service.app import configure_logging, create_app
 from bnfold.service.errors import DeviceUnavailable
 from bnfold.service.providers import resolve_providers
 from bnfold.service.repository import scan_repository
+from bnfold.service.sessions import ExecutionMode
 from bnfold.service.settings import Device, LogLevel, Settings
 
 logger = logging.getLogger("bnfold.service")
@@ -33,7 +42,11 @@ EPILOG = """Examples:
 
   bnfold serve -r ./repo --port 9000    another repository, another port
 
-  bnfold serve --device cpu --threads 2 --workers 1
+  bnfold serve --device cpu --threads 2 --executor-workers 1
+
+  bnfold serve --workers 2              two server processes (each loads every model)
+
+  bnfold serve --max-batch-size 16 --max-queue-delay-us 1000
 
   BNFOLD_ADMIN_TOKEN=s3cret bnfold serve    enable load/unload (Bearer s3cret)
 
@@ -76,12 +89,59 @@ def serve(
         "--intra-op-threads",
         help="onnxruntime threads per session run. (env BNFOLD_INTRA_OP_THREADS; default 1)",
     ),
-    executor_workers: int | None = typer.Option(
+    workers: int | None = typer.Option(
         None,
         "--workers",
+        help="uvicorn worker processes; each loads every model, so memory grows with it. "
+        "(env BNFOLD_WORKERS; default 1)",
+    ),
+    executor_workers: int | None = typer.Option(
+        None,
         "--executor-workers",
-        help="Concurrent session runs; 0 = CPU cores / threads. "
+        help="Concurrent session runs per process; 0 = CPU cores / threads. "
         "(env BNFOLD_EXECUTOR_WORKERS; default 0)",
+    ),
+    inter_op_threads: int | None = typer.Option(
+        None,
+        "--inter-op-threads",
+        help="onnxruntime inter-op threads, parallel mode only. "
+        "(env BNFOLD_INTER_OP_THREADS; default 1)",
+    ),
+    execution_mode: ExecutionMode | None = typer.Option(
+        None,
+        "--execution-mode",
+        help="onnxruntime execution mode. (env BNFOLD_EXECUTION_MODE; default sequential)",
+    ),
+    memory_arena: bool | None = typer.Option(
+        None,
+        "--memory-arena/--no-memory-arena",
+        help="onnxruntime's CPU memory arena. (env BNFOLD_MEMORY_ARENA; default on)",
+        show_default=False,
+    ),
+    allow_spinning: bool | None = typer.Option(
+        None,
+        "--spinning/--no-spinning",
+        help="Idle onnxruntime threads busy-wait for work. (env BNFOLD_ALLOW_SPINNING; "
+        "default off)",
+        show_default=False,
+    ),
+    max_batch_size: int | None = typer.Option(
+        None,
+        "--max-batch-size",
+        help="Dynamic batching: rows per merged run, 0 = off; a package or "
+        "REPO/NAME/config.json overrides it. (env BNFOLD_MAX_BATCH_SIZE; default 32)",
+    ),
+    max_queue_delay_us: int | None = typer.Option(
+        None,
+        "--max-queue-delay-us",
+        help="Dynamic batching: longest wait (µs) for other requests. "
+        "(env BNFOLD_MAX_QUEUE_DELAY_US)",
+    ),
+    max_queue_size: int | None = typer.Option(
+        None,
+        "--max-queue-size",
+        help="Requests queued per model version before 503 + Retry-After. "
+        "(env BNFOLD_MAX_QUEUE_SIZE; default 256)",
     ),
     max_body_bytes: int | None = typer.Option(
         None,
@@ -111,8 +171,16 @@ def serve(
         "host": host,
         "port": port,
         "device": device,
+        "workers": workers,
         "intra_op_threads": intra_op_threads,
         "executor_workers": executor_workers,
+        "inter_op_threads": inter_op_threads,
+        "execution_mode": execution_mode,
+        "memory_arena": memory_arena,
+        "allow_spinning": allow_spinning,
+        "max_batch_size": max_batch_size,
+        "max_queue_delay_us": max_queue_delay_us,
+        "max_queue_size": max_queue_size,
         "max_body_bytes": max_body_bytes,
         "admin_token": admin_token,
         "log_level": log_level,
@@ -138,15 +206,23 @@ def serve(
         settings.device.value,
         ", ".join(providers),
     )
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "loop": "uvloop" if importlib.util.find_spec("uvloop") else "auto",
+        "http": "httptools" if importlib.util.find_spec("httptools") else "auto",
+        "log_config": None,
+        "log_level": settings.log_level.value,
+        "access_log": settings.log_level is LogLevel.DEBUG,
+        "timeout_graceful_shutdown": settings.shutdown_grace_seconds,
+        "server_header": False,
+    }
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **options)
+        return
+    os.environ.update(settings_environment(settings))
     uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        log_level=settings.log_level.value,
-        access_log=settings.log_level is LogLevel.DEBUG,
-        timeout_graceful_shutdown=settings.shutdown_grace_seconds,  # type: ignore[arg-type]
-        server_header=False,
+        "bnfold.service.app:create_app_from_env", factory=True, workers=settings.workers, **options
     )
 
 
@@ -154,12 +230,18 @@ class RepositoryUnavailable(Exception):
     """Nothing to serve: a missing repository, or a default one that cannot be built."""
 
 
-def configure_logging(level: LogLevel) -> None:
-    logging.basicConfig(
-        level=level.value.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        force=True,
-    )
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """`settings` as the `BNFOLD_*` variables that rebuild it in a worker process."""
+    environment = {}
+    for field, value in settings.model_dump(mode="json").items():
+        if field == "admin_token":
+            if settings.admin_token is not None:
+                environment["BNFOLD_ADMIN_TOKEN"] = settings.admin_token.get_secret_value()
+            continue
+        environment[f"BNFOLD_{field.upper()}"] = (
+            str(value).lower() if isinstance(value, bool) else str(value)
+        )
+    return environment
 
 
 def ensure_repository(repository: Path) -> None:

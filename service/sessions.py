@@ -10,7 +10,13 @@ never sees half of it; a read-only package, or a cache onnxruntime rejects, only
 costs the optimisation time, never the start.
 
 `load_model` also checks each session against the manifest: the manifest is
-what requests are validated against, so a disagreement is a broken package.
+what requests are validated against, so a disagreement is a broken package,
+and resolves the model's batching policy (`batch_policy`).
+
+Session options (threads, execution mode, memory arena, spinning) come from
+`SessionConfig`; the defaults are the ones that measured best on the serving
+benchmark (BENCHMARKS.md): one sequential intra-op thread per run and as many
+concurrent runs as cores, the arena on, no spinning.
 """
 
 from __future__ import annotations
@@ -22,10 +28,12 @@ import os
 import platform
 import time
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import onnxruntime as ort
 
+from bnfold.service.batch_policy import BatchPolicy, resolve_policy
 from bnfold.service.errors import PackageError
 from bnfold.service.protocol import ONNX_TYPES
 from bnfold.service.repository import (
@@ -41,11 +49,26 @@ CACHE_MARKER = ".ort-opt."
 logger = logging.getLogger("bnfold.service")
 
 
+class ExecutionMode(str, Enum):
+    """onnxruntime's execution mode: nodes one after another, or independent branches at once."""
+
+    SEQUENTIAL = "sequential"
+    PARALLEL = "parallel"
+
+
 @dataclass(frozen=True)
 class SessionConfig:
+    """How every session is opened. `inter_op_threads` only matters in parallel mode;
+    `spinning` lets idle intra-op threads busy-wait for the next node (lower latency
+    per run, but cores burnt that concurrent runs and the event loop need)."""
+
     providers: tuple[str, ...]
     intra_op_threads: int = 1
     cache_optimized: bool = True
+    execution_mode: ExecutionMode = ExecutionMode.SEQUENTIAL
+    inter_op_threads: int = 1
+    memory_arena: bool = True
+    spinning: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,6 +83,7 @@ class LoadedModel:
     train_session: ort.InferenceSession
     providers: tuple[str, ...]
     load_seconds: float
+    batching: BatchPolicy
 
     @property
     def inputs(self) -> tuple[ManifestTensor, ...]:
@@ -106,11 +130,17 @@ def _options(config: SessionConfig, *, optimise: bool) -> ort.SessionOptions:
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     options.intra_op_num_threads = config.intra_op_threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.inter_op_num_threads = config.inter_op_threads
+    options.execution_mode = (
+        ort.ExecutionMode.ORT_PARALLEL
+        if config.execution_mode is ExecutionMode.PARALLEL
+        else ort.ExecutionMode.ORT_SEQUENTIAL
+    )
+    options.enable_cpu_mem_arena = config.memory_arena
     options.log_severity_level = 3
-    # Several runs share the cores; threads spinning between runs would steal them.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    spin = "1" if config.spinning else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    options.add_session_config_entry("session.inter_op.allow_spinning", spin)
     return options
 
 
@@ -206,7 +236,11 @@ def _check_signature(
             )
 
 
-def load_model(package: VerifiedPackage, config: SessionConfig) -> LoadedModel:
+def load_model(
+    package: VerifiedPackage,
+    config: SessionConfig,
+    batching_defaults: BatchPolicy = BatchPolicy(),
+) -> LoadedModel:
     """Open and check both sessions of `package`. Raises `PackageError` with the reason."""
     started = time.perf_counter()
     location, manifest = package.location, package.manifest
@@ -234,4 +268,10 @@ def load_model(package: VerifiedPackage, config: SessionConfig) -> LoadedModel:
         train_session=sessions[TRAIN_GRAPH],
         providers=tuple(sessions[EVAL_GRAPH].get_providers()),
         load_seconds=time.perf_counter() - started,
+        batching=resolve_policy(
+            (package.config.batching, manifest.batching),
+            manifest.inputs,
+            manifest.outputs,
+            batching_defaults,
+        ),
     )

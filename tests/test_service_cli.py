@@ -30,6 +30,14 @@ SETTING_OPTIONS = (
     "--device",
     "--threads",
     "--workers",
+    "--executor-workers",
+    "--inter-op-threads",
+    "--execution-mode",
+    "--memory-arena",
+    "--spinning",
+    "--max-batch-size",
+    "--max-queue-delay-us",
+    "--max-queue-size",
     "--max-body-bytes",
     "--admin-token",
     "--log-level",
@@ -64,8 +72,16 @@ def test_help_lists_every_setting_with_examples() -> None:
         "host",
         "port",
         "device",
+        "workers",
         "intra_op_threads",
         "executor_workers",
+        "inter_op_threads",
+        "execution_mode",
+        "memory_arena",
+        "allow_spinning",
+        "max_batch_size",
+        "max_queue_delay_us",
+        "max_queue_size",
         "max_body_bytes",
         "admin_token",
         "log_level",
@@ -116,7 +132,7 @@ def test_defaults(
     settings: Settings = captured_run["settings"]
     assert (settings.host, settings.port, settings.device) == ("127.0.0.1", 8000, Device.AUTO)
     assert settings.max_body_bytes == 64 * 2**20 and settings.admin_token is None
-    assert settings.shutdown_grace_seconds == 30 and settings.workers >= 1
+    assert settings.shutdown_grace_seconds == 30 and settings.run_slots >= 1
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,84 @@
+"""How a model batches: its dynamic batching policy, resolved once when the model loads.
+
+Three sources, the first that sets a field wins: the operator's
+REPO/NAME/config.json, the package's manifest, the server's settings
+(`BNFOLD_MAX_BATCH_SIZE`...). Merging requests is only correct when every row
+of a batch is computed independently of the others, which the package format
+promises for a dynamic axis 0 (docs/package-format.md). So batching is off,
+with the reason, for a model whose inputs or outputs do not all have -1 as
+their first dimension, and for `max_batch_size` 0 or 1. The queue bound
+(`max_queue_size`) holds either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bnfold.service.repository import BatchingFields, ManifestTensor
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """Rows per merged run, how long the oldest request may wait for company, the queue bound."""
+
+    max_batch_size: int = 32
+    max_queue_delay_us: int = 500
+    max_queue_size: int = 256
+    disabled_reason: str | None = None
+
+    @property
+    def batching(self) -> bool:
+        return self.disabled_reason is None
+
+    @property
+    def max_queue_delay_seconds(self) -> float:
+        return self.max_queue_delay_us / 1e6
+
+    def describe(self) -> dict[str, Any]:
+        """The policy as model metadata shows it."""
+        return {
+            "enabled": self.batching,
+            "max_batch_size": self.max_batch_size,
+            "max_queue_delay_us": self.max_queue_delay_us,
+            "max_queue_size": self.max_queue_size,
+            **({} if self.batching else {"disabled_reason": self.disabled_reason}),
+        }
+
+
+def _no_batch_axis(tensors: Sequence[ManifestTensor], kind: str) -> str | None:
+    for tensor in tensors:
+        if not tensor.shape or tensor.shape[0] != -1:
+            shape = ", ".join(str(dim) for dim in tensor.shape)
+            return f"{kind} {tensor.name!r} has no dynamic batch axis (shape [{shape}])"
+    return None
+
+
+def resolve_policy(
+    sources: Sequence[BatchingFields],
+    inputs: Sequence[ManifestTensor],
+    outputs: Sequence[ManifestTensor],
+    defaults: BatchPolicy,
+) -> BatchPolicy:
+    """The effective policy: per field the first source that sets it, else `defaults`."""
+
+    def pick(field: str) -> int:
+        for source in sources:
+            value = getattr(source, field)
+            if value is not None:
+                return int(value)
+        return int(getattr(defaults, field))
+
+    max_batch_size = pick("max_batch_size")
+    reason = (
+        _no_batch_axis(inputs, "input")
+        or _no_batch_axis(outputs, "output")
+        or (f"max_batch_size is {max_batch_size}" if max_batch_size <= 1 else None)
+    )
+    return BatchPolicy(
+        max_batch_size=max_batch_size,
+        max_queue_delay_us=pick("max_queue_delay_us"),
+        max_queue_size=pick("max_queue_size"),
+        disabled_reason=reason,
+    )
