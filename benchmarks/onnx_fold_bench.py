@@ -26,6 +26,7 @@ a kept BN faster rewritten as Mul+Add (scale and shift precomputed with
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import re
 import statistics
@@ -227,11 +228,13 @@ def machine() -> str:
     )
 
 
-def markdown(rows: list[dict], kept: list[dict], command: str) -> str:
+def markdown(rows: list[dict], kept: list[dict], command: str, load: float) -> str:
     lines = [
         "## ONNX folding: bnfold vs onnxruntime's optimizer vs onnxslim",
         "",
-        f"Machine: {machine()}. Date: {date.today().isoformat()}.",
+        f"Machine: {machine()}. Date: {date.today().isoformat()}. Load average when the "
+        f"run started: {load:.1f} (a shared machine: other work runs alongside, hence "
+        "the wide per-round ranges).",
         f"Command: `{command}`. One onnxruntime intra-op thread, ORT_ENABLE_ALL for every "
         "variant; latency is the median of interleaved rounds (ms per `run`).",
         "",
@@ -281,9 +284,10 @@ def markdown(rows: list[dict], kept: list[dict], command: str) -> str:
         lines.append(f"| {shape} | {bn_ms:.4f} | {mul_add_ms:.4f} | {mul_add_ms / bn_ms:.2f} |")
     lines += [
         "",
-        "onnxruntime's BatchNormalization kernel is one pass over the tensor; Mul+Add is two "
-        "(onnxruntime does not fuse them), so the rewrite is never faster here and bnfold "
-        "keeps kept BNs as BatchNormalization.",
+        "onnxruntime's BatchNormalization kernel makes one pass over the tensor, Mul+Add "
+        "two (onnxruntime does not fuse them): the rewrite loses wherever the tensor is "
+        "more than a few hundred values, and on the smallest ones the two are within "
+        "the timing noise of each other. So bnfold leaves kept BNs as BatchNormalization.",
     ]
     return "\n".join(lines)
 
@@ -310,6 +314,7 @@ def main() -> None:
     command = "python benchmarks/onnx_fold_bench.py" + (
         f" --rounds {arguments.rounds}" if arguments.rounds != 15 else ""
     )
+    load = os.getloadavg()[0]
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bnfold-onnx-bench-") as scratch:
         workdir = Path(scratch)
@@ -318,7 +323,7 @@ def main() -> None:
             rows.extend(compare_model(name, workdir, batches, arguments.rounds))
             print(f"{name}: done", flush=True)
         kept = compare_kept(workdir, arguments.rounds)
-    text = markdown(rows, kept, command)
+    text = markdown(rows, kept, command, load)
     print(text)
     if arguments.write:
         write_section(text)

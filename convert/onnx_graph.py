@@ -340,10 +340,6 @@ class GraphEdit:
     def release(self, names: Iterable[str]) -> None:
         self.released.update(name for name in names if name)
 
-    def claims(self, indices: Iterable[int]) -> bool:
-        """True if any of `indices` is already rewritten by this edit."""
-        return any(index in self.replacements for index in indices)
-
 
 def apply_edit(model: ModelProto, edit: GraphEdit) -> None:
     """Rebuild the node list with the replacements, add initializers, drop orphans."""

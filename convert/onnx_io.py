@@ -54,18 +54,13 @@ class OnnxSource:
     sha256: str
     external_data: bool
 
-    @property
-    def input_names(self) -> list[str]:
-        initializers = {tensor.name for tensor in self.model.graph.initializer}
-        return [value.name for value in self.model.graph.input if value.name not in initializers]
-
 
 def load_onnx_source(path: Path) -> OnnxSource:
     """Read and validate `path`; raises SourceError / UnsupportedSource (exit 2)."""
     if not path.is_file():
         raise SourceError(f"cannot read {path}: no such file")
     structure = _parse(path)
-    opset = check_opset(structure, path)
+    opset = _check_opset(structure, path)
     try:
         onnx.checker.check_model(str(path))
     except Exception as error:
@@ -97,7 +92,7 @@ def _parse(path: Path) -> ModelProto:
     return model
 
 
-def check_opset(model: ModelProto, path: Path) -> int:
+def _check_opset(model: ModelProto, path: Path) -> int:
     """The default-domain opset, if bnfold supports it (9 up to what this onnx defines)."""
     opset = default_opset(model)
     newest = onnx.defs.onnx_opset_version()

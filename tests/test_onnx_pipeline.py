@@ -18,11 +18,11 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from onnx import helper
+from onnx import helper, numpy_helper
 from test_onnx_support import array, initializer, make_model
 from torch import nn
 
-from bnfold.convert import onnx_fold_conv, onnx_io
+from bnfold.convert import onnx_fold_conv, onnx_io, onnx_pipeline
 from bnfold.convert.errors import ConvertError, InputShapeError, VerificationFailed
 from bnfold.convert.onnx_graph import op_counts
 from bnfold.convert.onnx_pipeline import convert_onnx_file
@@ -375,3 +375,22 @@ def test_models_over_the_protobuf_limit_are_written_with_external_data(
     x = np.random.default_rng(8).standard_normal((3, 2, 6, 6)).astype(np.float32)
     (actual,) = run(package / "model.onnx", x)
     np.testing.assert_allclose(actual, torch_outputs(module, x), rtol=RTOL, atol=ATOL)
+
+
+def test_wrong_train_graph_fails_verification(tmp_path: Path, monkeypatch) -> None:
+    """The train check is independent of the train graph: a wrong ε there is caught."""
+    real_build = onnx_pipeline.build_train_graph
+
+    def build_with_wrong_epsilon(model, tensor_info):
+        names = real_build(model, tensor_info)
+        for tensor in model.graph.initializer:
+            if tensor.name.endswith("/epsilon"):
+                tensor.CopyFrom(numpy_helper.from_array(np.array(0.5, np.float32), tensor.name))
+        return names
+
+    monkeypatch.setattr(onnx_pipeline, "build_train_graph", build_with_wrong_epsilon)
+    source = export(mlp(), tmp_path / "mlp.onnx", (4, 6))
+    with pytest.raises(VerificationFailed, match="train batch") as caught:
+        convert(source, tmp_path / "repo")
+    assert "eval batch" not in str(caught.value)
+    assert not (tmp_path / "repo").exists()
