@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 BNFOLD := $(VENV)/bin/bnfold
 STAMP  := $(VENV)/.bnfold-installed
 
-.PHONY: serve test lint repository bench clean
+.PHONY: serve test test-soak lint repository bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,10 @@ serve: repository
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
+
+## The reliability soak variants: the same cases, minutes of load (RELIABILITY.md).
+test-soak: $(STAMP)
+	$(PY) -m pytest -m soak tests/reliability
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
