@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,55 +136,95 @@ def wait_for_exit(process: subprocess.Popen[str], timeout: float) -> float:
 
 @dataclass(frozen=True)
 class Outcome:
-    """One request's fate: its index in the plan, status (0: no response), body, seconds."""
+    """One request's fate: its index, status (0: no response), headers, body, seconds."""
 
     index: int
     status: int
+    headers: dict[str, str]
     body: bytes
-    headers: httpx.Headers
     seconds: float
     error: str = ""
 
 
-Send = Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]]
+class Connection:
+    """One keep-alive HTTP/1.1 connection to 127.0.0.1, requests written byte for byte.
+
+    The load generator's client: httpx's pool costs more CPU per request than the
+    server does on these machines, and with hundreds of connections it, not the
+    server, would set the pace. Responses from the service always carry a
+    Content-Length. A broken connection is reopened on the next request.
+    """
+
+    def __init__(self, port: int, timeout: float) -> None:
+        self.port = port
+        self.timeout = timeout
+        self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def post(
+        self, index: int, path: str, content: bytes, headers: dict[str, str] | None = None
+    ) -> Outcome:
+        started = time.perf_counter()
+        try:
+            status, parsed, body = await asyncio.wait_for(
+                self._exchange(path, content, headers or {}), self.timeout
+            )
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as exc:
+            await self.close()
+            return Outcome(index, 0, {}, b"", time.perf_counter() - started, repr(exc))
+        return Outcome(index, status, parsed, body, time.perf_counter() - started)
+
+    async def _exchange(
+        self, path: str, content: bytes, headers: dict[str, str]
+    ) -> tuple[int, dict[str, str], bytes]:
+        if self._streams is None:
+            self._streams = await asyncio.open_connection("127.0.0.1", self.port)
+        reader, writer = self._streams
+        head = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(content)}"]
+        head += [f"{name}: {value}" for name, value in headers.items()]
+        writer.write("\r\n".join(head).encode("latin-1") + b"\r\n\r\n" + content)
+        await writer.drain()
+        status_line, *lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        parsed = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            if name:
+                parsed[name.strip().lower()] = value.strip()
+        body = await reader.readexactly(int(parsed.get("content-length", "0")))
+        if parsed.get("connection", "").lower() == "close":
+            await self.close()
+        return int(status_line.split()[1]), parsed, body
+
+    async def close(self) -> None:
+        if self._streams is not None:
+            writer = self._streams[1]
+            self._streams = None
+            writer.close()
+            with suppress(OSError):
+                await writer.wait_closed()
 
 
-async def _drive(
-    url: str, count: int, concurrency: int, send: Send, timeout: float, deadline: float
+Send = Callable[[Connection, int], Awaitable[Outcome]]
+
+
+async def _workers(
+    port: int, workers: int, next_index: Callable[[], int | None], send: Send, timeout: float
 ) -> list[Outcome]:
-    semaphore = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
+    outcomes: list[Outcome] = []
 
-        async def one(index: int) -> Outcome:
-            async with semaphore:
-                started = time.perf_counter()
-                try:
-                    response = await send(client, index)
-                except httpx.HTTPError as exc:
-                    return Outcome(
-                        index,
-                        0,
-                        b"",
-                        httpx.Headers(),
-                        time.perf_counter() - started,
-                        f"{type(exc).__name__}: {exc}",
-                    )
-                return Outcome(
-                    index,
-                    response.status_code,
-                    response.content,
-                    response.headers,
-                    time.perf_counter() - started,
-                )
+    async def worker() -> None:
+        connection = Connection(port, timeout)
+        try:
+            while (index := next_index()) is not None:
+                outcomes.append(await send(connection, index))
+        finally:
+            await connection.close()
 
-        return await asyncio.wait_for(
-            asyncio.gather(*(one(index) for index in range(count))), deadline
-        )
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    return sorted(outcomes, key=lambda outcome: outcome.index)
 
 
 def run_load(
-    url: str,
+    port: int,
     count: int,
     concurrency: int,
     send: Send,
@@ -192,8 +232,37 @@ def run_load(
     timeout: float = 30.0,
     deadline: float = 120.0,
 ) -> list[Outcome]:
-    """Send `count` requests, at most `concurrency` at a time; all done within `deadline` s."""
-    return asyncio.run(_drive(url, count, concurrency, send, timeout, deadline))
+    """Requests 0..count-1 over `concurrency` connections, each sending as soon as it has
+    its answer; all done within `deadline` seconds."""
+    indices = iter(range(count))
+
+    def next_index() -> int | None:
+        return next(indices, None)
+
+    async def main() -> list[Outcome]:
+        return await asyncio.wait_for(
+            _workers(port, concurrency, next_index, send, timeout), deadline
+        )
+
+    return asyncio.run(main())
+
+
+def run_for(
+    port: int, clients: int, seconds: float, send: Send, *, timeout: float = 30.0
+) -> list[Outcome]:
+    """`clients` connections sending back to back for `seconds` (then up to `timeout` more)."""
+    stop_at = time.monotonic() + seconds
+    counter = iter(range(10**9))
+
+    def next_index() -> int | None:
+        return next(counter) if time.monotonic() < stop_at else None
+
+    async def main() -> list[Outcome]:
+        return await asyncio.wait_for(
+            _workers(port, clients, next_index, send, timeout), seconds + timeout + 30
+        )
+
+    return asyncio.run(main())
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
@@ -237,3 +306,29 @@ def raw_request(
         name, _, value = line.partition(":")
         parsed[name.strip().lower()] = value.strip()
     return RawResponse(int(status_line.split()[1]), parsed, payload)
+
+
+# ---------------------------------------------------------------- metrics
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """The value of one sample of the server's /metrics (0 when it is not there yet)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match and match.group(1) == name:
+            found = dict(_LABEL.findall(match.group(2) or ""))
+            if all(found.get(key) == value for key, value in labels.items()):
+                return float(match.group(3))
+    return 0.0
+
+
+def wait_for_metric(url: str, name: str, at_least: float, timeout: float, **labels: str) -> None:
+    deadline = time.monotonic() + timeout
+    while metric(url, name, **labels) < at_least:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name}{labels} did not reach {at_least} in {timeout} s")
+        time.sleep(0.005)

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from bnfold.service.protocol import INFERENCE_HEADER, ErrorResponse
 
-from .harness import ServerProcess, raw_request, run_load
+from .harness import Connection, Outcome, ServerProcess, raw_request, run_load
 from .packages import HUGE_WIDTH, LOOKUP_ROWS, lookup_table
 from service_packages import MLP_SEEDS, mlp_reference, mlp_weights
 
@@ -345,18 +345,15 @@ def test_claims_never_allocate(load_server: ServerProcess) -> None:
     gzip_claim = gzip.compress(json_claim)
     before = load_server.memory_kib()
 
-    async def send(client: httpx.AsyncClient, index: int) -> httpx.Response:
+    async def send(connection: Connection, index: int) -> Outcome:
+        path = "/v2/models/huge/infer"
         if index % 3 == 0:
-            return await client.post("/v2/models/huge/infer", content=json_claim)
+            return await connection.post(index, path, json_claim)
         if index % 3 == 1:
-            return await client.post(
-                "/v2/models/huge/infer", content=binary_claim, headers=binary_headers
-            )
-        return await client.post(
-            "/v2/models/huge/infer", content=gzip_claim, headers={"Content-Encoding": "gzip"}
-        )
+            return await connection.post(index, path, binary_claim, binary_headers)
+        return await connection.post(index, path, gzip_claim, {"Content-Encoding": "gzip"})
 
-    outcomes = run_load(load_server.url, CLAIMS, 16, send, deadline=60)
+    outcomes = run_load(load_server.port, CLAIMS, 16, send, deadline=60)
     after = load_server.memory_kib()
     assert {outcome.status for outcome in outcomes} == {400}
     growth_mib = (after["VmHWM"] - before["VmHWM"]) / 1024
