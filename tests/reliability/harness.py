@@ -112,7 +112,15 @@ def server_process(
     try:
         if not found.wait(START_TIMEOUT_SECONDS) or not port:
             raise RuntimeError("bnfold serve did not start:\n" + "".join(log))
-        yield ServerProcess(process, port[0], log)
+        server = ServerProcess(process, port[0], log)
+        # with --workers N, the port is bound before the workers listen on it
+        workers = int(options[options.index("--workers") + 1]) if "--workers" in options else 1
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        while server.log_text().count("Application startup complete") < workers:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("bnfold serve did not start:\n" + server.log_text())
+            time.sleep(0.01)
+        yield server
     finally:
         if process.poll() is None:
             process.kill()
