@@ -13,13 +13,14 @@ import hmac
 import logging
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from starlette.responses import Response
@@ -129,11 +130,15 @@ def inference_response(encoded: EncodedResponse) -> Response:
     )
 
 
-async def get_dataplane(request: Request) -> DataPlane:
+def app_dataplane(request: Request) -> DataPlane:
     dataplane = getattr(request.app.state, "dataplane", None)
     if dataplane is None:
         raise Unavailable("the server is starting")
     return dataplane
+
+
+async def get_dataplane(request: Request) -> DataPlane:
+    return app_dataplane(request)
 
 
 async def get_settings(request: Request) -> Settings:
@@ -157,6 +162,25 @@ async def require_admin(request: Request) -> None:
 
 DataPlaneDep = Annotated[DataPlane, Depends(get_dataplane)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+class DirectRoute(APIRoute):
+    """A route whose endpoint takes the `Request` (and path parameters) and returns a `Response`.
+
+    For the inference and compare endpoints: FastAPI's dependency solving and
+    response handling cost more per request than everything bnfold does for a
+    small model (measured: BENCHMARKS.md). The endpoint's signature still
+    documents the route in OpenAPI; errors still reach the one exception
+    handler. Endpoints on this route class may not declare dependencies.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        endpoint = self.endpoint
+
+        async def handler(request: Request) -> Response:
+            return await endpoint(request=request, **request.path_params)
+
+        return handler
 
 
 # ---------------------------------------------------------------- OpenAPI helpers
@@ -319,13 +343,13 @@ def _model_routes() -> APIRouter:
 
 
 def _inference_routes() -> APIRouter:
-    router = APIRouter(tags=["inference"])
+    router = APIRouter(tags=["inference"], route_class=DirectRoute)
     model_path = "/v2/models/{model_name}"
     version_path = "/v2/models/{model_name}/versions/{model_version}"
 
-    async def run_infer(
-        request: Request, dataplane: DataPlane, settings: Settings, name: str, version: str | None
-    ) -> Response:
+    async def run_infer(request: Request, name: str, version: str | None) -> Response:
+        dataplane = app_dataplane(request)
+        settings: Settings = request.app.state.settings
         with dataplane.metrics.track(dataplane.model_label(name), "infer"):
             body = await read_body(request, settings.max_body_bytes)
             header_length = parse_header_length(request.headers.get(INFERENCE_HEADER), len(body))
@@ -376,24 +400,16 @@ def _inference_routes() -> APIRouter:
     }
 
     @router.post(f"{model_path}/infer", summary="Inference", **infer_doc)
-    async def infer(
-        model_name: str, request: Request, dataplane: DataPlaneDep, settings: SettingsDep
-    ) -> Response:
-        return await run_infer(request, dataplane, settings, model_name, None)
+    async def infer(model_name: str, request: Request) -> Response:
+        return await run_infer(request, model_name, None)
 
     @router.post(f"{version_path}/infer", summary="Inference on a version", **infer_doc)
-    async def version_infer(
-        model_name: str,
-        model_version: str,
-        request: Request,
-        dataplane: DataPlaneDep,
-        settings: SettingsDep,
-    ) -> Response:
-        return await run_infer(request, dataplane, settings, model_name, model_version)
+    async def version_infer(model_name: str, model_version: str, request: Request) -> Response:
+        return await run_infer(request, model_name, model_version)
 
-    async def run_compare(
-        request: Request, dataplane: DataPlane, settings: Settings, name: str, version: str | None
-    ) -> Response:
+    async def run_compare(request: Request, name: str, version: str | None) -> Response:
+        dataplane = app_dataplane(request)
+        settings: Settings = request.app.state.settings
         with dataplane.metrics.track(dataplane.model_label(name), "compare"):
             body = await read_body(request, settings.max_body_bytes)
             header_length = parse_header_length(request.headers.get(INFERENCE_HEADER), len(body))
@@ -429,20 +445,12 @@ def _inference_routes() -> APIRouter:
     }
 
     @router.post(f"{model_path}/compare", summary="Train vs eval comparison", **compare_doc)
-    async def compare(
-        model_name: str, request: Request, dataplane: DataPlaneDep, settings: SettingsDep
-    ) -> Response:
-        return await run_compare(request, dataplane, settings, model_name, None)
+    async def compare(model_name: str, request: Request) -> Response:
+        return await run_compare(request, model_name, None)
 
     @router.post(f"{version_path}/compare", summary="Train vs eval on a version", **compare_doc)
-    async def version_compare(
-        model_name: str,
-        model_version: str,
-        request: Request,
-        dataplane: DataPlaneDep,
-        settings: SettingsDep,
-    ) -> Response:
-        return await run_compare(request, dataplane, settings, model_name, model_version)
+    async def version_compare(model_name: str, model_version: str, request: Request) -> Response:
+        return await run_compare(request, model_name, model_version)
 
     return router
 
@@ -570,7 +578,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = ServiceMetrics()
     errors.install(app)
-    for router in (_health_routes(), _model_routes(), _inference_routes(), _repository_routes()):
+    for router in (_inference_routes(), _health_routes(), _model_routes(), _repository_routes()):
         app.include_router(router)
 
     def openapi() -> dict[str, Any]:

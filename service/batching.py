@@ -139,7 +139,6 @@ class ModelQueue:
         self._waiter: asyncio.Future[None] | None = None
         self._retired = False
         self._output_order = [tensor.name for tensor in model.outputs]
-        # metric children bound once: labels() takes a lock and a dict lookup per call
         self._queue_time = metrics.queue.labels(model.name)
         self._compute_time = metrics.compute.labels(model.name, "eval")
         self._run_rows = metrics.run_batch_size.labels(model.name)

@@ -2,22 +2,33 @@
 
 Model labels only ever hold names of models in the repository: a request for an
 unknown name is counted under `_unknown`, so clients cannot grow the label set.
+
+Why not prometheus_client's Counter, Gauge and Histogram: each update takes a
+lock, builds a label key and (histograms) scans the buckets in Python. A small
+model's request updates seven series; measured, that was a fifth of the
+throughput for the digits MLP (BENCHMARKS.md). Every update here happens on
+the event loop thread (route handlers, the batcher's completion callbacks), so
+a series is a few plain numbers, the bucket found by `bisect`; the registry's
+collector turns them into prometheus_client's metric families when /metrics is
+scraped, on the same thread. Never update a series from another thread.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
 )
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from bnfold.service.errors import as_service_error
 
@@ -44,63 +55,172 @@ _LATENCY_BUCKETS = (
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
 
 
+class CounterSeries:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class GaugeSeries(CounterSeries):
+    __slots__ = ()
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.value -= amount
+
+
+class HistogramSeries:
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+
+class _Metric:
+    """One metric: its series by label values, created on first use."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.series: dict[tuple[str, ...], CounterSeries | HistogramSeries] = {}
+
+
+class Counter(_Metric):
+    def labels(self, *values: str) -> CounterSeries:
+        found = self.series.get(values)
+        if found is None:
+            found = self.series[values] = CounterSeries()
+        return found  # type: ignore[return-value]
+
+    def family(self) -> Metric:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, series in self.series.items():
+            family.add_metric(values, series.value)  # type: ignore[union-attr]
+        return family
+
+
+class Gauge(_Metric):
+    def labels(self, *values: str) -> GaugeSeries:
+        found = self.series.get(values)
+        if found is None:
+            found = self.series[values] = GaugeSeries()
+        return found  # type: ignore[return-value]
+
+    def family(self) -> Metric:
+        family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, series in self.series.items():
+            family.add_metric(values, series.value)  # type: ignore[union-attr]
+        return family
+
+
+class Histogram(_Metric):
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float]
+    ) -> None:
+        super().__init__(name, documentation, labelnames)
+        self.bounds = tuple(float(bound) for bound in buckets)
+        self.le = [floatToGoString(bound) for bound in self.bounds] + ["+Inf"]
+
+    def labels(self, *values: str) -> HistogramSeries:
+        found = self.series.get(values)
+        if found is None:
+            found = self.series[values] = HistogramSeries(self.bounds)
+        return found  # type: ignore[return-value]
+
+    def family(self) -> Metric:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, series in self.series.items():
+            cumulative = 0
+            buckets = []
+            for le, count in zip(self.le, series.counts, strict=True):  # type: ignore[union-attr]
+                cumulative += count
+                buckets.append((le, float(cumulative)))
+            family.add_metric(values, buckets, series.total)  # type: ignore[union-attr]
+        return family
+
+
+class _Families(Collector):
+    def __init__(self, metrics: Sequence[Counter | Gauge | Histogram]) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.metrics:
+            yield metric.family()
+
+
 class ServiceMetrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
         self.requests = Counter(
             "bnfold_requests",
             "Inference and compare requests by model, endpoint and outcome.",
             ["model", "endpoint", "outcome", "code"],
-            registry=self.registry,
         )
         self.latency = Histogram(
             "bnfold_request_duration_seconds",
             "Whole request: reading the body to the encoded response.",
             ["model", "endpoint"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
+            _LATENCY_BUCKETS,
         )
         self.queue = Histogram(
             "bnfold_queue_duration_seconds",
             "Time from a request entering its model's queue (or the executor, for compare) "
             "to the start of the session run that serves it.",
             ["model"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
+            _LATENCY_BUCKETS,
         )
         self.compute = Histogram(
             "bnfold_compute_duration_seconds",
             "onnxruntime session run time, by graph (eval: model.onnx, train: train.onnx).",
             ["model", "graph"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
+            _LATENCY_BUCKETS,
         )
         self.in_flight = Gauge(
             "bnfold_requests_in_flight",
             "Inference and compare requests being processed.",
             ["endpoint"],
-            registry=self.registry,
         )
         self.batch_size = Histogram(
             "bnfold_batch_size",
             "Batch size (axis 0 of the inputs) of the requests that ran.",
             ["model", "endpoint"],
-            buckets=_BATCH_BUCKETS,
-            registry=self.registry,
+            _BATCH_BUCKETS,
         )
         self.run_batch_size = Histogram(
             "bnfold_run_batch_size",
             "Rows per onnxruntime run of model.onnx, after the batcher merged requests.",
             ["model"],
-            buckets=_BATCH_BUCKETS,
-            registry=self.registry,
+            _BATCH_BUCKETS,
         )
         self.run_requests = Histogram(
             "bnfold_run_requests",
             "Requests merged into one onnxruntime run of model.onnx (1: ran alone).",
             ["model"],
-            buckets=_BATCH_BUCKETS,
-            registry=self.registry,
+            _BATCH_BUCKETS,
+        )
+        self.registry = CollectorRegistry()
+        self.registry.register(
+            _Families(
+                [
+                    self.requests,
+                    self.latency,
+                    self.queue,
+                    self.compute,
+                    self.in_flight,
+                    self.batch_size,
+                    self.run_batch_size,
+                    self.run_requests,
+                ]
+            )
         )
 
     @contextmanager
