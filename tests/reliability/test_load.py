@@ -33,6 +33,7 @@ from .harness import (
     Connection,
     Outcome,
     ServerProcess,
+    metric,
     percentile,
     run_for,
     run_load,
@@ -128,10 +129,28 @@ def test_mixed_concurrent_requests_get_their_own_answers(
         request = plan[index]
         return await connection.post(index, request.path, request.content, request.headers)
 
+    runs_before = merged_runs(load_server)
     started = time.perf_counter()
     outcomes = run_load(load_server.port, count, concurrency, send, deadline=max(120, count / 50))
     report(f"mixed {count}x{concurrency}", outcomes, time.perf_counter() - started, load_server)
     check_all_exact(plan, outcomes)
+    runs, merged = (
+        after - before for after, before in zip(merged_runs(load_server), runs_before, strict=True)
+    )
+    print(
+        f"FIGURE mixed {count}x{concurrency}: {runs:.0f} runs, {merged:.0f} merging several requests"
+    )
+    assert merged > 0, "the batcher merged nothing: the test did not exercise it"
+
+
+def merged_runs(server: ServerProcess) -> tuple[float, float]:
+    """(model.onnx runs, runs that merged several requests) over the mixed test's models."""
+    runs = merged = 0.0
+    for model in {model for model, _ in MIXED_MODELS}:
+        count = metric(server.url, "bnfold_run_requests_count", model=model)
+        runs += count
+        merged += count - metric(server.url, "bnfold_run_requests_bucket", model=model, le="1.0")
+    return runs, merged
 
 
 # ---------------------------------------------------------------- compare isolation
