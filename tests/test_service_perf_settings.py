@@ -1,0 +1,148 @@
+"""Performance settings reach what they configure: onnxruntime's session options, uvicorn's
+event loop, HTTP parser and worker processes, the batching defaults."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from bnfold.service import serve_cli
+from bnfold.service.app import create_app_from_env
+from bnfold.service.batch_policy import BatchPolicy
+from bnfold.service.cli import app
+from bnfold.service.repository import PackageLocation, read_package
+from bnfold.service.sessions import ExecutionMode, SessionConfig, load_model
+from bnfold.service.settings import Settings
+
+from service_packages import write_mlp
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """No BNFOLD_* variables, before and after: `bnfold serve --workers` exports them."""
+    saved = dict(os.environ)
+    for name in list(os.environ):
+        if name.startswith("BNFOLD_"):
+            monkeypatch.delenv(name)
+    yield monkeypatch
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture
+def captured_run(clean_environment: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Replace uvicorn.run: record what it was asked to serve and how."""
+    captured: dict[str, Any] = {}
+
+    def fake_run(application: Any, **options: Any) -> None:
+        captured["app"] = application
+        captured.update(options)
+
+    clean_environment.setattr(serve_cli.uvicorn, "run", fake_run)
+    return captured
+
+
+def _package(tmp_path: Path) -> PackageLocation:
+    path = write_mlp(tmp_path, "mlp", 1, seed=1)
+    return PackageLocation("mlp", 1, path)
+
+
+def test_session_options_reach_onnxruntime(tmp_path: Path) -> None:
+    config = SessionConfig(
+        providers=("CPUExecutionProvider",),
+        intra_op_threads=2,
+        execution_mode=ExecutionMode.PARALLEL,
+        inter_op_threads=3,
+        memory_arena=False,
+        spinning=True,
+    )
+    model = load_model(read_package(_package(tmp_path)), config)
+    for session in (model.eval_session, model.train_session):
+        options = session.get_session_options()
+        assert options.intra_op_num_threads == 2 and options.inter_op_num_threads == 3
+        assert options.execution_mode.name == "ORT_PARALLEL"
+        assert options.enable_cpu_mem_arena is False
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+
+
+def test_default_session_options(tmp_path: Path) -> None:
+    model = load_model(
+        read_package(_package(tmp_path)),
+        Settings(device="cpu").session_config(("CPUExecutionProvider",)),
+    )
+    options = model.eval_session.get_session_options()
+    assert options.intra_op_num_threads == 1 and options.execution_mode.name == "ORT_SEQUENTIAL"
+    assert options.enable_cpu_mem_arena is True
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert model.batching == BatchPolicy()
+
+
+def test_one_worker_serves_the_app_on_uvloop_and_httptools(
+    captured_run: dict[str, Any], tmp_path: Path
+) -> None:
+    write_mlp(tmp_path, "mlp", 1, seed=1)
+    result = runner.invoke(app, ["serve", "-r", str(tmp_path), "--max-batch-size", "8"])
+    assert result.exit_code == 0, result.output
+    assert captured_run["loop"] == "uvloop" and captured_run["http"] == "httptools"
+    assert "workers" not in captured_run
+    settings: Settings = captured_run["app"].state.settings
+    assert settings.batching == BatchPolicy(max_batch_size=8)
+
+
+def test_workers_run_the_app_factory_with_the_settings_in_the_environment(
+    captured_run: dict[str, Any], tmp_path: Path
+) -> None:
+    write_mlp(tmp_path, "mlp", 1, seed=1)
+    result = runner.invoke(
+        app,
+        [
+            "serve",
+            "-r",
+            str(tmp_path),
+            "--workers",
+            "2",
+            "--threads",
+            "2",
+            "--no-memory-arena",
+            "--execution-mode",
+            "parallel",
+            "--max-queue-delay-us",
+            "250",
+            "--admin-token",
+            "s3cret",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert captured_run["app"] == "bnfold.service.app:create_app_from_env"
+    assert captured_run["factory"] is True and captured_run["workers"] == 2
+    # what each worker process does: build its app from the exported environment
+    worker_app = create_app_from_env()
+    settings: Settings = worker_app.state.settings
+    assert settings.repository == tmp_path and settings.workers == 2
+    assert settings.intra_op_threads == 2 and settings.memory_arena is False
+    assert settings.execution_mode is ExecutionMode.PARALLEL
+    assert settings.max_queue_delay_us == 250
+    assert settings.admin_token is not None and settings.admin_token.get_secret_value() == "s3cret"
+
+
+def test_settings_survive_the_environment(clean_environment: pytest.MonkeyPatch) -> None:
+    settings = Settings(
+        port=9100,
+        device="cpu",
+        allow_spinning=True,
+        max_batch_size=0,
+        max_queue_size=4,
+        log_level="debug",
+    )
+    for name, value in serve_cli.settings_environment(settings).items():
+        clean_environment.setenv(name, value)
+    assert Settings() == settings
