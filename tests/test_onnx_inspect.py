@@ -98,3 +98,11 @@ def test_cli_convert_onnx_source(tmp_path: Path) -> None:
     report = json.loads(result.output)
     assert report["source_kind"] == "onnx" and report["package"].endswith("model/1")
     assert (tmp_path / "repo" / "model" / "1" / "manifest.json").is_file()
+
+
+def test_cli_convert_onnx_source_with_progress_and_table(tmp_path: Path) -> None:
+    source = two_bn_model(tmp_path / "model.onnx")
+    result = runner.invoke(app, ["convert", str(source), "-r", str(tmp_path / "repo")])
+    assert result.exit_code == 0, result.output
+    assert "1 of 2 BatchNorms folded" in result.output
+    assert "wrote" in result.output
