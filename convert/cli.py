@@ -199,17 +199,18 @@ def inspect(
 def print_inspection(report: InspectReport) -> None:
     """The BN table, then node counts per op type before and after folding."""
     verb = "folds" if report.kind == "onnx" else "folded"
+    batchnorm = report.batchnorm
     table = Table(
-        title=f"{report.path} ({report.kind}): {len(report.folded)} of "
-        f"{report.batchnorm_total} BatchNorms {verb}",
+        title=f"{report.path} ({report.kind}): {len(batchnorm.folded)} of "
+        f"{batchnorm.total} BatchNorms {verb}",
         title_justify="left",
     )
     table.add_column("BatchNorm", overflow="fold")
     table.add_column("result")
     table.add_column("into / why kept", overflow="fold")
-    for folded in report.folded:
+    for folded in batchnorm.folded:
         table.add_row(folded.name, f"{verb} {folded.direction}", folded.into)
-    for kept in report.kept:
+    for kept in batchnorm.kept:
         table.add_row(kept.name, "[yellow]kept[/yellow]", kept.reason)
     stdout.print(table)
     counts = Table(title="nodes per op type", title_justify="left")

@@ -15,13 +15,15 @@ when the exporter left them unnamed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from onnx import NodeProto
 
 from bnfold.convert.fold import BatchNormParams
-from bnfold.convert.onnx_graph import GraphIndex, iter_nodes, node_attribute
+from bnfold.convert.onnx_graph import GraphEdit, GraphIndex, iter_nodes, node_attribute
 from bnfold.convert.report import BatchNormLayer, batch_stat_output_names
 
 BATCHNORM = "BatchNormalization"
@@ -69,6 +71,34 @@ class BatchNormNode:
     @property
     def epsilon(self) -> float:
         return _epsilon(self.node)
+
+
+Match = TypeVar("Match")
+
+
+def collect_matches(
+    batchnorms: list[BatchNormNode], match: Callable[[BatchNormNode], Match | str | None]
+) -> tuple[list[Match], dict[str, str]]:
+    """Run one pattern's `match` over every BN, before anything is rewritten.
+
+    `match` returns a match, the reason this BN cannot fold in that pattern,
+    or None when the pattern does not concern the BN at all.
+    """
+    matches: list[Match] = []
+    reasons: dict[str, str] = {}
+    for bn in batchnorms:
+        found = match(bn)
+        if isinstance(found, str):
+            reasons[bn.name] = found
+        elif found is not None:
+            matches.append(found)
+    return matches, reasons
+
+
+def remove_batchnorm(edit: GraphEdit, bn: BatchNormNode) -> None:
+    """Drop the BN node; its parameters go too unless something else reads them."""
+    edit.remove(bn.index)
+    edit.release([bn.output, *bn.parameter_names])
 
 
 def read_batchnorms(index: GraphIndex) -> list[BatchNormNode]:

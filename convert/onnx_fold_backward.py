@@ -38,7 +38,12 @@ import numpy as np
 from onnx import NodeProto
 
 from bnfold.convert.fold import fold_before_layer
-from bnfold.convert.onnx_batchnorm import REASON_CHANNEL_AXIS, BatchNormNode
+from bnfold.convert.onnx_batchnorm import (
+    REASON_CHANNEL_AXIS,
+    BatchNormNode,
+    collect_matches,
+    remove_batchnorm,
+)
 from bnfold.convert.onnx_fold_conv import ConvLayer, read_conv, write_conv
 from bnfold.convert.onnx_fold_dense import SWAP_LAST_TWO, DenseLayer, read_dense, write_dense
 from bnfold.convert.onnx_graph import GraphEdit, GraphIndex, node_attribute, renamed_input
@@ -75,15 +80,7 @@ def find_backward(
     index: GraphIndex, batchnorms: list[BatchNormNode]
 ) -> tuple[list[BackwardMatch], dict[str, str]]:
     """Match every BN whose reader chain ends in a layer; a reason for each other BN."""
-    matches: list[BackwardMatch] = []
-    reasons: dict[str, str] = {}
-    for bn in batchnorms:
-        found = _match(index, bn)
-        if isinstance(found, str):
-            reasons[bn.name] = found
-        else:
-            matches.append(found)
-    return matches, reasons
+    return collect_matches(batchnorms, lambda bn: _match(index, bn))
 
 
 def _match(index: GraphIndex, bn: BatchNormNode) -> BackwardMatch | str:
@@ -238,8 +235,7 @@ def apply_backward(index: GraphIndex, matches: list[BackwardMatch]) -> GraphEdit
     for match in matches:
         assert match.bn.params is not None
         bn, layer = match.bn, match.layer
-        edit.remove(bn.index)
-        edit.release([bn.output, *bn.parameter_names])
+        remove_batchnorm(edit, bn)
         rewire = None
         if match.path:
             first = match.path[0]

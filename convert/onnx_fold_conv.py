@@ -26,7 +26,12 @@ import numpy as np
 from onnx import NodeProto
 
 from bnfold.convert.fold import FoldedWeights, fold_after_layer
-from bnfold.convert.onnx_batchnorm import REASON_CHANNEL_AXIS, BatchNormNode
+from bnfold.convert.onnx_batchnorm import (
+    REASON_CHANNEL_AXIS,
+    BatchNormNode,
+    collect_matches,
+    remove_batchnorm,
+)
 from bnfold.convert.onnx_graph import GraphEdit, GraphIndex, copy_node, node_attribute
 from bnfold.convert.report import FoldedBatchNorm
 
@@ -87,22 +92,15 @@ def find_conv_forward(
     index: GraphIndex, batchnorms: list[BatchNormNode]
 ) -> tuple[list[ConvForwardMatch], dict[str, str]]:
     """Match every BN fed by a conv; reasons for the conv-fed BNs that cannot fold."""
-    matches: list[ConvForwardMatch] = []
-    reasons: dict[str, str] = {}
-    for bn in batchnorms:
-        position = index.producer.get(bn.input)
-        if position is None or index.nodes[position].op_type not in CONV_OPS:
-            continue
-        found = _match(index, bn, position)
-        if isinstance(found, str):
-            reasons[bn.name] = found
-        else:
-            matches.append(found)
-    return matches, reasons
+    return collect_matches(batchnorms, lambda bn: _match(index, bn))
 
 
-def _match(index: GraphIndex, bn: BatchNormNode, position: int) -> ConvForwardMatch | str:
+def _match(index: GraphIndex, bn: BatchNormNode) -> ConvForwardMatch | str | None:
+    """None when no conv feeds the BN (not this family's business)."""
     assert bn.params is not None
+    position = index.producer.get(bn.input)
+    if position is None or index.nodes[position].op_type not in CONV_OPS:
+        return None
     node = index.nodes[position]
     fanout = index.fanout_reason(bn.input, node.op_type)
     if fanout:
@@ -129,8 +127,7 @@ def apply_conv_forward(index: GraphIndex, matches: list[ConvForwardMatch]) -> Gr
             groups=layer.groups,
         )
         write_conv(index, edit, layer, folded, output=match.bn.output)
-        edit.remove(match.bn.index)
-        edit.release(match.bn.parameter_names)
+        remove_batchnorm(edit, match.bn)
     return edit
 
 

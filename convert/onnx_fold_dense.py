@@ -43,7 +43,12 @@ import numpy as np
 from onnx import NodeProto, helper
 
 from bnfold.convert.fold import FoldedWeights, fold_after_layer
-from bnfold.convert.onnx_batchnorm import REASON_CHANNEL_AXIS, BatchNormNode
+from bnfold.convert.onnx_batchnorm import (
+    REASON_CHANNEL_AXIS,
+    BatchNormNode,
+    collect_matches,
+    remove_batchnorm,
+)
 from bnfold.convert.onnx_graph import (
     GraphEdit,
     GraphIndex,
@@ -158,15 +163,7 @@ def find_dense_forward(
     index: GraphIndex, batchnorms: list[BatchNormNode]
 ) -> tuple[list[DenseForwardMatch], dict[str, str]]:
     """Match every BN fed by a dense layer; reasons for the dense-fed BNs that cannot fold."""
-    matches: list[DenseForwardMatch] = []
-    reasons: dict[str, str] = {}
-    for bn in batchnorms:
-        found = _match(index, bn)
-        if isinstance(found, str):
-            reasons[bn.name] = found
-        elif found is not None:
-            matches.append(found)
-    return matches, reasons
+    return collect_matches(batchnorms, lambda bn: _match(index, bn))
 
 
 def _match(index: GraphIndex, bn: BatchNormNode) -> DenseForwardMatch | str | None:
@@ -231,8 +228,7 @@ def apply_dense_forward(index: GraphIndex, matches: list[DenseForwardMatch]) -> 
             transpose = copy_node(index.nodes[match.transpose_index])
             transpose.output[0] = match.bn.output
             edit.replace(match.transpose_index, [transpose])
-        edit.remove(match.bn.index)
-        edit.release(match.bn.parameter_names)
+        remove_batchnorm(edit, match.bn)
     return edit
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib.metadata import version as package_version
 from pathlib import Path
 
@@ -48,6 +48,7 @@ from bnfold.convert.onnx_verify import (
 from bnfold.convert.package import MANIFEST, staged_package
 from bnfold.convert.report import (
     V2_DATATYPES,
+    BatchNormLayer,
     BatchNormReport,
     ConversionResult,
     FoldedBatchNorm,
@@ -316,25 +317,16 @@ class InspectReport:
     path: str
     kind: str  # "onnx" (a source file) or "package"
     opset: int | None
-    folded: list[FoldedBatchNorm] = field(default_factory=list)
-    kept: list[KeptBatchNorm] = field(default_factory=list)
-    node_counts_before: dict[str, int] | None = None
-    node_counts_after: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def batchnorm_total(self) -> int:
-        return len(self.folded) + len(self.kept)
+    batchnorm: BatchNormReport
+    node_counts_before: dict[str, int] | None
+    node_counts_after: dict[str, int]
 
     def as_dict(self) -> dict[str, object]:
         return {
             "path": self.path,
             "kind": self.kind,
             "opset": self.opset,
-            "batchnorm": {
-                "total": self.batchnorm_total,
-                "folded": [asdict(item) for item in self.folded],
-                "kept": [asdict(item) for item in self.kept],
-            },
+            "batchnorm": self.batchnorm.as_dict(),
             "node_counts": {"before": self.node_counts_before, "after": self.node_counts_after},
         }
 
@@ -350,8 +342,7 @@ def inspect_path(path: Path) -> InspectReport:
         path=str(path),
         kind="onnx",
         opset=loaded.opset,
-        folded=report.folded,
-        kept=report.kept,
+        batchnorm=report,
         node_counts_before=op_counts(loaded.model.graph),
         node_counts_after=op_counts(folded.graph),
     )
@@ -370,6 +361,7 @@ def _inspect_package(directory: Path) -> InspectReport:
         report = BatchNormReport(
             folded=[FoldedBatchNorm(**item) for item in batchnorm["folded"]],
             kept=[KeptBatchNorm(**item) for item in batchnorm["kept"]],
+            layers=[BatchNormLayer(**item) for item in batchnorm.get("layers", [])],
         )
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise SourceError(f"cannot read the BN report in {manifest_path}: {error}") from error
@@ -382,8 +374,7 @@ def _inspect_package(directory: Path) -> InspectReport:
         path=str(directory),
         kind="package",
         opset=manifest.get("tool_versions", {}).get("opset"),
-        folded=report.folded,
-        kept=report.kept,
+        batchnorm=report,
         node_counts_before=before,
         node_counts_after=op_counts(model.graph),
     )

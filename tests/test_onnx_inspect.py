@@ -41,10 +41,12 @@ def test_inspect_onnx_file_writes_nothing(tmp_path: Path) -> None:
     report = inspect_path(source)
     assert sorted(tmp_path.iterdir()) == before
     assert report.kind == "onnx" and report.opset == 17
-    assert report.batchnorm_total == 2
-    assert [(f.name, f.into, f.direction) for f in report.folded] == [("a", "gemm", "forward")]
-    assert [k.name for k in report.kept] == ["b"]
-    assert report.kept[0].reason == (
+    assert report.batchnorm.total == 2
+    assert [(f.name, f.into, f.direction) for f in report.batchnorm.folded] == [
+        ("a", "gemm", "forward")
+    ]
+    assert [k.name for k in report.batchnorm.kept] == ["b"]
+    assert report.batchnorm.kept[0].reason == (
         "forward: its input comes from Relu, not Conv/ConvTranspose/Gemm/MatMul; "
         "backward: the BN output is a graph output"
     )
@@ -59,7 +61,7 @@ def test_inspect_package_reads_its_manifest(tmp_path: Path) -> None:
     )
     report = inspect_path(Path(result.package_path))
     assert report.kind == "package"
-    assert report.folded == result.batchnorm.folded and report.kept == result.batchnorm.kept
+    assert report.batchnorm == result.batchnorm
     assert report.node_counts_before == {"BatchNormalization": 2, "Gemm": 1, "Relu": 1}
     assert report.node_counts_after == {"Gemm": 1, "Relu": 1, "BatchNormalization": 1}
 

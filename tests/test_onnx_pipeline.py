@@ -19,7 +19,7 @@ import onnxruntime
 import pytest
 import torch
 from onnx import helper, numpy_helper
-from test_onnx_support import array, initializer, make_model
+from test_onnx_support import array, export, initializer, make_model
 from torch import nn
 
 from bnfold.convert import onnx_fold_conv, onnx_io, onnx_pipeline
@@ -78,21 +78,6 @@ def cnn(width: int = 4) -> nn.Module:
             nn.Linear(width, 3),
         )
     )
-
-
-def export(module: nn.Module, path: Path, shape: tuple[int, ...], *, dynamic: bool = True) -> Path:
-    torch.onnx.export(
-        module,
-        (torch.randn(*shape),),
-        str(path),
-        dynamo=False,
-        do_constant_folding=False,
-        input_names=["input"],
-        output_names=["output"],
-        dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}} if dynamic else None,
-        opset_version=17,
-    )
-    return path
 
 
 def convert(source: Path, repository: Path, **options: object) -> ConversionResult:

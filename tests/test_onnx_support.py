@@ -17,11 +17,14 @@ verification rule (1e-4).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime
+import torch
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
+from torch import nn
 
 from bnfold.convert.onnx_fold import fold_batchnorms
 from bnfold.convert.onnx_graph import infer_tensor_info, name_nodes_uniquely, op_counts
@@ -141,3 +144,19 @@ def kept_reason(model: ModelProto) -> str:
     """The one BN of `model` must be kept, the graph unchanged in numbers; its reason."""
     _result, report = check_fold(model, folded=0, kept=1)
     return report.kept[0].reason
+
+
+def export(module: nn.Module, path: Path, shape: tuple[int, ...], *, dynamic: bool = True) -> Path:
+    """Export the plain way (TorchScript, no constant folding): every BN node stays."""
+    torch.onnx.export(
+        module,
+        (torch.randn(*shape),),
+        str(path),
+        dynamo=False,
+        do_constant_folding=False,
+        input_names=["input"],
+        output_names=["output"],
+        dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}} if dynamic else None,
+        opset_version=17,
+    )
+    return path

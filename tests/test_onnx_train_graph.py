@@ -20,6 +20,7 @@ from test_onnx_support import (
     array,
     bn_initializers,
     bn_node,
+    export,
     initializer,
     make_model,
 )
@@ -169,21 +170,6 @@ class SmallNet(nn.Module):
         return self.head(self.bn4(x))
 
 
-def exported(module: nn.Module, path, shape: tuple[int, ...]) -> ModelProto:
-    torch.onnx.export(
-        module,
-        (torch.randn(*shape),),
-        str(path),
-        dynamo=False,
-        do_constant_folding=False,
-        input_names=["input"],
-        output_names=["output"],
-        dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-        opset_version=17,
-    )
-    return onnx.load(str(path))
-
-
 def test_train_graph_matches_torch_train_mode(tmp_path) -> None:
     torch.manual_seed(0)
     module = SmallNet()
@@ -194,7 +180,7 @@ def test_train_graph_matches_torch_train_mode(tmp_path) -> None:
             bn.running_mean.uniform_(-1, 1)
             bn.running_var.uniform_(0.5, 2.0)
     module.eval()
-    model = exported(module, tmp_path / "net.onnx", (2, 2, 5, 5))
+    model = onnx.load(str(export(module, tmp_path / "net.onnx", (2, 2, 5, 5))))
     assert op_counts(model.graph)["BatchNormalization"] == 4
     train, stat_names, _ = train_graph(model)
     assert len(stat_names) == 8
