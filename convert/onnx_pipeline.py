@@ -27,7 +27,6 @@ from bnfold.convert.errors import (
     ConvertError,
     SourceError,
     UnsupportedSource,
-    VerificationFailed,
 )
 from bnfold.convert.onnx_fold import fold_batchnorms
 from bnfold.convert.onnx_graph import free_batch_axis, op_counts
@@ -55,7 +54,7 @@ from bnfold.convert.report import (
     KeptBatchNorm,
     TensorSpec,
 )
-from bnfold.convert.verify import FLOAT32_TOLERANCE, Agreement
+from bnfold.convert.verify import verification_block
 
 MODEL_FILE = "model.onnx"
 TRAIN_FILE = "train.onnx"
@@ -236,25 +235,8 @@ def _verify(
     eval_agreement = verify_eval(reference, graphs.model_path, feeds)
     with TrainReference(loaded.model, loaded.tensor_info) as train_reference:
         train_agreement = verify_train(train_reference, graphs.train_path, feeds)
-    verification = _verification_block(eval_agreement, train_agreement)
-    if not verification["passed"]:
-        raise VerificationFailed(
-            "verification failed, nothing written:\n  "
-            + "\n  ".join(eval_agreement.failures + train_agreement.failures)
-        )
+    verification = verification_block(eval_agreement, train_agreement)
     return verification, notes
-
-
-def _verification_block(eval_agreement: Agreement, train_agreement: Agreement) -> dict[str, object]:
-    return {
-        "eval": eval_agreement.as_dict(),
-        "train": train_agreement.as_dict(),
-        "max_abs_err": max(eval_agreement.max_abs_err, train_agreement.max_abs_err),
-        "max_rel_err": max(eval_agreement.max_rel_err, train_agreement.max_rel_err),
-        "samples": eval_agreement.samples + train_agreement.samples,
-        "passed": eval_agreement.passed and train_agreement.passed,
-        "tolerance": {"atol": FLOAT32_TOLERANCE.atol, "rtol": FLOAT32_TOLERANCE.rtol},
-    }
 
 
 def _node_counts(counts: dict[str, dict[str, int]]) -> dict[str, int]:

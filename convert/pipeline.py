@@ -29,7 +29,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnfold.convert.errors import InputShapeError, UntraceableModel, VerificationFailed
+from bnfold.convert.errors import InputShapeError, UntraceableModel
 from bnfold.convert.package import staged_package
 from bnfold.convert.report import (
     V2_DATATYPES,
@@ -43,7 +43,7 @@ from bnfold.convert.sources import LoadedSource
 from bnfold.convert.torch_fold import apply_plan
 from bnfold.convert.torch_graph import FoldPlan, plan_folds
 from bnfold.convert.torch_train_graph import build_train_graph, replace_batch_statistics_bns
-from bnfold.convert.verify import FLOAT32_TOLERANCE, Agreement
+from bnfold.convert.verify import Agreement, verification_block
 
 OPSET = 17
 INPUT_NAME = "input"
@@ -105,20 +105,7 @@ def convert_torch(
         samples = _verification_batches(input_shape, request.sample)
         eval_agreement = verify_eval(original, model_path, samples)
         train_agreement = verify_train(original, train_path, samples, plan, len(output_names))
-        verification = {
-            "eval": eval_agreement.as_dict(),
-            "train": train_agreement.as_dict(),
-            "max_abs_err": max(eval_agreement.max_abs_err, train_agreement.max_abs_err),
-            "max_rel_err": max(eval_agreement.max_rel_err, train_agreement.max_rel_err),
-            "samples": eval_agreement.samples + train_agreement.samples,
-            "passed": eval_agreement.passed and train_agreement.passed,
-            "tolerance": {"atol": FLOAT32_TOLERANCE.atol, "rtol": FLOAT32_TOLERANCE.rtol},
-        }
-        if not verification["passed"]:
-            raise VerificationFailed(
-                "verification failed, nothing written:\n  "
-                + "\n  ".join(eval_agreement.failures + train_agreement.failures)
-            )
+        verification = verification_block(eval_agreement, train_agreement)
 
         advance("write")
         report = _batchnorm_report(original, plan)

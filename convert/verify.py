@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bnfold.convert.errors import VerificationFailed
+
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -93,3 +95,25 @@ class Agreement:
             "samples": self.samples,
             "passed": self.passed,
         }
+
+
+def verification_block(eval_agreement: Agreement, train_agreement: Agreement) -> dict[str, object]:
+    """The manifest's verification block, the same for both conversion paths.
+
+    Raises VerificationFailed (nothing is written then) when either graph
+    disagrees with its reference.
+    """
+    if not (eval_agreement.passed and train_agreement.passed):
+        raise VerificationFailed(
+            "verification failed, nothing written:\n  "
+            + "\n  ".join(eval_agreement.failures + train_agreement.failures)
+        )
+    return {
+        "eval": eval_agreement.as_dict(),
+        "train": train_agreement.as_dict(),
+        "max_abs_err": max(eval_agreement.max_abs_err, train_agreement.max_abs_err),
+        "max_rel_err": max(eval_agreement.max_rel_err, train_agreement.max_rel_err),
+        "samples": eval_agreement.samples + train_agreement.samples,
+        "passed": True,
+        "tolerance": {"atol": eval_agreement.tolerance.atol, "rtol": eval_agreement.tolerance.rtol},
+    }
