@@ -351,6 +351,7 @@ def _inference_routes() -> APIRouter:
         dataplane = app_dataplane(request)
         settings: Settings = request.app.state.settings
         with dataplane.metrics.track(dataplane.model_label(name), "infer"):
+            dataplane.admit_infer(name, version)
             body = await read_body(request, settings.max_body_bytes)
             header_length = parse_header_length(request.headers.get(INFERENCE_HEADER), len(body))
             decoded = decode_request(body, header_length)
@@ -411,6 +412,7 @@ def _inference_routes() -> APIRouter:
         dataplane = app_dataplane(request)
         settings: Settings = request.app.state.settings
         with dataplane.metrics.track(dataplane.model_label(name), "compare"):
+            dataplane.admit_compare(name, version)
             body = await read_body(request, settings.max_body_bytes)
             header_length = parse_header_length(request.headers.get(INFERENCE_HEADER), len(body))
             report = await dataplane.compare(name, version, decode_request(body, header_length))

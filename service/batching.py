@@ -147,15 +147,19 @@ class ModelQueue:
             self._consume(), name=f"bnfold-batcher-{model.name}-{model.version}"
         )
 
-    def submit(
-        self, feeds: dict[str, np.ndarray], output_names: Sequence[str]
-    ) -> asyncio.Future[list[np.ndarray]]:
-        """Queue one validated request; raises `QueueFull` when `max_queue_size` are waiting."""
+    def check_room(self) -> None:
+        """Raise `QueueFull` when `max_queue_size` requests are waiting."""
         if len(self._pending) >= self.policy.max_queue_size:
             raise QueueFull(
                 f"{self.model.name} version {self.model.version} has "
                 f"{len(self._pending)} requests queued (max_queue_size); retry later"
             )
+
+    def submit(
+        self, feeds: dict[str, np.ndarray], output_names: Sequence[str]
+    ) -> asyncio.Future[list[np.ndarray]]:
+        """Queue one validated request; raises `QueueFull` when `max_queue_size` are waiting."""
+        self.check_room()
         future: asyncio.Future[list[np.ndarray]] = self._loop.create_future()
         first = next(iter(feeds.values()))
         rows = int(first.shape[0]) if first.ndim else 1
@@ -317,6 +321,10 @@ class Batcher:
             queue = ModelQueue(model, self._executor, self._metrics, self._slots)
             self._queues[key] = queue
         return queue
+
+    def check_room(self, model: LoadedModel) -> None:
+        """Raise `QueueFull` when `model`'s queue is full (checked again at `run`)."""
+        self.queue(model).check_room()
 
     async def run(
         self, model: LoadedModel, feeds: dict[str, np.ndarray], output_names: Sequence[str]

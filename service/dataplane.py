@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
@@ -25,7 +26,7 @@ import numpy as np
 from bnfold.service import compare
 from bnfold.service.batching import Batcher
 from bnfold.service.codec import DecodedRequest, RequestedOutput, tensor_json
-from bnfold.service.errors import BadRequest, Unavailable, Unprocessable
+from bnfold.service.errors import BadRequest, QueueFull, Unavailable, Unprocessable
 from bnfold.service.metrics import UNKNOWN_MODEL, ServiceMetrics
 from bnfold.service.protocol import BACKEND, DATATYPE_OF_DTYPE, PLATFORM
 from bnfold.service.registry import ModelRegistry, ModelState
@@ -135,6 +136,9 @@ class DataPlane:
         self.registry = registry
         self.runner = runner
         self.batcher = batcher
+        # compare requests waiting or running, per model version: compare has no batcher
+        # queue, so this is its bound (the model's max_queue_size)
+        self._comparing: Counter[tuple[str, int]] = Counter()
         self.metrics = metrics
         self.ready = False
 
@@ -228,6 +232,29 @@ class DataPlane:
         await asyncio.to_thread(self.registry.unload, name)
         self.batcher.retire(name)
 
+    def admit_infer(self, name: str, version: str | None) -> None:
+        """Refuse an inference before its body is read when it cannot be served now: the
+        server not ready, an unknown or unready model, a full queue (503 + Retry-After).
+
+        Reading and decoding a body only to refuse it costs an overloaded server most of
+        what serving it would. `infer` checks again: the queue may fill meanwhile.
+        """
+        self.check_ready()
+        self.batcher.check_room(self.registry.get(name, version))
+
+    def admit_compare(self, name: str, version: str | None) -> None:
+        """`admit_infer` for compare, whose bound is the compares in progress."""
+        self.check_ready()
+        self._check_compare_room(self.registry.get(name, version))
+
+    def _check_compare_room(self, model: LoadedModel) -> None:
+        in_progress = self._comparing[model.name, model.version]
+        if in_progress >= model.batching.max_queue_size:
+            raise QueueFull(
+                f"{model.name} version {model.version} has {in_progress} compare requests "
+                "in progress (max_queue_size); retry later"
+            )
+
     async def infer(
         self, name: str, version: str | None, request: DecodedRequest
     ) -> InferenceResult:
@@ -265,10 +292,20 @@ class DataPlane:
             for name in (layer.batch_mean_output, layer.batch_var_output)
         ]
         self.metrics.batch_size.labels(model.name, "compare").observe(batch_size)
-        eval_arrays, train_arrays = await asyncio.gather(
-            self.runner.run(model, model.eval_session, feeds, output_names),
-            self.runner.run(model, model.train_session, feeds, [*output_names, *statistic_names]),
-        )
+        self._check_compare_room(model)
+        key = (model.name, model.version)
+        self._comparing[key] += 1
+        try:
+            eval_arrays, train_arrays = await asyncio.gather(
+                self.runner.run(model, model.eval_session, feeds, output_names),
+                self.runner.run(
+                    model, model.train_session, feeds, [*output_names, *statistic_names]
+                ),
+            )
+        finally:
+            self._comparing[key] -= 1
+            if not self._comparing[key]:
+                del self._comparing[key]
         logger.debug("compare %s version %d, batch %d", model.name, model.version, batch_size)
         train_outputs = train_arrays[: len(output_names)]
         outputs, drift = compare.compare_report(
