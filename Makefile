@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 BNFOLD := $(VENV)/bin/bnfold
 STAMP  := $(VENV)/.bnfold-installed
 
-.PHONY: serve test test-soak lint repository bench clean
+.PHONY: serve test test-soak lint repository bench bench-convert bench-serve clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,8 +34,19 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-bench: $(STAMP)
+## Benchmarks: the converter, then serving (BENCHMARKS.md). The serving benchmark drives
+## load with wrk (Debian's package, installed here when missing and we are root), else
+## with its own bounded Python client.
+bench: bench-convert bench-serve
+
+bench-convert: $(STAMP)
 	$(PY) benchmarks/convert_bench.py
+
+bench-serve: $(STAMP)
+	@command -v wrk >/dev/null || \
+		{ [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq wrk; } || \
+		echo "wrk is not installed (installing it needs root): the serving benchmark uses its Python client"
+	$(PY) benchmarks/serve_bench.py
 
 clean:
 	rm -rf $(VENV) models/repository models/.cache

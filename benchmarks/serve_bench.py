@@ -1,0 +1,844 @@
+"""Serving benchmark: bnfold side by side with the servers a user would compare it to.
+
+In one run, on 127.0.0.1 only, for the digits MLP (tiny) and the ImageNet-shaped
+ResNet-18 (heavy), at 1, 8 and 32 concurrent clients, each sending one sample
+per request:
+
+  1. bnfold (`bnfold serve`, its defaults), V2 JSON and binary tensors;
+  2. the hand-written FastAPI + onnxruntime JSON server (benchmarks/baseline_server.py);
+  3. onnxruntime called in-process, at its best batch size and threading (the limit);
+  4. an empty FastAPI POST handler (benchmarks/empty_server.py, the HTTP ceiling).
+
+Load comes from wrk (one thread, keep-alive connections, a Lua script for the
+POST bodies); without wrk, from a bounded asyncio client in this process
+(slower: its numbers are the client's as much as the server's). Every point
+runs `--duration` seconds after a one-second warm-up. Also measured: bnfold's
+start-to-ready time and memory on the default repository, the memory of
+`--workers 2`, and the session options and batching delay the defaults were
+chosen by (`--tune`: alternatives on the same points).
+
+Writes its section of BENCHMARKS.md and benchmarks/serve_bench.png.
+
+    python benchmarks/serve_bench.py [--duration 5] [--concurrency 1 8 32] [--no-tune] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "benchmarks" / "out" / "serve"
+PLOT = ROOT / "benchmarks" / "serve_bench.png"
+MARK_START = "<!-- serve-bench:start -->"
+MARK_END = "<!-- serve-bench:end -->"
+PYTHON = sys.executable
+BNFOLD = [PYTHON, "-m", "bnfold.service.cli"]
+MODELS = ("digits_mlp", "resnet18")
+START_TIMEOUT_SECONDS = 120.0
+WRK_TIMEOUT = "30s"
+
+
+# ---------------------------------------------------------------- the repository
+
+
+def ensure_repository() -> Path:
+    """benchmarks/out/serve/repository: the digits MLP and ResNet-18, converted once."""
+    repository = WORK / "repository"
+    default = ROOT / "models" / "repository"
+    if not (default / "digits_mlp" / "1" / "manifest.json").is_file():
+        subprocess.run([*BNFOLD, "models", "build"], check=True, cwd=ROOT)
+    if not (repository / "digits_mlp" / "1" / "manifest.json").is_file():
+        repository.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(default / "digits_mlp", repository / "digits_mlp", dirs_exist_ok=True)
+    if not (repository / "resnet18" / "1" / "manifest.json").is_file():
+        subprocess.run(
+            [*BNFOLD, "convert", "resnet18", "--repository", str(repository)],
+            check=True,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+        )
+    return repository
+
+
+def input_shape(repository: Path, model: str) -> tuple[int, ...]:
+    manifest = json.loads((repository / model / "1" / "manifest.json").read_text())
+    [tensor] = manifest["inputs"]
+    return tuple(1 if dim == -1 else dim for dim in tensor["shape"])
+
+
+@dataclass(frozen=True)
+class Body:
+    """One request: its bytes on disk (for wrk) and its headers."""
+
+    path: Path
+    headers: dict[str, str]
+
+
+def write_bodies(repository: Path, model: str) -> dict[str, Body]:
+    """The same single sample as V2 JSON (flat data) and as binary tensors (in and out)."""
+    sample = np.random.default_rng(0).random(input_shape(repository, model), dtype=np.float32)
+    tensor = {"name": "input", "shape": list(sample.shape), "datatype": "FP32"}
+    as_json = json.dumps({"inputs": [{**tensor, "data": sample.reshape(-1).tolist()}]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [{**tensor, "parameters": {"binary_data_size": sample.nbytes}}],
+            "outputs": [{"name": "output", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    bodies = {
+        "json": (as_json, {"Content-Type": "application/json"}),
+        "binary": (
+            header + sample.tobytes(),
+            {
+                "Content-Type": "application/octet-stream",
+                "Inference-Header-Content-Length": str(len(header)),
+            },
+        ),
+    }
+    written = {}
+    for encoding, (content, headers) in bodies.items():
+        path = WORK / f"{model}.{encoding}.body"
+        path.write_bytes(content)
+        written[encoding] = Body(path, headers)
+    return written
+
+
+# ---------------------------------------------------------------- servers
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=1) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def memory_kib(pid: int, field_name: str) -> int:
+    """A field of /proc/PID/status (VmRSS, VmHWM) or smaps_rollup (Pss), in KiB."""
+    source = "smaps_rollup" if field_name == "Pss" else "status"
+    for line in Path(f"/proc/{pid}/{source}").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+@dataclass
+class Server:
+    name: str
+    url: str
+    process: subprocess.Popen
+    ready_seconds: float
+
+
+@contextmanager
+def serve(name: str, command: Sequence[str], port: int) -> Iterator[Server]:
+    """Start `command` (listening on `port`), wait until ready, stop it with SIGTERM."""
+    log = (WORK / f"{name}.log").open("w")
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        list(command), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while not _ready(url):
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {process.returncode}; see {log.name}")
+            if time.perf_counter() - started > START_TIMEOUT_SECONDS:
+                raise TimeoutError(f"{name} did not become ready; see {log.name}")
+            time.sleep(0.01)
+        yield Server(name, url, process, time.perf_counter() - started)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        log.close()
+
+
+def bnfold_command(repository: Path | None, port: int, *options: str) -> list[str]:
+    command = [*BNFOLD, "serve", "--port", str(port), "--device", "cpu", "--log-level", "warning"]
+    if repository is not None:
+        command += ["--repository", str(repository)]
+    return [*command, *options]
+
+
+def baseline_command(repository: Path, port: int) -> list[str]:
+    script = ROOT / "benchmarks" / "baseline_server.py"
+    return [PYTHON, str(script), "--repository", str(repository), "--port", str(port)]
+
+
+def empty_command(port: int) -> list[str]:
+    return [PYTHON, str(ROOT / "benchmarks" / "empty_server.py"), "--port", str(port)]
+
+
+# ---------------------------------------------------------------- load
+
+
+@dataclass
+class Load:
+    requests: int
+    seconds: float
+    errors: int
+    p50_ms: float
+    p99_ms: float
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+
+LUA = """
+wrk.method = "POST"
+local file = io.open("{body}", "rb")
+wrk.body = file:read("*a")
+file:close()
+{headers}
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("BENCH %d %d %d %.1f %.1f\\n", summary.requests, summary.duration,
+    e.status + e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def wrk_load(url: str, body: Body, concurrency: int, seconds: float) -> Load:
+    headers = "\n".join(f'wrk.headers["{key}"] = "{value}"' for key, value in body.headers.items())
+    script = WORK / f"{body.path.stem}.lua"
+    script.write_text(LUA.format(body=body.path, headers=headers))
+    command = [
+        "wrk",
+        "-t1",
+        f"-c{concurrency}",
+        f"-d{seconds:g}s",
+        f"--timeout={WRK_TIMEOUT}",
+        "-s",
+        str(script),
+        url,
+    ]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    line = next(line for line in output.splitlines() if line.startswith("BENCH "))
+    requests, duration_us, errors, p50_us, p99_us = line.split()[1:]
+    return Load(
+        int(requests), int(duration_us) / 1e6, int(errors), float(p50_us) / 1e3, float(p99_us) / 1e3
+    )
+
+
+def python_load(url: str, body: Body, concurrency: int, seconds: float) -> Load:
+    """The fallback: keep-alive asyncio connections in this process, for `seconds`."""
+    host, port = url.removeprefix("http://").split("/", 1)[0].split(":")
+    path = "/" + url.removeprefix("http://").split("/", 1)[1]
+    content = body.path.read_bytes()
+    head = "".join(f"{key}: {value}\r\n" for key, value in body.headers.items())
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{head}Content-Length: {len(content)}\r\n\r\n"
+    ).encode() + content
+    latencies: list[float] = []
+    errors = 0
+
+    async def client(deadline: float) -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            while time.perf_counter() < deadline:
+                sent = time.perf_counter()
+                writer.write(request)
+                status = await reader.readline()
+                length = 0
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.decode("latin-1").partition(":")
+                    if name.lower() == "content-length":
+                        length = int(value)
+                await reader.readexactly(length)
+                latencies.append(time.perf_counter() - sent)
+                errors += not status.split()[1].startswith(b"2")
+        finally:
+            writer.close()
+
+    async def run() -> float:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(started + seconds) for _ in range(concurrency)))
+        return time.perf_counter() - started
+
+    elapsed = asyncio.run(run())
+    ordered = sorted(latencies) or [float("nan")]
+    return Load(
+        len(latencies),
+        elapsed,
+        errors,
+        ordered[len(ordered) // 2] * 1e3,
+        ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e3,
+    )
+
+
+def load(url: str, body: Body, concurrency: int, seconds: float) -> Load:
+    drive = wrk_load if shutil.which("wrk") else python_load
+    drive(url, body, concurrency, 1.0)  # warm-up: connections, caches, the batcher's queue
+    return drive(url, body, concurrency, seconds)
+
+
+def check_answer(url: str, body: Body) -> None:
+    """One request first: a server that answers errors would benchmark its error path."""
+    request = urllib.request.Request(url, data=body.path.read_bytes(), headers=body.headers)
+    with urllib.request.urlopen(request, timeout=60) as response:
+        if response.status != 200:
+            raise RuntimeError(f"{url} answered {response.status}")
+
+
+# ---------------------------------------------------------------- in-process onnxruntime
+
+
+def _session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _throughput(
+    session: ort.InferenceSession, batch: np.ndarray, runs: int, seconds: float
+) -> float:
+    """Samples a second with `runs` threads calling `session` concurrently."""
+    session.run(None, {"input": batch})
+    counts = [0] * runs
+    deadline = time.perf_counter() + seconds
+
+    def loop(index: int) -> None:
+        while time.perf_counter() < deadline:
+            session.run(None, {"input": batch})
+            counts[index] += 1
+
+    threads = [threading.Thread(target=loop, args=(index,)) for index in range(runs)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(counts) * len(batch) / (time.perf_counter() - started)
+
+
+def _latency_ms(session: ort.InferenceSession, sample: np.ndarray, seconds: float) -> float:
+    session.run(None, {"input": sample})
+    samples = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(samples) < 5:
+        started = time.perf_counter()
+        session.run(None, {"input": sample})
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples) * 1e3
+
+
+@dataclass
+class InProcess:
+    best_samples_per_s: float
+    best_batch: int
+    best_layout: str
+    p50_ms: dict[int, float]  # batch-1 latency by intra-op threads
+    by_batch: dict[str, dict[int, float]] = field(default_factory=dict)
+
+
+def in_process(repository: Path, model: str, seconds: float) -> InProcess:
+    """The limit: the best samples/s over batch sizes and threading, and batch-1 latency."""
+    path = repository / model / "1" / "model.onnx"
+    shape = input_shape(repository, model)
+    cores = len(os.sched_getaffinity(0))
+    batches = (1, 2, 4, 8, 16) if np.prod(shape) > 10_000 else (1, 8, 64, 256, 1024)
+    rng = np.random.default_rng(1)
+    by_batch: dict[str, dict[int, float]] = {}
+    for threads, runs in ((cores, 1), (1, cores)):
+        session = _session(path, threads)
+        layout = f"{runs} run(s) x {threads} thread(s)"
+        by_batch[layout] = {
+            batch: _throughput(
+                session, rng.random((batch, *shape[1:]), dtype=np.float32), runs, seconds
+            )
+            for batch in batches
+        }
+    layout, batch = max(
+        ((layout, batch) for layout, rates in by_batch.items() for batch in rates),
+        key=lambda key: by_batch[key[0]][key[1]],
+    )
+    sample = rng.random(shape, dtype=np.float32)
+    p50 = {threads: _latency_ms(_session(path, threads), sample, seconds) for threads in (1, cores)}
+    return InProcess(by_batch[layout][batch], batch, layout, p50, by_batch)
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class Point:
+    model: str
+    server: str
+    concurrency: int
+    load: Load
+
+
+def bench_servers(
+    repository: Path, concurrency: Sequence[int], seconds: float
+) -> tuple[list[Point], dict[str, float]]:
+    """Every server on every model and encoding; also bnfold's peak memory under this load."""
+    points: list[Point] = []
+    memory: dict[str, float] = {}
+    bodies = {model: write_bodies(repository, model) for model in MODELS}
+    port = free_port()
+    runs = [
+        ("bnfold JSON", bnfold_command(repository, port), "json"),
+        ("bnfold binary", bnfold_command(repository, port), "binary"),
+        ("hand-written FastAPI", baseline_command(repository, port), "json"),
+        ("empty handler", empty_command(port), "json"),
+    ]
+    for name, command, encoding in runs:
+        with serve(name, command, port) as server:
+            for model in MODELS:
+                url = f"{server.url}/v2/models/{model}/infer"
+                check_answer(url, bodies[model][encoding])
+                for clients in concurrency:
+                    result = load(url, bodies[model][encoding], clients, seconds)
+                    points.append(Point(model, name, clients, result))
+                    print(
+                        f"{model:11s} {name:22s} c={clients:<3d} {result.rps:9.1f} req/s "
+                        f"p50 {result.p50_ms:8.2f} ms p99 {result.p99_ms:8.2f} ms "
+                        f"errors {result.errors}",
+                        flush=True,
+                    )
+            if name.startswith("bnfold"):
+                memory[name] = memory_kib(server.process.pid, "VmHWM") / 1024
+    return points, memory
+
+
+def bench_startup(repeats: int = 3) -> dict[str, float]:
+    """Start to ready on the default repository (converted, optimised graphs cached), and RSS."""
+    ready, rss = [], []
+    for _ in range(repeats):
+        port = free_port()
+        with serve("bnfold default repository", bnfold_command(None, port), port) as server:
+            ready.append(server.ready_seconds)
+            rss.append(memory_kib(server.process.pid, "VmRSS") / 1024)
+    return {"ready_s": statistics.median(ready), "rss_mib": statistics.median(rss)}
+
+
+def bench_workers(repository: Path) -> dict[str, float]:
+    """`--workers 2` on the bench repository: memory of each worker process (RSS and PSS)."""
+    port = free_port()
+    with serve(
+        "bnfold --workers 2", bnfold_command(repository, port, "--workers", "2"), port
+    ) as server:
+        deadline = time.monotonic() + 60
+        children: list[int] = []
+        while len(children) < 2 and time.monotonic() < deadline:
+            listed = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
+            children = [  # uvicorn's workers, not multiprocessing's resource tracker
+                int(pid)
+                for pid in listed.read_text().split()
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            ]
+            time.sleep(0.1)
+        for _ in range(100):  # both workers loaded: the second answers too
+            if all(memory_kib(pid, "VmRSS") > 100_000 for pid in children):
+                break
+            time.sleep(0.1)
+        time.sleep(1.0)
+        return {
+            "supervisor_rss_mib": memory_kib(server.process.pid, "VmRSS") / 1024,
+            "worker_rss_mib": statistics.mean(memory_kib(pid, "VmRSS") for pid in children) / 1024,
+            "worker_pss_mib": statistics.mean(memory_kib(pid, "Pss") for pid in children) / 1024,
+        }
+
+
+TUNING = (
+    # (label, options, model, encoding, concurrency levels)
+    ("defaults", (), "resnet18", "binary", (1, 8)),
+    (
+        "--threads 1 --executor-workers 2",
+        ("--threads", "1", "--executor-workers", "2"),
+        "resnet18",
+        "binary",
+        (1, 8),
+    ),
+    ("--spinning", ("--spinning",), "resnet18", "binary", (1, 8)),
+    ("--no-memory-arena", ("--no-memory-arena",), "resnet18", "binary", (8,)),
+    (
+        "--execution-mode parallel",
+        ("--execution-mode", "parallel", "--inter-op-threads", "2"),
+        "resnet18",
+        "binary",
+        (8,),
+    ),
+    ("defaults", (), "digits_mlp", "json", (1, 8)),
+    ("--max-queue-delay-us 0", ("--max-queue-delay-us", "0"), "digits_mlp", "json", (1, 8)),
+    ("--max-queue-delay-us 2000", ("--max-queue-delay-us", "2000"), "digits_mlp", "json", (1, 8)),
+    ("--max-batch-size 0 (batching off)", ("--max-batch-size", "0"), "digits_mlp", "json", (8,)),
+    ("--workers 2", ("--workers", "2"), "digits_mlp", "json", (8, 32)),
+)
+
+
+def bench_tuning(repository: Path, seconds: float) -> list[dict]:
+    rows = []
+    bodies = {model: write_bodies(repository, model) for model in MODELS}
+    for label, options, model, encoding, levels in TUNING:
+        port = free_port()
+        with serve(f"tune {label}", bnfold_command(repository, port, *options), port) as server:
+            url = f"{server.url}/v2/models/{model}/infer"
+            check_answer(url, bodies[model][encoding])
+            for clients in levels:
+                result = load(url, bodies[model][encoding], clients, seconds)
+                rows.append(
+                    {"label": label, "model": model, "encoding": encoding, "concurrency": clients}
+                    | asdict(result)
+                )
+                print(
+                    f"tune {model:11s} {label:34s} c={clients:<3d} {result.rps:9.1f} req/s "
+                    f"p50 {result.p50_ms:8.2f} ms p99 {result.p99_ms:8.2f} ms",
+                    flush=True,
+                )
+    return rows
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _versions() -> str:
+    from importlib.metadata import version
+
+    names = ("onnxruntime", "fastapi", "uvicorn", "uvloop", "httptools", "orjson", "numpy")
+    return ", ".join(f"{name} {version(name)}" for name in names)
+
+
+def _find(points: list[Point], model: str, server: str, clients: int) -> Load:
+    return next(
+        point.load
+        for point in points
+        if (point.model, point.server, point.concurrency) == (model, server, clients)
+    )
+
+
+def targets(
+    points: list[Point],
+    limits: dict[str, InProcess],
+    startup: dict[str, float],
+    memory: dict[str, float],
+) -> list[tuple[str, str, str, str]]:
+    """(target, goal, measured, verdict) rows; the verdict says by how much a miss misses."""
+    rows = []
+
+    def verdict(ok: bool, miss: str) -> str:
+        return "met" if ok else f"missed: {miss}"
+
+    mlp = _find(points, "digits_mlp", "bnfold JSON", 8).rps
+    empty = _find(points, "digits_mlp", "empty handler", 8).rps
+    rows.append(
+        (
+            "digits MLP, JSON, 8 clients",
+            "≥ 3,500 req/s and ≥ 70 % of the empty handler",
+            f"{mlp:,.0f} req/s = {100 * mlp / empty:.0f} % of {empty:,.0f}",
+            verdict(
+                mlp >= 3500 and mlp >= 0.7 * empty,
+                f"{max(3500, 0.7 * empty) - mlp:,.0f} req/s short "
+                f"({100 * mlp / max(3500, 0.7 * empty):.0f} % of the goal)",
+            ),
+        )
+    )
+    limit = limits["resnet18"].best_samples_per_s
+    for encoding, share in (("binary", 0.9), ("JSON", 0.5)):
+        rate = _find(points, "resnet18", f"bnfold {encoding}", 8).rps
+        rows.append(
+            (
+                f"ResNet-18, {encoding}, 8 clients",
+                f"≥ {100 * share:.0f} % of in-process onnxruntime's best samples/s",
+                f"{rate:.1f} samples/s = {100 * rate / limit:.0f} % of {limit:.1f}",
+                verdict(rate >= share * limit, f"{100 * (share - rate / limit):.0f} points short"),
+            )
+        )
+    for model in MODELS:
+        served = _find(points, model, "bnfold binary", 1).p50_ms
+        direct = min(limits[model].p50_ms.values())
+        rows.append(
+            (
+                f"{model}, batch 1, 1 client: p50 (binary)",
+                "≤ 2 ms above in-process onnxruntime",
+                f"{served:.2f} ms vs {direct:.2f} ms (+{served - direct:.2f} ms)",
+                verdict(served - direct <= 2.0, f"{served - direct - 2.0:.2f} ms over"),
+            )
+        )
+        served_json = _find(points, model, "bnfold JSON", 1).p50_ms
+        rows.append(
+            (
+                f"{model}, batch 1, 1 client: p50 (JSON)",
+                "≤ 2 ms above in-process onnxruntime",
+                f"{served_json:.2f} ms vs {direct:.2f} ms (+{served_json - direct:.2f} ms)",
+                verdict(served_json - direct <= 2.0, f"{served_json - direct - 2.0:.2f} ms over"),
+            )
+        )
+    rows.append(
+        (
+            "start to ready, default repository",
+            "≤ 2 s",
+            f"{startup['ready_s']:.2f} s",
+            verdict(startup["ready_s"] <= 2.0, f"{startup['ready_s'] - 2.0:.2f} s over"),
+        )
+    )
+    rows.append(
+        (
+            "server RSS, default repository, ready",
+            "≤ 200 MB",
+            f"{startup['rss_mib']:.0f} MiB",
+            verdict(startup["rss_mib"] <= 200, f"{startup['rss_mib'] - 200:.0f} MiB over"),
+        )
+    )
+    peak = max(memory.values())
+    rows.append(
+        (
+            "server RSS, bench repository, peak under this load",
+            "≤ 200 MB",
+            f"{peak:.0f} MiB",
+            verdict(peak <= 200, f"{peak - 200:.0f} MiB over"),
+        )
+    )
+    return rows
+
+
+def draw_plot(points: list[Point], limits: dict[str, InProcess]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    servers = sorted(
+        {point.server for point in points}, key=lambda name: (not name.startswith("bnfold"), name)
+    )
+    figure, axes = plt.subplots(len(MODELS), 2, figsize=(12, 4.2 * len(MODELS)))
+    for row, model in enumerate(MODELS):
+        throughput, tail = axes[row]
+        for server in servers:
+            mine = sorted(
+                (point for point in points if (point.model, point.server) == (model, server)),
+                key=lambda point: point.concurrency,
+            )
+            clients = [point.concurrency for point in mine]
+            throughput.plot(clients, [point.load.rps for point in mine], marker="o", label=server)
+            tail.plot(clients, [point.load.p99_ms for point in mine], marker="o", label=server)
+        throughput.axhline(
+            limits[model].best_samples_per_s,
+            color="grey",
+            linestyle="--",
+            label="in-process onnxruntime, best batch",
+        )
+        for axis, title, unit in (
+            (throughput, "throughput", "samples/s (one sample per request)"),
+            (tail, "p99 latency", "ms"),
+        ):
+            axis.set_xscale("log", base=2)
+            axis.set_yscale("log")
+            axis.set_xticks(sorted({point.concurrency for point in points}))
+            axis.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            axis.set_xlabel("concurrent clients")
+            axis.set_ylabel(unit)
+            axis.set_title(f"{model}: {title}")
+            axis.grid(True, which="both", alpha=0.3)
+        throughput.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(PLOT, dpi=110)
+    plt.close(figure)
+
+
+def write_report(
+    points: list[Point],
+    limits: dict[str, InProcess],
+    startup: dict[str, float],
+    memory: dict[str, float],
+    workers: dict[str, float],
+    tuning: list[dict],
+    run: dict[str, str],
+) -> None:
+    cores = len(os.sched_getaffinity(0))
+    lines = [
+        MARK_START,
+        "## Serving: bnfold against a hand-written server, onnxruntime and an empty handler",
+        "",
+        f"Machine: {platform.machine()}, {_cpu_model()} ({cores} cores), {platform.system()} "
+        f"{platform.release()}, Python {platform.python_version()}; {_versions()}. "
+        f"Date: {date.today()}.",
+        f"Command: `{run['command']}` ({run['duration']} s a point after a 1 s warm-up; "
+        f"load from {run['driver']}, on the same {cores} cores as the server). "
+        f"Load average (1 min) at the start {run['load_start']}, at the end {run['load_end']}.",
+        "",
+        "Every request carries one sample (batch 1), so requests/s = samples/s. bnfold runs "
+        "with its defaults; the hand-written server is benchmarks/baseline_server.py "
+        "(pydantic models, a sync handler, onnxruntime's default options, dict responses); "
+        "the empty handler (benchmarks/empty_server.py) reads the body and returns a "
+        "constant: the most one uvicorn + FastAPI process answers with that body.",
+        "",
+    ]
+    for model in MODELS:
+        limit = limits[model]
+        lines += [
+            f"### {model}",
+            "",
+            "| server | clients | req/s = samples/s | p50 ms | p99 ms | errors |",
+            "|---|---|---|---|---|---|",
+        ]
+        for point in points:
+            if point.model != model:
+                continue
+            result = point.load
+            lines.append(
+                f"| {point.server} | {point.concurrency} | {result.rps:,.1f} | "
+                f"{result.p50_ms:.2f} | {result.p99_ms:.2f} | {result.errors} |"
+            )
+        layouts = "; ".join(
+            f"{layout}: " + ", ".join(f"b{batch} {rate:,.0f}" for batch, rate in rates.items())
+            for layout, rates in limit.by_batch.items()
+        )
+        latency = ", ".join(
+            f"{threads} thread(s) {ms:.2f} ms" for threads, ms in limit.p50_ms.items()
+        )
+        lines += [
+            "",
+            f"In-process onnxruntime (the limit): best {limit.best_samples_per_s:,.1f} samples/s "
+            f"at batch {limit.best_batch}, {limit.best_layout}. Samples/s by batch: {layouts}. "
+            f"Batch-1 p50 latency: {latency}.",
+            "",
+        ]
+    lines += [
+        "### Targets",
+        "",
+        "| target | goal | measured | verdict |",
+        "|---|---|---|---|",
+        *(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in targets(points, limits, startup, memory)),
+        "",
+        f"Memory: `bnfold serve --workers 2` on the bench repository (digits MLP + ResNet-18): "
+        f"each worker {workers['worker_rss_mib']:.0f} MiB RSS, {workers['worker_pss_mib']:.0f} MiB "
+        f"PSS (shared pages split), the supervisor {workers['supervisor_rss_mib']:.0f} MiB: each "
+        "extra worker costs about one worker's PSS, since every worker loads every model. "
+        f"Peak RSS of one bnfold process under this benchmark: "
+        + ", ".join(f"{name} {mib:.0f} MiB" for name, mib in memory.items())
+        + ".",
+        "",
+    ]
+    if tuning:
+        lines += [
+            "### How the defaults were chosen",
+            "",
+            "The same points with one setting changed (same run, same machine).",
+            "",
+            "| model | encoding | setting | clients | req/s | p50 ms | p99 ms |",
+            "|---|---|---|---|---|---|---|",
+            *(
+                f"| {row['model']} | {row['encoding']} | {row['label']} | {row['concurrency']} | "
+                f"{row['requests'] / row['seconds']:,.1f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} |"
+                for row in tuning
+            ),
+            "",
+        ]
+    lines += [
+        "![serving benchmark](benchmarks/serve_bench.png)",
+        MARK_END,
+    ]
+    section = "\n".join(lines)
+    target = ROOT / "BENCHMARKS.md"
+    text = target.read_text() if target.exists() else "# Benchmarks\n"
+    if MARK_START in text:
+        head, _, rest = text.partition(MARK_START)
+        _, _, tail = rest.partition(MARK_END)
+        text = head + section + tail
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    target.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds a point")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--no-tune", action="store_true", help="skip the settings comparison")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    arguments = parser.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    run = {
+        "command": "python benchmarks/serve_bench.py " + " ".join(sys.argv[1:]),
+        "duration": f"{arguments.duration:g}",
+        "driver": "wrk 1 thread" if shutil.which("wrk") else "the asyncio fallback client",
+        "load_start": f"{os.getloadavg()[0]:.2f}",
+    }
+    repository = ensure_repository()
+    limits = {model: in_process(repository, model, 1.5) for model in MODELS}
+    for model, limit in limits.items():
+        print(
+            f"{model}: in-process best {limit.best_samples_per_s:,.1f} samples/s "
+            f"(batch {limit.best_batch}, {limit.best_layout}), batch-1 p50 {limit.p50_ms}"
+        )
+    points, memory = bench_servers(repository, arguments.concurrency, arguments.duration)
+    startup = bench_startup()
+    print(f"start to ready {startup['ready_s']:.2f} s, RSS {startup['rss_mib']:.0f} MiB")
+    workers = bench_workers(repository)
+    print(f"--workers 2: {workers}")
+    tuning = [] if arguments.no_tune else bench_tuning(repository, arguments.duration)
+    run["load_end"] = f"{os.getloadavg()[0]:.2f}"
+    (WORK / "results.json").write_text(
+        json.dumps(
+            {
+                "points": [asdict(point) for point in points],
+                "limits": {model: asdict(limit) for model, limit in limits.items()},
+                "startup": startup,
+                "memory": memory,
+                "workers": workers,
+                "tuning": tuning,
+                "run": run,
+            },
+            indent=1,
+        )
+    )
+    for row in targets(points, limits, startup, memory):
+        print(" | ".join(row))
+    if not arguments.no_write:
+        draw_plot(points, limits)
+        write_report(points, limits, startup, memory, workers, tuning, run)
+
+
+if __name__ == "__main__":
+    main()
