@@ -6,12 +6,13 @@ on top of this costs throughput; this is the most uvicorn + FastAPI can answer
 on the machine. Same uvicorn options as `bnfold serve` (uvloop, httptools, no
 access log).
 
-    python benchmarks/empty_server.py --port 8002
+    python benchmarks/empty_server.py --port 8002 [--workers 2]
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -38,9 +39,13 @@ def create_app() -> FastAPI:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8002)
+    parser.add_argument("--workers", type=int, default=1)
     arguments = parser.parse_args()
     uvicorn.run(
-        create_app(),
+        "empty_server:create_app" if arguments.workers > 1 else create_app(),
+        factory=arguments.workers > 1,
+        workers=arguments.workers if arguments.workers > 1 else None,
+        app_dir=str(Path(__file__).parent),
         host="127.0.0.1",
         port=arguments.port,
         loop="uvloop",

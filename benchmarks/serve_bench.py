@@ -480,39 +480,90 @@ def bench_workers(repository: Path) -> dict[str, float]:
         }
 
 
-TUNING = (
-    # (label, options, model, encoding, concurrency levels)
-    ("defaults", (), "resnet18", "binary", (1, 8)),
+ONE_BY_TWO = ("--threads", "1", "--executor-workers", "2")
+TWO_BY_ONE = ("--threads", "2", "--executor-workers", "1")
+TUNING: tuple[tuple[str, str, tuple[str, ...], str, str, tuple[int, ...]], ...] = (
+    # (label, server, options, model, encoding, concurrency levels); every row spells out
+    # the setting it varies, so the table keeps its meaning whatever the defaults are
+    ("2 runs x 1 thread", "bnfold", ONE_BY_TWO, "resnet18", "binary", (1, 8)),
+    ("1 run x 2 threads", "bnfold", TWO_BY_ONE, "resnet18", "binary", (1, 8)),
     (
-        "--threads 1 --executor-workers 2",
-        ("--threads", "1", "--executor-workers", "2"),
+        "2 runs x 2 threads",
+        "bnfold",
+        ("--threads", "2", "--executor-workers", "2"),
         "resnet18",
         "binary",
         (1, 8),
     ),
-    ("--spinning", ("--spinning",), "resnet18", "binary", (1, 8)),
-    ("--no-memory-arena", ("--no-memory-arena",), "resnet18", "binary", (8,)),
     (
-        "--execution-mode parallel",
-        ("--execution-mode", "parallel", "--inter-op-threads", "2"),
+        "1 run x 2 threads, spinning",
+        "bnfold",
+        (*TWO_BY_ONE, "--spinning"),
+        "resnet18",
+        "binary",
+        (1, 8),
+    ),
+    (
+        "1 run x 2 threads, no memory arena",
+        "bnfold",
+        (*TWO_BY_ONE, "--no-memory-arena"),
         "resnet18",
         "binary",
         (8,),
     ),
-    ("defaults", (), "digits_mlp", "json", (1, 8)),
-    ("--max-queue-delay-us 0", ("--max-queue-delay-us", "0"), "digits_mlp", "json", (1, 8)),
-    ("--max-queue-delay-us 2000", ("--max-queue-delay-us", "2000"), "digits_mlp", "json", (1, 8)),
-    ("--max-batch-size 0 (batching off)", ("--max-batch-size", "0"), "digits_mlp", "json", (8,)),
-    ("--workers 2", ("--workers", "2"), "digits_mlp", "json", (8, 32)),
+    (
+        "1 run x 2 threads, parallel execution",
+        "bnfold",
+        (*TWO_BY_ONE, "--execution-mode", "parallel", "--inter-op-threads", "2"),
+        "resnet18",
+        "binary",
+        (8,),
+    ),
+    ("2 runs x 1 thread", "bnfold", ONE_BY_TWO, "resnet18", "json", (8,)),
+    ("1 run x 2 threads", "bnfold", TWO_BY_ONE, "resnet18", "json", (8,)),
+    ("max_queue_delay_us 0", "bnfold", ("--max-queue-delay-us", "0"), "digits_mlp", "json", (1, 8)),
+    (
+        "max_queue_delay_us 500",
+        "bnfold",
+        ("--max-queue-delay-us", "500"),
+        "digits_mlp",
+        "json",
+        (1, 8),
+    ),
+    (
+        "max_queue_delay_us 2000",
+        "bnfold",
+        ("--max-queue-delay-us", "2000"),
+        "digits_mlp",
+        "json",
+        (1, 8),
+    ),
+    (
+        "batching off (max_batch_size 0)",
+        "bnfold",
+        ("--max-batch-size", "0"),
+        "digits_mlp",
+        "json",
+        (8,),
+    ),
+    ("2 runs x 1 thread", "bnfold", ONE_BY_TWO, "digits_mlp", "json", (8,)),
+    ("1 run x 2 threads", "bnfold", TWO_BY_ONE, "digits_mlp", "json", (8,)),
+    ("bnfold --workers 2", "bnfold", ("--workers", "2"), "digits_mlp", "json", (8, 32)),
+    ("empty handler --workers 2", "empty", ("--workers", "2"), "digits_mlp", "json", (8, 32)),
 )
 
 
 def bench_tuning(repository: Path, seconds: float) -> list[dict]:
     rows = []
     bodies = {model: write_bodies(repository, model) for model in MODELS}
-    for label, options, model, encoding, levels in TUNING:
+    for label, kind, options, model, encoding, levels in TUNING:
         port = free_port()
-        with serve(f"tune {label}", bnfold_command(repository, port, *options), port) as server:
+        command = (
+            bnfold_command(repository, port, *options)
+            if kind == "bnfold"
+            else [*empty_command(port), *options]
+        )
+        with serve(f"tune {label}", command, port) as server:
             url = f"{server.url}/v2/models/{model}/infer"
             check_answer(url, bodies[model][encoding])
             for clients in levels:
@@ -522,8 +573,9 @@ def bench_tuning(repository: Path, seconds: float) -> list[dict]:
                     | asdict(result)
                 )
                 print(
-                    f"tune {model:11s} {label:34s} c={clients:<3d} {result.rps:9.1f} req/s "
-                    f"p50 {result.p50_ms:8.2f} ms p99 {result.p99_ms:8.2f} ms",
+                    f"tune {model:11s} {encoding:6s} {label:40s} c={clients:<3d} "
+                    f"{result.rps:9.1f} req/s p50 {result.p50_ms:8.2f} ms "
+                    f"p99 {result.p99_ms:8.2f} ms",
                     flush=True,
                 )
     return rows
@@ -797,6 +849,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--no-tune", action="store_true", help="skip the settings comparison")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument(
+        "--tune-only", action="store_true", help="only the settings comparison, printed"
+    )
     arguments = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     run = {
@@ -806,6 +861,9 @@ def main() -> None:
         "load_start": f"{os.getloadavg()[0]:.2f}",
     }
     repository = ensure_repository()
+    if arguments.tune_only:
+        bench_tuning(repository, arguments.duration)
+        return
     limits = {model: in_process(repository, model, 1.5) for model in MODELS}
     for model, limit in limits.items():
         print(

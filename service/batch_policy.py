@@ -21,10 +21,15 @@ from bnfold.service.repository import BatchingFields, ManifestTensor
 
 @dataclass(frozen=True)
 class BatchPolicy:
-    """Rows per merged run, how long the oldest request may wait for company, the queue bound."""
+    """Rows per merged run, how long the oldest request may wait for company, the queue bound.
+
+    The defaults measured best (BENCHMARKS.md): no wait, as Triton's default. A batch
+    forms from the requests that queued while the model's runs were busy, so it grows
+    with the load by itself; a wait only adds latency when the load is light.
+    """
 
     max_batch_size: int = 32
-    max_queue_delay_us: int = 500
+    max_queue_delay_us: int = 0
     max_queue_size: int = 256
     disabled_reason: str | None = None
 

@@ -134,8 +134,8 @@ def serve(
     max_queue_delay_us: int | None = typer.Option(
         None,
         "--max-queue-delay-us",
-        help="Dynamic batching: longest wait (µs) for other requests. "
-        "(env BNFOLD_MAX_QUEUE_DELAY_US)",
+        help="Dynamic batching: longest wait (µs) of a request for others; 0 merges what "
+        "queued while the runs were busy. (env BNFOLD_MAX_QUEUE_DELAY_US; default 0)",
     ),
     max_queue_size: int | None = typer.Option(
         None,
