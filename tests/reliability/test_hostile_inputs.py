@@ -377,7 +377,10 @@ def test_claims_never_allocate(load_server: ServerProcess) -> None:
     after = load_server.memory_kib()
     assert {outcome.status for outcome in outcomes} == {400}
     growth_mib = (after["VmHWM"] - before["VmHWM"]) / 1024
-    print(f"claims: peak RSS {before['VmHWM'] / 1024:.0f} -> {after['VmHWM'] / 1024:.0f} MiB")
+    print(
+        f"FIGURE claims: {CLAIMS} requests claiming terabytes, peak RSS "
+        f"{before['VmHWM'] / 1024:.0f} -> {after['VmHWM'] / 1024:.0f} MiB"
+    )
     assert growth_mib < 32, growth_mib
 
 
