@@ -553,7 +553,7 @@ def _lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContextMan
             len(index),
             ", ".join(providers),
             settings.run_slots,
-            settings.intra_op_threads,
+            settings.session_threads,
             time.perf_counter() - started,
         )
         dataplane.ready = True

@@ -87,7 +87,8 @@ def serve(
         None,
         "--threads",
         "--intra-op-threads",
-        help="onnxruntime threads per session run. (env BNFOLD_INTRA_OP_THREADS; default 1)",
+        help="onnxruntime threads per session run; 0 = CPUs / executor workers. "
+        "(env BNFOLD_INTRA_OP_THREADS; default 0: one run on every CPU)",
     ),
     workers: int | None = typer.Option(
         None,
@@ -98,7 +99,7 @@ def serve(
     executor_workers: int | None = typer.Option(
         None,
         "--executor-workers",
-        help="Concurrent session runs per process; 0 = CPU cores / threads. "
+        help="Concurrent session runs per process; 0 = CPUs / threads. "
         "(env BNFOLD_EXECUTOR_WORKERS; default 0)",
     ),
     inter_op_threads: int | None = typer.Option(

@@ -14,9 +14,10 @@ what requests are validated against, so a disagreement is a broken package,
 and resolves the model's batching policy (`batch_policy`).
 
 Session options (threads, execution mode, memory arena, spinning) come from
-`SessionConfig`; the defaults are the ones that measured best on the serving
-benchmark (BENCHMARKS.md): one sequential intra-op thread per run and as many
-concurrent runs as cores, the arena on, no spinning.
+`SessionConfig`; the server's defaults are the ones that measured best on the
+serving benchmark (BENCHMARKS.md): sequential execution (the folded graphs are
+chains: parallel mode only adds scheduling), the arena on, no spinning, and one
+run on every CPU (`Settings.session_threads`).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ option given on the command line wins over the environment.
 
 from __future__ import annotations
 
+import math
 import os
 from enum import Enum
 from pathlib import Path
@@ -38,6 +39,34 @@ class LogLevel(str, Enum):
     DEBUG = "debug"
 
 
+def _cgroup_cpu_limit() -> float | None:
+    """The CPU quota of this process's cgroup (a container's CPU limit), if there is one."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]  # cgroup v2
+    except (OSError, ValueError):
+        try:  # cgroup v1
+            quota = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text().strip()
+            period = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    if quota in ("max", "-1"):
+        return None
+    try:
+        return int(quota) / int(period)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup CPU quota (in a container
+    the affinity lists every core of the node, the quota is the pod's limit)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    limit = _cgroup_cpu_limit()
+    if limit is not None:
+        cpus = min(cpus or 1, max(1, math.ceil(limit)))
+    return max(1, cpus or 1)
+
+
 class Settings(BaseSettings):
     """Configuration of one `bnfold serve` process."""
 
@@ -58,13 +87,16 @@ class Settings(BaseSettings):
         description="uvicorn worker processes; each loads every model (memory x workers).",
     )
     intra_op_threads: int = Field(
-        1, ge=1, le=256, description="onnxruntime intra-op threads per session run."
+        0,
+        ge=0,
+        le=256,
+        description="onnxruntime intra-op threads per session run; 0: the CPUs / executor workers.",
     )
     executor_workers: int = Field(
         0,
         ge=0,
         le=256,
-        description="Concurrent session runs; 0 sizes the pool to CPU cores / intra-op threads.",
+        description="Concurrent session runs; 0: the CPUs / intra-op threads.",
     )
     inter_op_threads: int = Field(
         1, ge=1, le=256, description="onnxruntime inter-op threads (parallel execution mode)."
@@ -111,12 +143,20 @@ class Settings(BaseSettings):
         return value
 
     @property
+    def session_threads(self) -> int:
+        """Intra-op threads per run. Both 0 (the default): one run on every CPU, which measured
+        best (BENCHMARKS.md): at one client a run takes half the time it takes on one
+        thread, and under load the batcher fills that run with the queued rows."""
+        if self.intra_op_threads:
+            return self.intra_op_threads
+        return max(1, available_cpus() // (self.executor_workers or 1))
+
+    @property
     def run_slots(self) -> int:
-        """Executor size: enough concurrent runs to fill the cores, each with its own threads."""
+        """Executor size: enough concurrent runs to fill the CPUs, each with its own threads."""
         if self.executor_workers:
             return self.executor_workers
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        return max(1, (cores or 1) // self.intra_op_threads)
+        return max(1, available_cpus() // self.session_threads)
 
     @property
     def batching(self) -> BatchPolicy:
@@ -126,7 +166,7 @@ class Settings(BaseSettings):
     def session_config(self, providers: tuple[str, ...]) -> SessionConfig:
         return SessionConfig(
             providers=providers,
-            intra_op_threads=self.intra_op_threads,
+            intra_op_threads=self.session_threads,
             execution_mode=self.execution_mode,
             inter_op_threads=self.inter_op_threads,
             memory_arena=self.memory_arena,

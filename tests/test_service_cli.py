@@ -139,7 +139,7 @@ def test_defaults(
     ("arguments", "message"),
     [
         (["--port", "70000"], "port"),
-        (["--threads", "0"], "intra_op_threads"),
+        (["--threads", "-1"], "intra_op_threads"),
         (["--max-body-bytes", "0"], "max_body_bytes"),
         (["--device", "gpu"], "gpu"),
         (["--repository", "/nonexistent/repository"], "does not exist"),

@@ -12,12 +12,13 @@ import pytest
 from typer.testing import CliRunner
 
 from bnfold.service import serve_cli
+from bnfold.service import settings as settings_module
 from bnfold.service.app import create_app_from_env
 from bnfold.service.batch_policy import BatchPolicy
 from bnfold.service.cli import app
 from bnfold.service.repository import PackageLocation, read_package
 from bnfold.service.sessions import ExecutionMode, SessionConfig, load_model
-from bnfold.service.settings import Settings
+from bnfold.service.settings import Settings, available_cpus
 
 from service_packages import write_mlp
 
@@ -78,7 +79,8 @@ def test_default_session_options(tmp_path: Path) -> None:
         Settings(device="cpu").session_config(("CPUExecutionProvider",)),
     )
     options = model.eval_session.get_session_options()
-    assert options.intra_op_num_threads == 1 and options.execution_mode.name == "ORT_SEQUENTIAL"
+    assert options.intra_op_num_threads == available_cpus()
+    assert options.execution_mode.name == "ORT_SEQUENTIAL"
     assert options.enable_cpu_mem_arena is True
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert model.batching == BatchPolicy()
@@ -146,3 +148,26 @@ def test_settings_survive_the_environment(clean_environment: pytest.MonkeyPatch)
     for name, value in serve_cli.settings_environment(settings).items():
         clean_environment.setenv(name, value)
     assert Settings() == settings
+
+
+@pytest.mark.parametrize(
+    ("threads", "runs", "expected"),
+    [(0, 0, (4, 1)), (0, 2, (2, 2)), (1, 0, (1, 4)), (3, 0, (3, 1)), (2, 3, (2, 3))],
+)
+def test_threads_and_runs_fill_the_cpus(
+    monkeypatch: pytest.MonkeyPatch, threads: int, runs: int, expected: tuple[int, int]
+) -> None:
+    """(intra-op threads, concurrent runs) from the settings on a 4-CPU machine; 0 means
+    what fills the CPUs given the other, both 0 one run on every CPU."""
+    monkeypatch.setattr(settings_module, "available_cpus", lambda: 4)
+    chosen = Settings(intra_op_threads=threads, executor_workers=runs)
+    assert (chosen.session_threads, chosen.run_slots) == expected
+
+
+def test_a_cgroup_cpu_quota_caps_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a container the affinity lists the node's cores; the CPU limit is the quota."""
+    monkeypatch.setattr(settings_module.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(settings_module, "_cgroup_cpu_limit", lambda: 1.5)
+    assert available_cpus() == 2
+    monkeypatch.setattr(settings_module, "_cgroup_cpu_limit", lambda: None)
+    assert available_cpus() == 16
