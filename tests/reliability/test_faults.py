@@ -163,7 +163,6 @@ def test_unload_and_reload_under_load(
     load = threading.Thread(target=hammer, daemon=True)
     load.start()
     in_flight: list[tuple[str, httpx.Response]] = []
-    unavailable: Counter[int] = Counter()
     accepted = 0.0  # slow requests that reached the batcher so far
     with httpx.Client(base_url=admin_server.url, timeout=60) as admin:
         try:
@@ -190,7 +189,6 @@ def test_unload_and_reload_under_load(
                 )
                 response = admin.post(long_running.path, content=long_running.content,
                                       headers=long_running.headers)  # fmt: skip
-                unavailable[response.status_code] += 1
                 assert response.status_code == 503 and b"unloaded" in response.content
                 assert (
                     admin.post("/v2/repository/models/slow/load", headers=ADMIN).status_code == 200

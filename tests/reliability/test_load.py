@@ -65,7 +65,7 @@ def mixed_plan(repository: Path, count: int, seed: int) -> list[PlannedRequest]:
     return plan
 
 
-def check_all_exact(plan: list[PlannedRequest], outcomes: list) -> None:
+def check_all_exact(plan: list[PlannedRequest], outcomes: list[Outcome]) -> None:
     statuses = Counter(outcome.status for outcome in outcomes)
     assert statuses == {200: len(plan)}, (
         statuses,
@@ -79,7 +79,9 @@ def check_all_exact(plan: list[PlannedRequest], outcomes: list) -> None:
     assert not wrong, list(wrong.items())[:5]
 
 
-def report(label: str, outcomes: list, seconds: float, server: ServerProcess | None = None) -> None:
+def report(
+    label: str, outcomes: list[Outcome], seconds: float, server: ServerProcess | None = None
+) -> None:
     latencies = [outcome.seconds * 1000 for outcome in outcomes]
     line = (
         f"FIGURE {label}: {len(outcomes)} requests in {seconds:.1f} s "
