@@ -480,6 +480,96 @@ def bench_workers(repository: Path) -> dict[str, float]:
         }
 
 
+# Where a bnfold process spends its samples. A sample on a run thread (the batcher's, or
+# the executor's for compare) counts as such; any other goes to the innermost frame a specific part names (bnfold's own code
+# sits inside the framework's frames), else to the innermost frame a generic part names.
+RUN_THREAD_PART = "run threads: onnxruntime runs, batch assembly"
+RUN_THREADS = ("_serve (service/batching.py", "_worker (concurrent/futures/thread.py")
+SPECIFIC_PARTS = (
+    (
+        "hand-off between threads (wake-ups, futures)",
+        ("(concurrent/futures/", "(asyncio/futures.py", "(threading.py"),
+    ),
+    ("bnfold: batcher (queue, dispatch, completion)", ("(service/batching.py",)),
+    ("bnfold: decode (body, JSON or binary to numpy)", ("decode_request (", "read_body (")),
+    ("bnfold: encode (numpy to JSON or binary)", ("encode_response (", "inference_response (")),
+    ("bnfold: validation, model lookup", ("(service/dataplane.py", "(service/registry.py")),
+    ("bnfold: metrics", ("(service/metrics.py",)),
+)
+GENERIC_PARTS = (
+    ("bnfold: other request code", ("(service/app.py", "(service/codec.py", "(service/errors.py")),
+    ("Starlette/FastAPI: middleware, routing, responses", ("(starlette/", "(fastapi/")),
+    ("uvicorn: HTTP protocol", ("(uvicorn/protocols/", "(uvicorn/middleware/")),
+)
+
+
+def _classify(stack: str) -> str:
+    frames = stack.split(";")
+    if any(marker in frame for frame in frames for marker in RUN_THREADS):
+        return RUN_THREAD_PART
+    for parts in (SPECIFIC_PARTS, GENERIC_PARTS):
+        for frame in reversed(frames):
+            for part, markers in parts:
+                if any(marker in frame for marker in markers):
+                    return part
+    return "event loop (uvloop: sockets, timers, callbacks)"
+
+
+def bench_profile(repository: Path, seconds: float) -> dict[str, dict[str, float]]:
+    """py-spy samples of bnfold under load at 8 clients, by part; {} without py-spy."""
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(PYTHON).parent))
+    if spy is None:
+        return {}
+    shares: dict[str, dict[str, float]] = {}
+    bodies = {model: write_bodies(repository, model) for model in MODELS}
+    port = free_port()
+    with serve("bnfold profiled", bnfold_command(repository, port), port) as server:
+        for model, encoding in (
+            ("digits_mlp", "json"),
+            ("resnet18", "json"),
+            ("resnet18", "binary"),
+        ):
+            url = f"{server.url}/v2/models/{model}/infer"
+            raw = WORK / f"profile.{model}.{encoding}.txt"
+            loader = threading.Thread(
+                target=load, args=(url, bodies[model][encoding], 8, seconds + 2)
+            )
+            loader.start()
+            time.sleep(2.0)  # the one-second warm-up, then load
+            subprocess.run(
+                [
+                    spy,
+                    "record",
+                    "--pid",
+                    str(server.process.pid),
+                    "--duration",
+                    f"{seconds:g}",
+                    "--rate",
+                    "200",
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(raw),
+                    "--nonblocking",
+                ],
+                check=True,
+                capture_output=True,
+            )
+            loader.join()
+            counts: dict[str, int] = {}
+            for line in raw.read_text().splitlines():
+                stack, _, count = line.rpartition(" ")
+                part = _classify(stack)
+                counts[part] = counts.get(part, 0) + int(count)
+            total = sum(counts.values()) or 1
+            shares[f"{model} {encoding}"] = {
+                part: 100 * count / total
+                for part, count in sorted(counts.items(), key=lambda item: -item[1])
+            }
+            print(f"profile {model} {encoding}: {shares[f'{model} {encoding}']}", flush=True)
+    return shares
+
+
 ONE_BY_TWO = ("--threads", "1", "--executor-workers", "2")
 TWO_BY_ONE = ("--threads", "2", "--executor-workers", "1")
 TUNING: tuple[tuple[str, str, tuple[str, ...], str, str, tuple[int, ...]], ...] = (
@@ -745,6 +835,7 @@ def write_report(
     memory: dict[str, float],
     workers: dict[str, float],
     tuning: list[dict],
+    profile: dict[str, dict[str, float]],
     run: dict[str, str],
 ) -> None:
     cores = len(os.sched_getaffinity(0))
@@ -827,6 +918,24 @@ def write_report(
             ),
             "",
         ]
+    if profile:
+        parts = list(dict.fromkeys(part for shares in profile.values() for part in shares))
+        lines += [
+            "### Where the time goes",
+            "",
+            "py-spy samples of the bnfold process at 8 clients (every thread, idle waits "
+            "excluded), by the innermost frame naming a part, in % of the samples.",
+            "",
+            "| part | " + " | ".join(profile) + " |",
+            "|---|" + "---|" * len(profile),
+            *(
+                f"| {part} | "
+                + " | ".join(f"{shares.get(part, 0.0):.0f}" for shares in profile.values())
+                + " |"
+                for part in parts
+            ),
+            "",
+        ]
     lines += [
         "![serving benchmark](benchmarks/serve_bench.png)",
         MARK_END,
@@ -876,6 +985,7 @@ def main() -> None:
     workers = bench_workers(repository)
     print(f"--workers 2: {workers}")
     tuning = [] if arguments.no_tune else bench_tuning(repository, arguments.duration)
+    profile = bench_profile(repository, arguments.duration)
     run["load_end"] = f"{os.getloadavg()[0]:.2f}"
     (WORK / "results.json").write_text(
         json.dumps(
@@ -886,6 +996,7 @@ def main() -> None:
                 "memory": memory,
                 "workers": workers,
                 "tuning": tuning,
+                "profile": profile,
                 "run": run,
             },
             indent=1,
@@ -895,7 +1006,7 @@ def main() -> None:
         print(" | ".join(row))
     if not arguments.no_write:
         draw_plot(points, limits)
-        write_report(points, limits, startup, memory, workers, tuning, run)
+        write_report(points, limits, startup, memory, workers, tuning, profile, run)
 
 
 if __name__ == "__main__":

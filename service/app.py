@@ -540,7 +540,7 @@ def _lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContextMan
         )
         executor = ThreadPoolExecutor(settings.run_slots, thread_name_prefix="bnfold-run")
         metrics: ServiceMetrics = app.state.metrics
-        batcher = Batcher(executor, metrics, slots=settings.run_slots)
+        batcher = Batcher(metrics, slots=settings.run_slots)
         dataplane = DataPlane(registry, ExecutorRunner(executor, metrics), batcher, metrics)
         app.state.dataplane = dataplane
         index = await asyncio.to_thread(registry.load_all)

@@ -1,41 +1,45 @@
 """Dynamic batching (Triton's idea): requests for one model version share session runs.
 
-    submit ──► queue of (model, version) ──► consumer: a free run slot, the oldest
-      │        (> max_queue_size: 503 +       request, then up to max_queue_delay_us
-      │         Retry-After, at once)         for more rows, up to max_batch_size
-      │                                              │
-      │                   [a a][b][c c c] ── concatenate on axis 0, one run
-      │                                              │  (executor thread)
-      ◄── each caller: exactly its rows, its outputs ┘
+    submit (event loop) ──► queue of (model, version) ──► run thread: a free run slot,
+      │  (full: 503 + Retry-After,          the oldest request, then up to
+      │   at once)                          max_queue_delay_us for more rows
+      │                                                   │
+      │                  [a a][b][c c c] ── concatenate on axis 0, one run
+      │                                                   │
+      ◄── each caller: exactly its rows, its outputs ─────┘ (back on the event loop)
 
-One `ModelQueue` per loaded model version, with one consumer task; it forms a
-batch when one of its run slots (one per executor thread) is free, so under
-load requests pile up while runs are busy and the next batch is larger, as
-in Triton. Only requests whose inputs agree on every dimension but the first
-are merged (the datatypes are fixed by the manifest); the run asks for the
-union of the outputs the merged requests selected. A request with more rows
-than `max_batch_size` runs alone. With batching off (`BatchPolicy`), each
-request is a run of its own, still through the bounded queue.
+One `ModelQueue` per loaded model version. Its run threads pull the work: a
+thread that finishes a run takes whatever queued meanwhile, up to
+`max_batch_size` rows, so under load requests pile up while runs are busy and
+the next batch is larger (as in Triton), and a busy thread never has to be
+woken. That matters for small models: handing each batch to a sleeping
+executor thread (a futex wake-up, a context switch, the GIL changing hands)
+measured as the largest single cost of a digits-MLP request (BENCHMARKS.md).
+Run slots are shared by every model (`slots` concurrent runs in all), so
+models never oversubscribe the cores between them.
+
+Only requests whose inputs agree on every dimension but the first are merged
+(the datatypes are fixed by the manifest); the run asks for the union of the
+outputs the merged requests selected. A request with more rows than
+`max_batch_size` runs alone. With batching off (`BatchPolicy`), each request
+is a run of its own, still through the bounded queue.
 
 Failure isolation: when a merged run fails, every request in it is run again
 alone, so only the request that cannot run gets its error (422).
 
-Waiting: asyncio's timers have millisecond granularity (uvloop rounds delays
-under 0.5 ms to zero), so the part of a wait under a millisecond yields to the
-event loop pass by pass instead of sleeping: requests whose bytes are already
-in the socket buffers get read and join the batch. That costs CPU only while
-the loop has nothing else to do, and at most `max_queue_delay_us` per batch.
+Threads: the queue is shared under a lock; the event loop appends, run threads
+take. Futures and metrics are only touched on the event loop (a finished run
+hands its outcomes back with `call_soon_threadsafe`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,9 +51,6 @@ from bnfold.service.runs import RUN_ERRORS, run_failed
 from bnfold.service.sessions import LoadedModel
 
 logger = logging.getLogger("bnfold.service")
-
-# Below this much remaining wait, yield loop passes instead of arming a timer.
-_TIMER_GRANULARITY_SECONDS = 0.001
 
 Outcome = list[np.ndarray] | Exception
 
@@ -109,7 +110,7 @@ def _run_merged(
 def run_batch(
     session: ort.InferenceSession, model_name: str, batch: list[_Pending], names: list[str]
 ) -> _RunResult:
-    """Executor side: run `batch` (merged when it has several requests), one outcome each."""
+    """On a run thread: run `batch` (merged when it has several requests), one outcome each."""
     started = time.perf_counter()
     outcomes = _run_merged(session, model_name, batch, names) if len(batch) > 1 else None
     if outcomes is None:
@@ -118,34 +119,38 @@ def run_batch(
     return _RunResult(started, time.perf_counter(), rows, outcomes)
 
 
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
-
-
 class ModelQueue:
-    """The queue and consumer of one loaded model version. Lives on the event loop."""
+    """The queue of one loaded model version and the threads that run it."""
 
     def __init__(
-        self, model: LoadedModel, executor: Executor, metrics: ServiceMetrics, slots: int
+        self,
+        model: LoadedModel,
+        metrics: ServiceMetrics,
+        slots: threading.Semaphore,
+        threads: int,
     ) -> None:
         self.model = model
         self.policy = model.batching
-        self._executor = executor
         self._loop = asyncio.get_running_loop()
+        self._slots = slots
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
         self._pending: deque[_Pending] = deque()
         self._pending_rows = 0
-        self._free_slots = slots
-        self._waiter: asyncio.Future[None] | None = None
         self._retired = False
         self._output_order = [tensor.name for tensor in model.outputs]
         self._queue_time = metrics.queue.labels(model.name)
         self._compute_time = metrics.compute.labels(model.name, "eval")
         self._run_rows = metrics.run_batch_size.labels(model.name)
         self._run_requests = metrics.run_requests.labels(model.name)
-        self._consumer = self._loop.create_task(
-            self._consume(), name=f"bnfold-batcher-{model.name}-{model.version}"
-        )
+        for index in range(threads):
+            threading.Thread(
+                target=self._serve,
+                name=f"bnfold-run-{model.name}-{model.version}-{index}",
+                daemon=True,
+            ).start()
+
+    # ------------------------------------------------------------ event loop side
 
     def check_room(self) -> None:
         """Raise `QueueFull` when `max_queue_size` requests are waiting."""
@@ -164,71 +169,95 @@ class ModelQueue:
         first = next(iter(feeds.values()))
         rows = int(first.shape[0]) if first.ndim else 1
         signature = tuple(array.shape[1:] for array in feeds.values())
-        self._pending.append(
-            _Pending(feeds, tuple(output_names), rows, signature, time.perf_counter(), future)
-        )
-        self._pending_rows += rows
-        self._notify()
+        request = _Pending(feeds, tuple(output_names), rows, signature, time.perf_counter(), future)
+        with self._lock:
+            self._pending.append(request)
+            self._pending_rows += rows
+            self._arrived.notify()  # a futex wake-up only when a run thread is waiting
         return future
 
     def retire(self) -> None:
-        """Take no more requests from the batcher's table; finish the queued ones, then stop."""
-        self._retired = True
-        self._notify()
+        """Take no more requests from the batcher's table; run the queued ones, then stop."""
+        with self._lock:
+            self._retired = True
+            self._arrived.notify_all()
 
     def close(self) -> None:
         """Stop now: queued requests fail with 503 (the server is going away)."""
-        self._consumer.cancel()
-        while self._pending:
-            request = self._pending.popleft()
-            if not request.future.done():
-                request.future.set_exception(Unavailable("the server is shutting down"))
-        self._pending_rows = 0
+        with self._lock:
+            self._retired = True
+            abandoned = list(self._pending)
+            self._pending.clear()
+            self._pending_rows = 0
+            self._arrived.notify_all()
+        self._settle(abandoned, [Unavailable("the server is shutting down")] * len(abandoned))
 
-    # ------------------------------------------------------------ consumer side
+    def _finished(self, batch: list[_Pending], result: _RunResult | BaseException) -> None:
+        """On the event loop: record the run, answer every caller of the batch."""
+        if isinstance(result, BaseException):
+            self._settle(batch, [result] * len(batch))  # a bug, not the input: 500 for all
+            return
+        for request in batch:
+            self._queue_time.observe(result.started - request.enqueued)
+        self._compute_time.observe(result.finished - result.started)
+        self._run_rows.observe(result.rows)
+        self._run_requests.observe(len(batch))
+        self._settle(batch, result.outcomes)
 
-    def _notify(self) -> None:
-        if self._waiter is not None:
-            _wake(self._waiter)
-
-    async def _wait(self, timeout: float | None) -> None:
-        """Until `_notify` or `timeout` seconds (None: no timeout)."""
-        waiter: asyncio.Future[None] = self._loop.create_future()
-        self._waiter = waiter
-        timer = None if timeout is None else self._loop.call_later(timeout, _wake, waiter)
-        try:
-            await waiter
-        finally:
-            self._waiter = None
-            if timer is not None:
-                timer.cancel()
-
-    async def _gather(self) -> None:
-        """Wait, up to the oldest request's deadline, for `max_batch_size` rows."""
-        deadline = self._pending[0].enqueued + self.policy.max_queue_delay_seconds
-        while self._pending and self._pending_rows < self.policy.max_batch_size:
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                return
-            if remaining >= _TIMER_GRANULARITY_SECONDS:
-                await self._wait(remaining - _TIMER_GRANULARITY_SECONDS / 2)
+    @staticmethod
+    def _settle(batch: Sequence[_Pending], outcomes: Sequence[BaseException | Outcome]) -> None:
+        for request, outcome in zip(batch, outcomes, strict=True):
+            if request.future.done():  # the caller went away
+                continue
+            if isinstance(outcome, BaseException):
+                request.future.set_exception(outcome)
             else:
-                await asyncio.sleep(0)
+                request.future.set_result(outcome)
 
-    async def _consume(self) -> None:
+    # ------------------------------------------------------------ run thread side
+
+    def _serve(self) -> None:
         while True:
-            while self._free_slots == 0 or not self._pending:
-                if self._retired and not self._pending:
-                    return
-                await self._wait(None)
-            if self.policy.batching and self.policy.max_queue_delay_us:
-                await self._gather()
-            batch = self._take_batch()
-            if batch:
-                self._dispatch(batch)
+            with self._lock:
+                while not self._pending:
+                    if self._retired:
+                        return
+                    self._arrived.wait()
+            with self._slots:
+                batch = self._next_batch()
+                if not batch:
+                    continue
+                try:
+                    result: _RunResult | BaseException = run_batch(
+                        self.model.eval_session,
+                        self.model.name,
+                        batch,
+                        self._output_names(batch),
+                    )
+                except Exception as exc:
+                    result = exc
+            try:
+                self._loop.call_soon_threadsafe(self._finished, batch, result)
+            except RuntimeError:  # the event loop is closed: nobody is waiting any more
+                return
+
+    def _next_batch(self) -> list[_Pending]:
+        """Wait, up to the oldest request's deadline, for `max_batch_size` rows; take a batch."""
+        with self._lock:
+            if self.policy.batching and self.policy.max_queue_delay_us and self._pending:
+                deadline = self._pending[0].enqueued + self.policy.max_queue_delay_seconds
+                while self._pending_rows < self.policy.max_batch_size:
+                    remaining = deadline - time.perf_counter()
+                    if remaining <= 0 or self._retired:
+                        break
+                    self._arrived.wait(remaining)
+            return self._take_batch()
 
     def _take_batch(self) -> list[_Pending]:
-        """The oldest live request and, when batching, every compatible one that fits."""
+        """The oldest live request and, when batching, every compatible one that fits.
+
+        Called with the lock held.
+        """
         batch: list[_Pending] = []
         rows = 0
         kept: deque[_Pending] = deque()
@@ -261,55 +290,18 @@ class ModelQueue:
         wanted = {name for request in batch for name in request.output_names}
         return [name for name in self._output_order if name in wanted]
 
-    def _dispatch(self, batch: list[_Pending]) -> None:
-        self._free_slots -= 1
-        job = functools.partial(
-            run_batch, self.model.eval_session, self.model.name, batch, self._output_names(batch)
-        )
-        try:
-            future = self._loop.run_in_executor(self._executor, job)
-        except RuntimeError as exc:  # the executor is shut down: the server is stopping
-            self._free_slots += 1
-            self._settle(batch, [Unavailable(f"the server is shutting down ({exc})")] * len(batch))
-            return
-        future.add_done_callback(functools.partial(self._finished, batch))
-
-    def _finished(self, batch: list[_Pending], future: asyncio.Future[_RunResult]) -> None:
-        self._free_slots += 1
-        self._notify()
-        if future.cancelled():
-            self._settle(batch, [Unavailable("the run was cancelled")] * len(batch))
-            return
-        error = future.exception()
-        if error is not None:
-            self._settle(batch, [error] * len(batch))
-            return
-        result = future.result()
-        for request in batch:
-            self._queue_time.observe(result.started - request.enqueued)
-        self._compute_time.observe(result.finished - result.started)
-        self._run_rows.observe(result.rows)
-        self._run_requests.observe(len(batch))
-        self._settle(batch, result.outcomes)
-
-    @staticmethod
-    def _settle(batch: list[_Pending], outcomes: Sequence[Outcome]) -> None:
-        for request, outcome in zip(batch, outcomes, strict=True):
-            if request.future.done():  # the caller went away
-                continue
-            if isinstance(outcome, Exception):
-                request.future.set_exception(outcome)
-            else:
-                request.future.set_result(outcome)
-
 
 class Batcher:
-    """Every model version's queue, created on its first request; owned by the app."""
+    """Every model version's queue, created on its first request; owned by the app.
 
-    def __init__(self, executor: Executor, metrics: ServiceMetrics, slots: int) -> None:
-        self._executor = executor
+    `slots` concurrent runs in all, shared by the models; each queue has as many run
+    threads (a thread without a slot waits for one).
+    """
+
+    def __init__(self, metrics: ServiceMetrics, slots: int) -> None:
         self._metrics = metrics
-        self._slots = slots
+        self._threads = slots
+        self._slots = threading.BoundedSemaphore(slots)
         self._queues: dict[tuple[str, int], ModelQueue] = {}
 
     def queue(self, model: LoadedModel) -> ModelQueue:
@@ -318,7 +310,7 @@ class Batcher:
         if queue is None or queue.model is not model:  # first request, or a reloaded model
             if queue is not None:
                 queue.retire()
-            queue = ModelQueue(model, self._executor, self._metrics, self._slots)
+            queue = ModelQueue(model, self._metrics, self._slots, self._threads)
             self._queues[key] = queue
         return queue
 

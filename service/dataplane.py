@@ -4,7 +4,7 @@ A request goes decode (codec) -> `DataPlane.infer`: look the model up, check
 the tensors against the manifest (`check_inputs`, 422 on a mismatch), then hand
 the validated feeds to the `Batcher`, which queues them per model version and
 runs them, merged with other requests' rows when the model's policy allows,
-on an executor thread (onnxruntime releases the GIL, so runs overlap while the
+on its run threads (onnxruntime releases the GIL, so runs overlap while the
 event loop keeps serving). Compare never batches: train.onnx normalises with
 the statistics of the whole batch, so other requests' rows would change the
 answer; it runs through a plain `Runner`.

@@ -1,9 +1,9 @@
 """Running a session off the event loop, and what an onnxruntime failure means to a client.
 
-onnxruntime releases the GIL inside `run`, so runs on executor threads overlap
+onnxruntime releases the GIL inside `run`, so runs on other threads overlap
 each other and the event loop. `ExecutorRunner` is the plain path (one request,
-one run), used by compare; inference goes through the batcher (`batching`),
-which submits to the same executor.
+one run on an executor thread), used by compare; inference goes through the
+batcher (`batching`) and its run threads.
 """
 
 from __future__ import annotations
