@@ -137,6 +137,7 @@ class ModelQueue:
         self._arrived = threading.Condition(self._lock)
         self._pending: deque[_Pending] = deque()
         self._pending_rows = 0
+        self._gathering = False
         self._retired = False
         self._output_order = [tensor.name for tensor in model.outputs]
         self._queue_time = metrics.queue.labels(model.name)
@@ -173,7 +174,10 @@ class ModelQueue:
         with self._lock:
             self._pending.append(request)
             self._pending_rows += rows
-            self._arrived.notify()  # a futex wake-up only when a run thread is waiting
+            # A futex wake-up only when a run thread is waiting, and not for a thread that
+            # waits for company until the batch is full or its deadline passes.
+            if not self._gathering or self._pending_rows >= self.policy.max_batch_size:
+                self._arrived.notify()
         return future
 
     def retire(self) -> None:
@@ -246,11 +250,13 @@ class ModelQueue:
         with self._lock:
             if self.policy.batching and self.policy.max_queue_delay_us and self._pending:
                 deadline = self._pending[0].enqueued + self.policy.max_queue_delay_seconds
+                self._gathering = True
                 while self._pending_rows < self.policy.max_batch_size:
                     remaining = deadline - time.perf_counter()
                     if remaining <= 0 or self._retired:
                         break
                     self._arrived.wait(remaining)
+                self._gathering = False
             return self._take_batch()
 
     def _take_batch(self) -> list[_Pending]:
