@@ -162,7 +162,7 @@ def test_grace_period_bounds_shutdown(reliability_repository: Path, grace: float
     planned = plan_request(
         reliability_repository, "slow", ROWS, np.random.default_rng(2), binary=True
     )
-    in_flight = 40  # about 3.4 s of work on two cores: more than the grace period
+    in_flight = 80  # about 7 s of work on two cores: far more than the grace period
     with server_process(reliability_repository, "--shutdown-grace", str(grace)) as server:
         answers, threads = _in_flight(server.url, planned, in_flight)
         wait_for_metric(server.url, "bnfold_batch_size_count", in_flight, 30,
@@ -177,7 +177,7 @@ def test_grace_period_bounds_shutdown(reliability_repository: Path, grace: float
         f"FIGURE grace bound: {in_flight} requests in flight at SIGTERM, grace {grace} s: "
         f"{dict(statuses)}, exit {exited_after:.2f} s later"
     )
-    assert exited_after < grace + 1.5, log
+    assert exited_after < grace + 2, log  # the grace period, one run, the exit itself
     assert set(statuses) == {200, 503}, statuses
     for answer in answers:
         if answer.status_code == 200:
