@@ -483,6 +483,25 @@ def bench_servers(
     return points, stats
 
 
+def bench_repeats(repository: Path, seconds: float, times: int = 3) -> dict[str, list[float]]:
+    """The headline point again, bnfold and the empty handler taking turns, `times` each:
+    how much one measurement of it varies on this machine within the run."""
+    body = write_bodies(repository, "digits_mlp")["json"]
+    rates: dict[str, list[float]] = {"bnfold JSON": [], "empty handler": []}
+    port = free_port()
+    commands = {
+        "bnfold JSON": bnfold_command(repository, port),
+        "empty handler": empty_command(port),
+    }
+    for _ in range(times):
+        for name, command in commands.items():
+            with serve(f"repeat {name}", command, port) as server:
+                url = f"{server.url}/v2/models/digits_mlp/infer"
+                rates[name].append(load(url, body, 8, seconds).rps)
+    print(f"repeats: {rates}", flush=True)
+    return rates
+
+
 def bench_startup(repeats: int = 3) -> dict[str, float]:
     """Start to ready on the default repository (converted, optimised graphs cached), and RSS."""
     ready, rss = [], []
@@ -960,11 +979,28 @@ def draw_plot(points: list[Point], limits: dict[str, InProcess]) -> None:
     plt.close(figure)
 
 
+def _repeats_line(repeats: dict[str, list[float]]) -> str:
+    ours, empty = repeats["bnfold JSON"], repeats["empty handler"]
+    ratios = [mine / theirs for mine, theirs in zip(ours, empty, strict=True)]
+    return (
+        f"The headline point measured {len(ours)} more times in this run, bnfold and the empty "
+        "handler taking turns (req/s, digits MLP JSON, 8 clients): bnfold "
+        + ", ".join(f"{rate:,.0f}" for rate in ours)
+        + "; the empty handler "
+        + ", ".join(f"{rate:,.0f}" for rate in empty)
+        + f"; bnfold at {100 * min(ratios):.0f}-{100 * max(ratios):.0f} % of it. A bnfold "
+        "request crosses threads twice (event loop to run thread and back), and how long a "
+        "crossing takes on this virtual machine varies, so its numbers move more between "
+        "measurements than those of the single-threaded empty handler."
+    )
+
+
 def write_report(
     points: list[Point],
     limits: dict[str, InProcess],
     startup: dict[str, float],
     stats: dict[str, dict],
+    repeats: dict[str, list[float]],
     workers: dict[str, float],
     tuning: list[dict],
     profile: dict[str, dict[str, float]],
@@ -1027,6 +1063,8 @@ def write_report(
         "| target | goal | measured | verdict |",
         "|---|---|---|---|",
         *(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in targets(points, limits, startup)),
+        "",
+        _repeats_line(repeats),
         "",
         *(f"{note}\n" for note in miss_notes(points, limits, startup, stats, profile, tuning)),
         f"Memory: `bnfold serve --workers 2` on the bench repository (digits MLP + ResNet-18): "
@@ -1128,6 +1166,7 @@ def main() -> None:
             f"(batch {limit.best_batch}, {limit.best_layout}), batch-1 p50 {limit.p50_ms}"
         )
     points, stats = bench_servers(repository, arguments.concurrency, arguments.duration)
+    repeats = bench_repeats(repository, arguments.duration)
     startup = bench_startup()
     print(f"start to ready {startup['ready_s']:.2f} s, RSS {startup['rss_mb']:.0f} MB")
     workers = bench_workers(repository)
@@ -1142,6 +1181,7 @@ def main() -> None:
                 "limits": {model: asdict(limit) for model, limit in limits.items()},
                 "startup": startup,
                 "stats": stats,
+                "repeats": repeats,
                 "workers": workers,
                 "tuning": tuning,
                 "profile": profile,
@@ -1154,7 +1194,7 @@ def main() -> None:
         print(" | ".join(row))
     if not arguments.no_write:
         draw_plot(points, limits)
-        write_report(points, limits, startup, stats, workers, tuning, profile, run)
+        write_report(points, limits, startup, stats, repeats, workers, tuning, profile, run)
 
 
 if __name__ == "__main__":
