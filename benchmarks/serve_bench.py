@@ -1090,10 +1090,13 @@ def write_report(
             "one run on every CPU (`--threads 0 --executor-workers 0`), sequential execution, "
             "the memory arena on, no spinning, no queue delay. One run of two threads halves "
             "ResNet-18's batch-1 latency against two runs of one thread for about the same "
-            "throughput under load (the batcher fills the one run). Spinning gains a few per "
-            "cent on an idle machine but costs the event loop and any other process its "
-            "cores; parallel execution only adds scheduling to these chain-shaped graphs; a "
-            "queue delay only adds latency, since batches already form while a run is busy.",
+            "throughput under load (the batcher fills the one run). Spinning gains up to a "
+            "tenth on an otherwise idle machine, but its threads busy-wait on the cores the "
+            "event loop, other workers and other processes need (on a busy machine it measured "
+            "slower, not faster), so it stays opt-in. The memory arena measured within the "
+            "noise of no arena, so onnxruntime's default stays. Parallel execution only adds "
+            "scheduling to these chain-shaped graphs; a queue delay only adds latency, since "
+            "batches already form while a run is busy.",
             "",
             "| model | encoding | setting | clients | req/s | p50 ms | p99 ms |",
             "|---|---|---|---|---|---|---|",
