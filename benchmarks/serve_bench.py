@@ -902,14 +902,21 @@ def miss_notes(
             "empty handler, binary body" if encoding == "binary" else "empty handler",
             8,
         )
+        served = _find(points, "resnet18", f"bnfold {encoding}", 8).rps
+        cores = len(os.sched_getaffinity(0))
+        own_layout = limit.by_batch.get(f"1 run(s) x {cores} thread(s)", {})
+        own_best = max(own_layout.values(), default=float("nan"))
         notes.append(
             f"**ResNet-18, {encoding}, 8 clients.** The run threads (onnxruntime) take "
             f"{_share(profile, key, 'run threads'):.0f} % of the samples, decoding "
             f"{_share(profile, key, 'bnfold: decode'):.0f} %; the batcher merged {rows:.1f} rows "
             f"per run on average, where in-process onnxruntime peaked at batch "
-            f"{limit.best_batch} ({limit.best_layout}). Every image also crosses loopback TCP "
-            f"and uvicorn on the same two cores (the empty handler answers {empty.rps:,.0f} such "
-            "bodies a second at 8 clients, with no model)."
+            f"{limit.best_batch} ({limit.best_layout}). In-process with bnfold's own layout "
+            f"(one run on {cores} threads, which halves batch-1 latency) the best was "
+            f"{own_best:.1f} samples/s, of which bnfold served {100 * served / own_best:.0f} %. "
+            f"Every image also crosses loopback TCP and uvicorn on the same {cores} cores (the "
+            f"empty handler answers {empty.rps:,.0f} such bodies a second at 8 clients, with no "
+            "model)."
         )
     for model in MODELS:
         for encoding in ("binary", "JSON"):
@@ -1141,6 +1148,39 @@ def write_report(
     target.write_text(text)
 
 
+def rewrite_report(saved: dict) -> None:
+    """The report of a saved run (results.json), without measuring anything again."""
+    points = [
+        Point(point["model"], point["server"], point["concurrency"], Load(**point["load"]))
+        for point in saved["points"]
+    ]
+    limits = {
+        model: InProcess(
+            limit["best_samples_per_s"],
+            limit["best_batch"],
+            limit["best_layout"],
+            {int(threads): ms for threads, ms in limit["p50_ms"].items()},
+            {
+                layout: {int(batch): rate for batch, rate in rates.items()}
+                for layout, rates in limit["by_batch"].items()
+            },
+        )
+        for model, limit in saved["limits"].items()
+    }
+    draw_plot(points, limits)
+    write_report(
+        points,
+        limits,
+        saved["startup"],
+        saved["stats"],
+        saved["repeats"],
+        saved["workers"],
+        saved["tuning"],
+        saved["profile"],
+        saved["run"],
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=5.0, help="seconds a point")
@@ -1150,7 +1190,15 @@ def main() -> None:
     parser.add_argument(
         "--tune-only", action="store_true", help="only the settings comparison, printed"
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write BENCHMARKS.md and the plot again from the last run's results.json",
+    )
     arguments = parser.parse_args()
+    if arguments.report_only:
+        rewrite_report(json.loads((WORK / "results.json").read_text()))
+        return
     WORK.mkdir(parents=True, exist_ok=True)
     run = {
         "command": "python benchmarks/serve_bench.py " + " ".join(sys.argv[1:]),
