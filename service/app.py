@@ -538,7 +538,7 @@ def _lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContextMan
         registry = ModelRegistry(
             settings.repository, settings.session_config(providers), settings.batching
         )
-        executor = ThreadPoolExecutor(settings.run_slots, thread_name_prefix="bnfold-run")
+        executor = ThreadPoolExecutor(settings.run_slots, thread_name_prefix="bnfold-compare")
         metrics: ServiceMetrics = app.state.metrics
         batcher = Batcher(metrics, slots=settings.run_slots)
         dataplane = DataPlane(registry, ExecutorRunner(executor, metrics), batcher, metrics)
