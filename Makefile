@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 BNFOLD := $(VENV)/bin/bnfold
 STAMP  := $(VENV)/.bnfold-installed
 
-.PHONY: serve test test-soak lint repository bench bench-convert bench-serve clean
+.PHONY: serve test test-soak lint repository bench bench-convert bench-onnx-fold bench-serve clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,13 +34,16 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-## Benchmarks: the converter, then serving (BENCHMARKS.md). The serving benchmark drives
+## Benchmarks: the converter, ONNX folding against its peers, then serving (BENCHMARKS.md). The serving benchmark drives
 ## load with wrk (Debian's package, installed here when missing and we are root), else
 ## with its own bounded Python client.
-bench: bench-convert bench-serve
+bench: bench-convert bench-onnx-fold bench-serve
 
 bench-convert: $(STAMP)
 	$(PY) benchmarks/convert_bench.py
+
+bench-onnx-fold: $(STAMP)
+	$(PY) benchmarks/onnx_fold_bench.py --write
 
 bench-serve: $(STAMP)
 	@command -v wrk >/dev/null || \
