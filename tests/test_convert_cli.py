@@ -332,6 +332,16 @@ def test_killed_conversion_leaves_no_visible_package(nets: Path, tmp_path: Path)
     assert sorted(p.name for p in repo.iterdir()) == ["mlp"]
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """Give the child the SIGINT disposition of a command typed in a terminal.
+
+    A shell without job control starts background jobs with SIGINT ignored, and
+    children inherit that: under `make test &` (or nohup) Python would never
+    raise KeyboardInterrupt and this test would wait out the factory's sleep.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_conversion_writes_nothing(nets: Path, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     process = subprocess.Popen(
@@ -349,6 +359,7 @@ def test_ctrl_c_during_conversion_writes_nothing(nets: Path, tmp_path: Path) -> 
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_ctrl_c_as_in_a_terminal,
     )
     assert process.stdout is not None and process.stdout.readline().strip() == "factory running"
     process.send_signal(signal.SIGINT)
