@@ -141,7 +141,7 @@ def bench_model(
             with torch.no_grad():
                 module(tensor)
 
-        medians = interleaved_latency_ms(
+        latencies = interleaved_latency_ms(
             {
                 "ort_folded": lambda x=x: folded.run(None, {"input": x}),
                 "ort_unfolded": lambda x=x: unfolded.run(None, {"input": x}),
@@ -149,14 +149,16 @@ def bench_model(
             },
             rounds=repeats,
         )
-        for key, value in medians.items():
-            variant = key.removesuffix("_min")
-            row[f"{variant}_b{batch}_ms{key[len(variant) :]}"] = value
+        for key, (median, fastest) in latencies.items():
+            row[f"{key}_b{batch}_ms"] = median
+            row[f"{key}_b{batch}_ms_min"] = fastest
         progress.advance(task)
     return row
 
 
-def interleaved_latency_ms(runs: dict, rounds: int, block: int = 5) -> dict[str, float]:
+def interleaved_latency_ms(
+    runs: dict, rounds: int, block: int = 5
+) -> dict[str, tuple[float, float]]:
     """Median and fastest latency of each variant, timed in blocks that take turns.
 
     Taking turns means a burst of other work on the machine lands on all
@@ -173,10 +175,7 @@ def interleaved_latency_ms(runs: dict, rounds: int, block: int = 5) -> dict[str,
                 start = time.perf_counter()
                 run()
                 samples[key].append((time.perf_counter() - start) * 1e3)
-    return {
-        **{key: statistics.median(values) for key, values in samples.items()},
-        **{f"{key}_min": min(values) for key, values in samples.items()},
-    }
+    return {key: (statistics.median(values), min(values)) for key, values in samples.items()}
 
 
 STAGE_ORDER = ("trace", "fold", "export", "verify", "write")
