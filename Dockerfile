@@ -101,9 +101,9 @@ RUN python /tmp/deps/runtime-requirements.py --device "${DEVICE}" /tmp/deps/pypr
 COPY --from=build /dist/ /tmp/dist/
 RUN pip install --no-deps /tmp/dist/bnfold-*.whl && rm -rf /tmp/dist
 COPY deploy/healthcheck.py /opt/bnfold/healthcheck.py
-# Owned by the app user: the service caches each graph's optimised form next to it.
-# (A read-only mount works too; the service then skips that cache.)
-COPY --from=build --chown=10001:10001 /opt/bnfold/repository /models
+# Owned by root, read-only to the app user: the service never writes into a repository
+# (packages are untrusted input it only reads, after checking their hashes).
+COPY --from=build /opt/bnfold/repository /models
 # Every `bnfold serve` option is a BNFOLD_* variable; `docker run -e` overrides these.
 # The shutdown grace stays under `docker stop`'s 10 s before SIGKILL.
 ENV BNFOLD_REPOSITORY=/models \
@@ -114,6 +114,10 @@ ENV BNFOLD_REPOSITORY=/models \
 # Mount your own repository (REPO/NAME/VERSION packages) here.
 VOLUME ["/models"]
 USER 10001:10001
+# A working directory of its own: nothing the server does depends on it, and no
+# relative path can land in / (packages never read relative to it: external data
+# comes from the package's own hashed files).
+WORKDIR /opt/bnfold
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "/opt/bnfold/healthcheck.py"]

@@ -495,7 +495,9 @@ def _repository_routes() -> APIRouter:
         model_name: str, request: Request, dataplane: DataPlaneDep, settings: SettingsDep
     ) -> Response:
         fields = parse_json_object(await read_body(request, settings.max_body_bytes))
-        parameters = fields.get("parameters") or {}
+        parameters = fields.get("parameters", {})
+        if parameters is None:
+            parameters = {}
         if not isinstance(parameters, dict):
             raise BadRequest("'parameters' must be a JSON object")
         if parameters:

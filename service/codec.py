@@ -210,6 +210,11 @@ def _json_array(name: str, data: object, shape: list[int], datatype: str, count:
     given = math.prod(nested_dims)
     if given != count:
         raise BadRequest(f"input '{name}' has {given} values but shape {shape} needs {count}")
+    if len(nested_dims) > 1 and nested_dims != shape:
+        raise BadRequest(
+            f"input '{name}': 'data' is nested as {nested_dims} but the shape is {shape}; "
+            "send it flat (row-major) or nested exactly as the shape"
+        )
     dtype = DATATYPES[datatype]
     if count == 0:
         return np.empty(shape, dtype=dtype)
@@ -286,6 +291,8 @@ def _decode_outputs(value: object, binary_default: bool) -> tuple[RequestedOutpu
         return None
     if not isinstance(value, list):
         raise BadRequest("'outputs' must be an array")
+    if not value:  # the V2 spec: outputs not specified -> every output, with default settings
+        return None
     outputs: list[RequestedOutput] = []
     seen: set[str] = set()  # a scan of `outputs` per output was quadratic: 16k names, 4 s
     for position, raw in enumerate(value):

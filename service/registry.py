@@ -11,6 +11,7 @@ already holds a model keeps its sessions alive after an unload or reload.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from enum import Enum
@@ -18,7 +19,12 @@ from pathlib import Path
 
 from bnfold.service.batch_policy import BatchPolicy
 from bnfold.service.errors import NotFound, PackageError, Unavailable
-from bnfold.service.repository import PackageLocation, read_package, scan_repository
+from bnfold.service.repository import (
+    PackageLocation,
+    parse_version,
+    read_package,
+    scan_repository,
+)
 from bnfold.service.sessions import LoadedModel, SessionConfig, load_model
 
 logger = logging.getLogger("bnfold.service")
@@ -43,14 +49,25 @@ class ModelVersion:
 Table = dict[str, dict[int, ModelVersion]]
 
 
+def relative_to_repository(reason: str, repository: Path) -> str:
+    """`reason` with the repository's absolute path left out: the index is unauthenticated,
+    and where the server keeps its files is nobody else's business."""
+    for root in sorted({str(repository.absolute()), str(repository.resolve())}, key=len)[::-1]:
+        reason = reason.replace(root + os.sep, "").replace(root, ".")
+    return reason
+
+
 def _load_version(
     location: PackageLocation, config: SessionConfig, batching_defaults: BatchPolicy
 ) -> ModelVersion:
     try:
         model = load_model(read_package(location), config, batching_defaults)
     except PackageError as exc:
-        logger.warning("%s version %d unavailable: %s", location.name, location.version, exc)
-        return ModelVersion(location.name, location.version, ModelState.UNAVAILABLE, exc.message)
+        reason = relative_to_repository(
+            exc.message, location.repository or location.path.parent.parent
+        )
+        logger.warning("%s version %d unavailable: %s", location.name, location.version, reason)
+        return ModelVersion(location.name, location.version, ModelState.UNAVAILABLE, reason)
     logger.info(
         "loaded %s version %d in %.2f s on %s",
         model.name,
@@ -153,7 +170,8 @@ class ModelRegistry:
             if not ready:
                 raise Unavailable(f"model {name!r} is not ready: {_reasons(versions)}")
             return max(ready, key=lambda model: model.version)
-        entry = versions.get(int(version)) if _is_version(version) else None
+        number = parse_version(version)
+        entry = None if number is None else versions.get(number)
         if entry is None:
             known = ", ".join(str(number) for number in sorted(versions))
             raise NotFound(f"model {name!r} has no version {version!r} (versions: {known})")
@@ -162,10 +180,6 @@ class ModelRegistry:
                 f"model {name!r} version {entry.version} is not ready: {entry.reason}"
             )
         return entry.model
-
-
-def _is_version(text: str) -> bool:
-    return text.isascii() and text.isdigit() and len(text) < 19
 
 
 def _reasons(versions: dict[int, ModelVersion]) -> str:

@@ -8,7 +8,10 @@ between the check and the session that loads them. Any problem is a
 `PackageError` whose message is the reason shown in the repository index.
 
 Model names come from the directory listing only; a name from a request is
-never joined to a path.
+never joined to a path. Nothing outside the repository is read: a package,
+model directory or file that resolves (symlinks followed) outside it is a
+`PackageError`, and so is a graph whose external data is not one of its
+package's hashed files (`external_data`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -108,7 +111,7 @@ class Manifest(BaseModel):
 
     schema_version: Literal[1]
     name: str
-    version: int = Field(gt=0)
+    version: int = Field(gt=0, le=2**63 - 1)
     inputs: tuple[ManifestTensor, ...] = Field(min_length=1)
     outputs: tuple[ManifestTensor, ...] = Field(min_length=1)
     batchnorm: ManifestBatchNorm = ManifestBatchNorm()
@@ -118,28 +121,69 @@ class Manifest(BaseModel):
 
 @dataclass(frozen=True, order=True)
 class PackageLocation:
+    """REPO/NAME/VERSION; `repository` is the root nothing may be read outside of
+    (REPO, i.e. the package's grandparent, when not given)."""
+
     name: str
     version: int
     path: Path
+    repository: Path | None = field(default=None, compare=False)
+
+    @property
+    def root(self) -> Path:
+        return (self.repository or self.path.parent.parent).resolve()
 
 
 @dataclass(frozen=True)
 class VerifiedPackage:
-    """A package whose manifest parsed and whose graph bytes match their sha256.
+    """A package whose manifest parsed and whose files' bytes match their sha256.
 
-    `config` is the model directory's config.json (empty when there is none).
+    `contents` holds every file the manifest lists, exactly the bytes that were
+    hashed; `config` is the model directory's config.json (empty when there is none).
     """
 
     location: PackageLocation
     manifest: Manifest
     config: ModelConfig
-    eval_graph: bytes
-    train_graph: bytes
+    contents: dict[str, bytes]
     sha256: dict[str, str]
+
+    @property
+    def eval_graph(self) -> bytes:
+        return self.contents[EVAL_GRAPH]
+
+    @property
+    def train_graph(self) -> bytes:
+        return self.contents[TRAIN_GRAPH]
+
+
+#: Versions are what Triton's clients can send: positive and within a signed 64-bit integer.
+MAX_VERSION = 2**63 - 1
+
+
+def parse_version(text: str) -> int | None:
+    """The version `text` spells (ASCII digits, no sign, 1..MAX_VERSION), else None."""
+    if not (text.isascii() and text.isdigit()) or len(text) > len(str(MAX_VERSION)):
+        return None
+    number = int(text)
+    return number if 1 <= number <= MAX_VERSION else None
 
 
 def _is_version(name: str) -> bool:
-    return name.isascii() and name.isdigit() and name == str(int(name)) and int(name) > 0
+    return parse_version(name) is not None and name == str(int(name))
+
+
+def _inside(root: Path, path: Path, what: str) -> Path:
+    """`path` with symlinks resolved, refused unless it stays inside `root` (resolved)."""
+    try:
+        real = path.resolve(strict=True)
+    except FileNotFoundError:
+        raise
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a permission problem
+        raise PackageError(f"{what} cannot be resolved: {exc}") from None
+    if real != root and not real.is_relative_to(root):
+        raise PackageError(f"{what} resolves outside the model repository; it is not read")
+    return real
 
 
 def scan_repository(repository: Path) -> list[PackageLocation]:
@@ -159,21 +203,45 @@ def scan_repository(repository: Path) -> list[PackageLocation]:
                 continue
             if _is_version(version_dir.name):
                 found.append(
-                    PackageLocation(model_dir.name, int(version_dir.name), Path(version_dir.path))
+                    PackageLocation(
+                        model_dir.name, int(version_dir.name), Path(version_dir.path), repository
+                    )
                 )
             elif not version_dir.name.startswith("."):
-                logger.debug("ignoring %s: not a positive integer version", version_dir.path)
+                logger.warning(
+                    "ignoring %s/%s: a version is an integer from 1 to 2**63-1 without "
+                    "leading zeros",
+                    model_dir.name,
+                    version_dir.name,
+                )
     return sorted(found)
 
 
-def read_manifest(location: PackageLocation) -> Manifest:
-    path = location.path / MANIFEST
+def _package_dir(location: PackageLocation) -> Path:
+    """The package directory, resolved, refused when it lies outside the repository."""
     try:
-        raw = path.read_bytes()
+        return _inside(location.root, location.path, f"{location.name}/{location.version}")
+    except FileNotFoundError:
+        raise PackageError("the package directory is gone") from None
+
+
+def _read_inside(directory: Path, file_name: str, what: str) -> bytes:
+    """A file of `directory` (resolved), refused when a symlink takes it outside."""
+    try:
+        return _inside(directory, directory / file_name, what).read_bytes()
+    except FileNotFoundError:
+        raise
+    except IsADirectoryError:
+        raise PackageError(f"{what} is a directory") from None
+    except OSError as exc:
+        raise PackageError(f"{what} cannot be read: {exc.strerror}") from None
+
+
+def read_manifest(location: PackageLocation) -> Manifest:
+    try:
+        raw = _read_inside(_package_dir(location), MANIFEST, MANIFEST)
     except FileNotFoundError:
         raise PackageError(f"{MANIFEST} is missing") from None
-    except OSError as exc:
-        raise PackageError(f"{MANIFEST} cannot be read: {exc.strerror}") from None
     try:
         manifest = Manifest.model_validate(orjson.loads(raw))
     except orjson.JSONDecodeError as exc:
@@ -198,15 +266,11 @@ def _validation_reason(exc: ValidationError) -> str:
 
 def read_model_config(location: PackageLocation) -> ModelConfig:
     """REPO/NAME/config.json, or the empty config when the file does not exist."""
-    path = location.path.parent / MODEL_CONFIG
+    model_dir = _package_dir(location).parent
     try:
-        raw = path.read_bytes()
+        raw = _read_inside(model_dir, MODEL_CONFIG, f"{location.name}/{MODEL_CONFIG}")
     except FileNotFoundError:
         return ModelConfig()
-    except OSError as exc:
-        raise PackageError(
-            f"{location.name}/{MODEL_CONFIG} cannot be read: {exc.strerror}"
-        ) from None
     try:
         return ModelConfig.model_validate(orjson.loads(raw))
     except orjson.JSONDecodeError as exc:
@@ -218,15 +282,13 @@ def read_model_config(location: PackageLocation) -> ModelConfig:
         ) from None
 
 
-def _read_hashed(location: PackageLocation, file_name: str, expected: str) -> bytes:
+def _read_hashed(package_dir: Path, file_name: str, expected: str) -> bytes:
     if Path(file_name).name != file_name or file_name in {".", ".."}:
         raise PackageError(f"{MANIFEST} lists {file_name!r}, which is not a file of the package")
     try:
-        content = (location.path / file_name).read_bytes()
+        content = _read_inside(package_dir, file_name, file_name)
     except FileNotFoundError:
         raise PackageError(f"{file_name} is listed in {MANIFEST} but missing") from None
-    except OSError as exc:
-        raise PackageError(f"{file_name} cannot be read: {exc.strerror}") from None
     actual = hashlib.sha256(content).hexdigest()
     if actual != expected.lower():
         raise PackageError(
@@ -237,21 +299,21 @@ def _read_hashed(location: PackageLocation, file_name: str, expected: str) -> by
 
 
 def read_package(location: PackageLocation) -> VerifiedPackage:
-    """Check the manifest and every file's sha256; keep both graphs' bytes; read config.json."""
+    """Check the manifest and every file's sha256; keep the files' bytes; read config.json."""
     manifest = read_manifest(location)
     config = read_model_config(location)
     for required in (EVAL_GRAPH, TRAIN_GRAPH):
         if required not in manifest.files:
             raise PackageError(f"{MANIFEST} has no sha256 for {required}")
+    package_dir = _package_dir(location)
     contents = {
-        file_name: _read_hashed(location, file_name, expected)
+        file_name: _read_hashed(package_dir, file_name, expected)
         for file_name, expected in manifest.files.items()
     }
     return VerifiedPackage(
         location=location,
         manifest=manifest,
         config=config,
-        eval_graph=contents[EVAL_GRAPH],
-        train_graph=contents[TRAIN_GRAPH],
+        contents=contents,
         sha256={name: digest.lower() for name, digest in manifest.files.items()},
     )

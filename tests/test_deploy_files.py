@@ -119,11 +119,19 @@ def test_build_stage_builds_the_default_repository_into_the_runtime_volume() -> 
     assert "bnfold models build --repository /opt/bnfold/repository" in build.run_text()
     assert "--extra convert" in build.run_text()
     repository = runtime.env()["BNFOLD_REPOSITORY"]
-    uid = runtime_uid()
-    assert f"--from=build --chown={uid}:{uid} /opt/bnfold/repository {repository}" in [
+    # root-owned: the app user may read the repository, never change it
+    assert f"--from=build /opt/bnfold/repository {repository}" in [
         instruction.arguments for instruction in runtime.all("COPY")
     ]
     assert runtime.last("VOLUME").exec_form() == [repository]
+
+
+def test_runtime_has_a_working_directory_of_its_own() -> None:
+    """The image once ran from `/`, where a relative external-data path in a package
+    resolved against the whole file system; the server no longer reads relative to its
+    working directory, and the image sets one anyway."""
+    workdir = dockerfile().final.last("WORKDIR").arguments
+    assert workdir.startswith("/") and workdir != "/"
 
 
 def test_runtime_runs_as_non_root_on_port_8000_with_healthcheck_and_sigterm() -> None:

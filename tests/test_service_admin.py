@@ -92,6 +92,16 @@ def test_unload_and_load_over_http(admin_service: RunningServer) -> None:
             "/v2/repository/models/mlp/load", headers=AUTH, json={"parameters": {"config": "{}"}}
         )
         assert uploads.status_code == 400
+        for not_an_object in (0, [], "", False, 1, "x"):
+            refused = client.post(
+                "/v2/repository/models/mlp/load", headers=AUTH, json={"parameters": not_an_object}
+            )
+            assert refused.status_code == 400, not_an_object
+            assert "'parameters' must be a JSON object" in refused.json()["error"]
+        for nothing in ({"parameters": None}, {"parameters": {}}, {}):
+            assert client.post(
+                "/v2/repository/models/mlp/load", headers=AUTH, json=nothing
+            ).is_success
 
 
 def test_load_and_unload_with_tritonclient(admin_service: RunningServer) -> None:

@@ -6,6 +6,7 @@ the test MLP, independent of onnxruntime and of the folding.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import re
 import socket
@@ -447,6 +448,49 @@ def test_empty_batch_infers_but_does_not_compare(client: httpx.Client) -> None:
     response = client.post("/v2/models/mlp/infer", json=empty)
     assert response.status_code == 200 and response.json()["outputs"][0]["shape"] == [0, 4]
     assert "non-empty batch" in _error(client.post("/v2/models/mlp/compare", json=empty), 422)
+
+
+def test_an_empty_outputs_list_means_every_output(client: httpx.Client, batch: np.ndarray) -> None:
+    """The V2 spec: outputs not specified -> all outputs. `[]` was a 500 with two tracebacks
+    alone, and a 200 without outputs when the batcher merged it with other requests."""
+    expected = client.post("/v2/models/mlp/infer", json=_mlp_request(batch)).json()
+    assert client.post("/v2/models/mlp/infer", json=_mlp_request(batch, outputs=[])).json() == (
+        expected
+    )
+    body, headers = _binary_request(batch, [])
+    binary = client.post("/v2/models/mlp/infer", content=body, headers=headers)
+    assert binary.status_code == 200 and binary.json() == expected
+    compare = client.post("/v2/models/mlp/compare", json=_mlp_request(batch, outputs=[]))
+    assert compare.status_code == 200
+    assert [output["name"] for output in compare.json()["outputs"]] == ["output"]
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=str(client.base_url), timeout=10) as http:
+            requests = [
+                http.post("/v2/models/mlp/infer", json=_mlp_request(batch, outputs=outputs))
+                for outputs in ([], None, [{"name": "output"}]) * 8
+            ]
+            return await asyncio.gather(*requests)
+
+    for response in asyncio.run(burst()):
+        assert response.status_code == 200, response.text
+        assert response.json()["outputs"] == expected["outputs"]
+
+
+def test_nesting_that_disagrees_with_the_shape_is_refused(client: httpx.Client) -> None:
+    """Six values nested as 3x2 for shape [2, 3]: the element count fits, the layout does not."""
+    request = {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": [2, 8],
+                "datatype": "FP32",
+                "data": np.zeros((4, 4)).tolist(),
+            }
+        ]
+    }
+    message = _error(client.post("/v2/models/mlp/infer", json=request), 400)
+    assert "nested as [4, 4] but the shape is [2, 8]" in message
 
 
 # ---------------------------------------------------------------- body limit

@@ -1,14 +1,12 @@
-"""Reading packages: the scan, the manifest and hash checks, sessions and their optimised cache."""
+"""Reading packages: the scan, the manifest and hash checks, sessions (their security:
+reliability/test_package_security.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
-import numpy as np
-import onnxruntime as ort
 import pytest
 
 from bnfold.service.errors import NotFound, PackageError, Unavailable
@@ -18,7 +16,7 @@ from bnfold.service.repository import (
     read_package,
     scan_repository,
 )
-from bnfold.service.sessions import CACHE_MARKER, SessionConfig, load_model
+from bnfold.service.sessions import SessionConfig, load_model
 
 from service_packages import write_dtypes, write_mlp
 
@@ -112,58 +110,6 @@ def test_train_graph_must_expose_the_batch_statistics(tmp_path: Path) -> None:
     (package / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(PackageError, match="lacks the batch statistics outputs"):
         load_model(read_package(_location(package)), CPU_CONFIG)
-
-
-def _cache_files(package: Path) -> list[Path]:
-    return sorted(path for path in package.iterdir() if CACHE_MARKER in path.name)
-
-
-def test_optimised_graphs_are_cached_and_reused(tmp_path: Path) -> None:
-    package = write_mlp(tmp_path, "mlp", 1, seed=1)
-    batch = np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32)
-    first = load_model(read_package(_location(package)), CPU_CONFIG)
-    caches = _cache_files(package)
-    assert [path.name.split(".")[0] for path in caches] == ["model", "train"]
-    stamps = {path: path.stat().st_mtime_ns for path in caches}
-
-    second = load_model(read_package(_location(package)), CPU_CONFIG)
-    assert {path: path.stat().st_mtime_ns for path in _cache_files(package)} == stamps
-    assert not [path for path in package.iterdir() if path.name.startswith(".")]
-    for session in ("eval_session", "train_session"):
-        fresh = getattr(first, session).run(None, {"input": batch})
-        cached = getattr(second, session).run(None, {"input": batch})
-        for fresh_output, cached_output in zip(fresh, cached, strict=True):
-            np.testing.assert_array_equal(fresh_output, cached_output)
-
-
-def test_a_corrupt_cache_is_rebuilt(tmp_path: Path) -> None:
-    package = write_mlp(tmp_path, "mlp", 1, seed=1)
-    load_model(read_package(_location(package)), CPU_CONFIG)
-    eval_cache = _cache_files(package)[0]
-    eval_cache.write_bytes(b"truncated")
-    load_model(read_package(_location(package)), CPU_CONFIG)
-    assert eval_cache.stat().st_size > len(b"truncated")
-    ort.InferenceSession(str(eval_cache), providers=["CPUExecutionProvider"])
-
-
-def test_a_read_only_package_loads_without_a_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    package = write_mlp(tmp_path, "mlp", 1, seed=1)
-    package.chmod(0o555)
-    if os.access(package, os.W_OK):  # root ignores permissions: pretend
-        monkeypatch.setattr("bnfold.service.sessions.os.access", lambda path, mode: False)
-    try:
-        load_model(read_package(_location(package)), CPU_CONFIG)
-        assert _cache_files(package) == []
-    finally:
-        package.chmod(0o755)
-
-
-def test_caching_can_be_off(tmp_path: Path) -> None:
-    package = write_mlp(tmp_path, "mlp", 1, seed=1)
-    load_model(read_package(_location(package)), SessionConfig(CPU_CONFIG.providers, 1, False))
-    assert _cache_files(package) == []
 
 
 def test_registry_serves_the_highest_ready_version_and_isolates_broken_ones(
