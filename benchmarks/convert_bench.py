@@ -7,7 +7,8 @@ Measures, in one run on one machine, for the ImageNet-shaped built-ins:
   * onnxruntime latency (ORT_ENABLE_ALL, the threads given) of the folded
     model.onnx against the plain unfolded export (BatchNormalization nodes
     left for onnxruntime's own fusions) and against torch eval.
-Writes its section of BENCHMARKS.md and benchmarks/convert_bench.png.
+Writes its section of BENCHMARKS.md (tables and numbers only: what they mean
+is written by hand below the section) and benchmarks/convert_bench.png.
 
     python benchmarks/convert_bench.py [--models resnet18 mobilenet_v2] [--repeats 5]
     python benchmarks/convert_bench.py --report-only   # re-render the last run
@@ -20,12 +21,11 @@ import copy
 import itertools
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 import warnings
-from datetime import date
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +37,11 @@ from bnfold.convert.pipeline import TorchConversionRequest, convert_torch
 from bnfold.convert.sources import load_source
 from bnfold.models.registry import BUILTIN_MODELS
 
+from report_section import Machine, describe_machine, replace_section
+
 ROOT = Path(__file__).resolve().parent.parent
-MARK_START = "<!-- convert-bench:start -->"
-MARK_END = "<!-- convert-bench:end -->"
+SECTION = "convert-bench"
+PACKAGES = ("torch", "onnxruntime")
 #: The last run's measurements, so the report can be re-rendered without measuring again.
 RESULTS = ROOT / "benchmarks" / "out" / "convert" / "results.json"
 
@@ -182,18 +184,21 @@ STAGE_ORDER = ("trace", "fold", "export", "verify", "write")
 
 
 def write_report(
-    rows: list[dict], threads: int, repeats: int, plot: Path, load: tuple[float, float]
+    rows: list[dict],
+    threads: int,
+    repeats: int,
+    plot: Path,
+    load: tuple[float, float],
+    machine: Machine,
 ) -> None:
+    """The section of BENCHMARKS.md between its markers: tables, ratios and verdicts."""
     lines = [
-        MARK_START,
         "## Converter: conversion time and latency",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {_cpu_model()}, "
-        f"{torch.get_num_threads()} torch threads / {threads} onnxruntime threads; "
-        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}. Date: {date.today()}. "
-        f"Load average (1 min) at the start {load[0]:.2f}, at the end {load[1]:.2f}.",
-        f"Command: `python benchmarks/convert_bench.py --repeats {repeats}` (medians; "
-        "latencies timed in interleaved rounds, each variant in turn).",
+        machine.line(*load),
+        f"Command: `python benchmarks/convert_bench.py --repeats {repeats}` ({threads} torch "
+        f"threads / {threads} onnxruntime threads for the latencies; medians; latencies timed "
+        "in interleaved rounds, each variant in turn).",
         "",
         "### Conversion time",
         "",
@@ -241,14 +246,8 @@ def write_report(
         )
     lines += [
         "",
-        "`bnfold convert` does more than an export: it traces and folds, exports two graphs "
-        "(model.onnx and train.onnx, each checked by `onnx.checker` with full shape inference), "
-        "and verifies both against torch in float64 on 3 eval and 2 train batches. The "
-        "*verify* column is the price of the guarantee that the package computes what the model "
-        "computes; the *export* column is comparable with the plain export (twice over). The "
-        "2× target is met against torch's default exporter and missed against the TorchScript "
-        "exporter alone, by the verification: the export stage by itself (two graphs plus the "
-        f"checker) is {export_share} one TorchScript export. bnfold does not skip verification.",
+        f"The export stage (two graphs plus the checker) against one plain TorchScript export: "
+        f"{export_share}.",
         "",
         "### Inference latency",
         "",
@@ -289,26 +288,11 @@ def write_report(
             )
     lines += [
         "",
-        '"≥ unfolded" counts as met within 3 %. onnxruntime fuses Conv+BN in the unfolded '
-        "graph itself, so on these convolutional models both graphs end up running the same "
-        "convolution kernels: where the medians differ by more than that and the fastest runs "
-        "do not, the gap is run-to-run spread on this shared 2-core machine, not the fold. The "
-        "fold pays off where onnxruntime cannot fuse: BN after a Linear or before a Conv (the "
-        "digits models; ONNX folding section below).",
+        '"≥ unfolded" counts as met within 3 %.',
         "",
         f"![converter benchmark]({plot.relative_to(ROOT)})",
-        MARK_END,
     ]
-    section = "\n".join(lines)
-    target = ROOT / "BENCHMARKS.md"
-    text = target.read_text() if target.exists() else "# Benchmarks\n"
-    if MARK_START in text:
-        head, _, rest = text.partition(MARK_START)
-        _, _, tail = rest.partition(MARK_END)
-        text = head + section + tail
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    target.write_text(text)
+    replace_section(SECTION, "\n".join(lines))
 
 
 def draw_plot(rows: list[dict], plot: Path) -> None:
@@ -358,16 +342,6 @@ def draw_plot(rows: list[dict], plot: Path) -> None:
     figure.savefig(plot, dpi=110)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({len(os.sched_getaffinity(0))} cores)"
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
@@ -382,10 +356,15 @@ def main() -> None:
     plot = ROOT / "benchmarks" / "convert_bench.png"
     if arguments.report_only:
         saved = json.loads(RESULTS.read_text())
+        # A run saved before the machine was recorded: described now, as its report always was.
+        machine = Machine(**saved["machine"]) if "machine" in saved else describe_machine(PACKAGES)
         draw_plot(saved["rows"], plot)
-        write_report(saved["rows"], saved["threads"], saved["repeats"], plot, tuple(saved["load"]))
+        write_report(
+            saved["rows"], saved["threads"], saved["repeats"], plot, tuple(saved["load"]), machine
+        )
         return
     rows = []
+    machine = describe_machine(PACKAGES)
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as workdir, Progress() as progress:
         task = progress.add_task("benchmarking", total=len(arguments.models) * 5)
@@ -405,12 +384,13 @@ def main() -> None:
                 "threads": arguments.threads,
                 "repeats": arguments.repeats,
                 "load": load,
+                "machine": asdict(machine),
             },
             indent=2,
         )
     )
     draw_plot(rows, plot)
-    write_report(rows, arguments.threads, arguments.repeats, plot, load)
+    write_report(rows, arguments.threads, arguments.repeats, plot, load, machine)
     for row in rows:
         print(row)
 

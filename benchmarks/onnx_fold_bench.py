@@ -21,19 +21,17 @@ a kept BN faster rewritten as Mul+Add (scale and shift precomputed with
 
     python benchmarks/onnx_fold_bench.py            # print the tables
     python benchmarks/onnx_fold_bench.py --write    # and update BENCHMARKS.md
+
+The section holds tables and numbers only: what they mean is written by hand below it.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
-import subprocess
 import tempfile
 import time
 from collections import Counter
-from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +45,10 @@ from bnfold.convert.fold import BatchNormParams, batchnorm_affine
 from bnfold.convert.onnx_pipeline import convert_onnx_file
 from bnfold.models.registry import BUILTIN_MODELS, load_builtin
 
-ROOT = Path(__file__).resolve().parent.parent
-MARK_START, MARK_END = "<!-- onnx-fold-bench:start -->", "<!-- onnx-fold-bench:end -->"
+from report_section import Machine, describe_machine, replace_section
+
+SECTION = "onnx-fold-bench"
+PACKAGES = ("onnxruntime", "onnx", "onnxslim", "torch")
 VARIANTS = ("onnxruntime", "onnxslim", "bnfold")
 KEPT_SHAPES = ((1, 32, 8, 8), (8, 64, 32, 32), (32, 64, 16), (1, 64), (64, 128))
 
@@ -206,27 +206,14 @@ def compare_kept(workdir: Path, rounds: int) -> list[dict]:
     return rows
 
 
-def machine() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = re.search(r"Model name:\s*(.+)", lscpu)
-        cpus = re.search(r"^CPU\(s\):\s*(\d+)", lscpu, re.MULTILINE)
-        cpu = f"{model.group(1).strip() if model else '?'} ({cpus.group(1) if cpus else '?'} cores)"
-    except (OSError, subprocess.CalledProcessError):
-        cpu = platform.processor() or "?"
-    return (
-        f"{platform.machine()}, {cpu}; onnxruntime {onnxruntime.__version__}, onnx "
-        f"{onnx.__version__}, onnxslim {onnxslim.__version__}, torch {torch.__version__}"
-    )
-
-
-def markdown(rows: list[dict], kept: list[dict], command: str, load: float) -> str:
+def markdown(
+    rows: list[dict], kept: list[dict], command: str, machine: Machine, load: tuple[float, float]
+) -> str:
+    """The section between the markers: tables and ratios."""
     lines = [
         "## ONNX folding: bnfold vs onnxruntime's optimizer vs onnxslim",
         "",
-        f"Machine: {machine()}. Date: {date.today().isoformat()}. Load average when the "
-        f"run started: {load:.1f} (a shared machine: other work runs alongside, hence "
-        "timing by minimum).",
+        machine.line(*load),
         f"Command: `{command}`. One onnxruntime intra-op thread, ORT_ENABLE_ALL for every "
         "variant. Latency (ms per `run`) is the fastest of interleaved rounds: each round "
         "times every variant in turn over ~50 ms, and on a shared machine other work only "
@@ -255,12 +242,6 @@ def markdown(rows: list[dict], kept: list[dict], command: str, load: float) -> s
         )
     lines += [
         "",
-        "onnxruntime and onnxslim both fold Conv+BN themselves, so on the convolutional "
-        "models onnxruntime runs the same graph whichever tool went first, and the latency "
-        "differences are timing noise. Neither folds a BN into a Gemm (digits_mlp: three BNs left, one "
-        "after each hidden Linear and one before Dropout+Linear) nor backward across an "
-        "edge Pad into a Conv (digits_conv1d: one left); bnfold leaves none.",
-        "",
         "### Kept BatchNorms: BatchNormalization kernel or Mul+Add?",
         "",
         "A BN that cannot fold (after a ReLU, before a zero-padded conv) could be rewritten "
@@ -274,27 +255,7 @@ def markdown(rows: list[dict], kept: list[dict], command: str, load: float) -> s
         bn_ms, mul_add_ms = row["latency"]["BatchNormalization"], row["latency"]["Mul+Add"]
         shape = "×".join(map(str, row["shape"]))
         lines.append(f"| {shape} | {bn_ms:.4f} | {mul_add_ms:.4f} | {mul_add_ms / bn_ms:.2f} |")
-    lines += [
-        "",
-        "onnxruntime's BatchNormalization kernel makes one pass over the tensor, Mul+Add "
-        "two (onnxruntime does not fuse them): the rewrite loses wherever the tensor is "
-        "more than a few hundred values, and on the smallest ones the two are within "
-        "the timing noise of each other. So bnfold leaves kept BNs as BatchNormalization.",
-    ]
     return "\n".join(lines)
-
-
-def write_section(text: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{MARK_START}\n{text}\n{MARK_END}"
-    if MARK_START in current:
-        before, rest = current.split(MARK_START, 1)
-        after = rest.split(MARK_END, 1)[1]
-        updated = before + section + after
-    else:
-        updated = current.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(updated)
 
 
 def main() -> None:
@@ -306,7 +267,8 @@ def main() -> None:
     command = "python benchmarks/onnx_fold_bench.py" + (
         f" --rounds {arguments.rounds}" if arguments.rounds != 21 else ""
     )
-    load = os.getloadavg()[0]
+    machine = describe_machine(PACKAGES)
+    load_start = os.getloadavg()[0]
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bnfold-onnx-bench-") as scratch:
         workdir = Path(scratch)
@@ -315,10 +277,10 @@ def main() -> None:
             rows.extend(compare_model(name, workdir, batches, arguments.rounds))
             print(f"{name}: done", flush=True)
         kept = compare_kept(workdir, arguments.rounds)
-    text = markdown(rows, kept, command, load)
+    text = markdown(rows, kept, command, machine, (load_start, os.getloadavg()[0]))
     print(text)
     if arguments.write:
-        write_section(text)
+        replace_section(SECTION, text)
 
 
 if __name__ == "__main__":

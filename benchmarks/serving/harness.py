@@ -1,0 +1,143 @@
+"""The servers under test: the bench repository, starting a server and waiting until it is
+ready, stopping it, and reading its process (memory, CPU time, metrics) from outside."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+WORK = ROOT / "benchmarks" / "out" / "serve"
+PYTHON = sys.executable
+BNFOLD = [PYTHON, "-m", "bnfold.service.cli"]
+START_TIMEOUT_SECONDS = 120.0
+
+
+def ensure_repository() -> Path:
+    """benchmarks/out/serve/repository: the digits MLP and ResNet-18, converted once."""
+    repository = WORK / "repository"
+    default = ROOT / "models" / "repository"
+    if not (default / "digits_mlp" / "1" / "manifest.json").is_file():
+        subprocess.run([*BNFOLD, "models", "build"], check=True, cwd=ROOT)
+    if not (repository / "digits_mlp" / "1" / "manifest.json").is_file():
+        repository.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(default / "digits_mlp", repository / "digits_mlp", dirs_exist_ok=True)
+    if not (repository / "resnet18" / "1" / "manifest.json").is_file():
+        subprocess.run(
+            [*BNFOLD, "convert", "resnet18", "--repository", str(repository)],
+            check=True,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+        )
+    return repository
+
+
+def input_shape(repository: Path, model: str) -> tuple[int, ...]:
+    manifest = json.loads((repository / model / "1" / "manifest.json").read_text())
+    [tensor] = manifest["inputs"]
+    return tuple(1 if dim == -1 else dim for dim in tensor["shape"])
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=1) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def memory_mb(pid: int, field_name: str) -> float:
+    """A field of /proc/PID/status (VmRSS, VmHWM) or smaps_rollup (Pss), in MB (10**6 bytes)."""
+    source = "smaps_rollup" if field_name == "Pss" else "status"
+    for line in Path(f"/proc/{pid}/{source}").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1]) * 1024 / 1e6
+    return 0.0
+
+
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU time of a process (or of one of its threads), from /proc."""
+    path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def metric_sum_count(url: str, name: str, model: str) -> tuple[float, float]:
+    """The sum and count of a Prometheus histogram of the server at `url`, for one model."""
+    values = {"sum": 0.0, "count": 0.0}
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            for kind in values:
+                if line.startswith(f"{name}_{kind}{{") and f'model="{model}"' in line:
+                    values[kind] = float(line.rsplit(" ", 1)[1])
+    return values["sum"], values["count"]
+
+
+@dataclass
+class Server:
+    name: str
+    url: str
+    process: subprocess.Popen
+    ready_seconds: float
+
+
+@contextmanager
+def serve(name: str, command: Sequence[str], port: int) -> Iterator[Server]:
+    """Start `command` (listening on `port`), wait until ready, stop it with SIGTERM."""
+    log = (WORK / f"{name}.log").open("w")
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        list(command), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while not _ready(url):
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {process.returncode}; see {log.name}")
+            if time.perf_counter() - started > START_TIMEOUT_SECONDS:
+                raise TimeoutError(f"{name} did not become ready; see {log.name}")
+            time.sleep(0.01)
+        yield Server(name, url, process, time.perf_counter() - started)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        log.close()
+
+
+def bnfold_command(repository: Path | None, port: int, *options: str) -> list[str]:
+    command = [*BNFOLD, "serve", "--port", str(port), "--device", "cpu", "--log-level", "warning"]
+    if repository is not None:
+        command += ["--repository", str(repository)]
+    return [*command, *options]
+
+
+def baseline_command(repository: Path, port: int) -> list[str]:
+    script = ROOT / "benchmarks" / "baseline_server.py"
+    return [PYTHON, str(script), "--repository", str(repository), "--port", str(port)]
+
+
+def empty_command(port: int) -> list[str]:
+    return [PYTHON, str(ROOT / "benchmarks" / "empty_server.py"), "--port", str(port)]
