@@ -210,11 +210,6 @@ def _json_array(name: str, data: object, shape: list[int], datatype: str, count:
     given = math.prod(nested_dims)
     if given != count:
         raise BadRequest(f"input '{name}' has {given} values but shape {shape} needs {count}")
-    if len(nested_dims) > 1 and nested_dims != shape:
-        raise BadRequest(
-            f"input '{name}': 'data' is nested as {nested_dims} but the shape is {shape}; "
-            "send it flat (row-major) or nested exactly as the shape"
-        )
     dtype = DATATYPES[datatype]
     if count == 0:
         return np.empty(shape, dtype=dtype)
@@ -224,6 +219,11 @@ def _json_array(name: str, data: object, shape: list[int], datatype: str, count:
         raise BadRequest(f"input '{name}': 'data' is not a rectangular array of numbers") from None
     if values.shape != tuple(nested_dims):
         raise BadRequest(f"input '{name}': 'data' is not a rectangular array of numbers")
+    if len(nested_dims) > 1 and nested_dims != shape:
+        raise BadRequest(
+            f"input '{name}': 'data' is nested as {nested_dims} but the shape is {shape}; "
+            "send it flat (row-major) or nested exactly as the shape"
+        )
     if dtype.kind in "iu" and values.dtype.kind not in "iu":
         return _exact_integers(name, data, datatype).reshape(shape)
     _check_values(name, values, datatype)

@@ -16,9 +16,11 @@ scraped, on the same thread. Never update a series from another thread.
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any, ClassVar, Generic, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -85,45 +87,60 @@ class HistogramSeries:
         self.total += value
 
 
-class _Metric:
-    """One metric: its series by label values, created on first use."""
+SeriesT = TypeVar("SeriesT", bound=CounterSeries | HistogramSeries)
+ValueSeriesT = TypeVar("ValueSeriesT", bound=CounterSeries)
+
+
+class _Metric(ABC, Generic[SeriesT]):
+    """One metric: its series by label values, each made by `new_series` on first use."""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
-        self.series: dict[tuple[str, ...], CounterSeries | HistogramSeries] = {}
+        self.series: dict[tuple[str, ...], SeriesT] = {}
 
-
-class Counter(_Metric):
-    def labels(self, *values: str) -> CounterSeries:
+    def labels(self, *values: str) -> SeriesT:
         found = self.series.get(values)
         if found is None:
-            found = self.series[values] = CounterSeries()
-        return found  # type: ignore[return-value]
+            found = self.series[values] = self.new_series()
+        return found
+
+    @abstractmethod
+    def new_series(self) -> SeriesT: ...
+
+    @abstractmethod
+    def family(self) -> Metric:
+        """The series as prometheus_client's metric family, for a scrape."""
+
+
+class _ValueMetric(_Metric[ValueSeriesT]):
+    """A counter or a gauge: one number per series."""
+
+    family_type: ClassVar[type[CounterMetricFamily] | type[GaugeMetricFamily]]
 
     def family(self) -> Metric:
-        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        family = self.family_type(self.name, self.documentation, labels=self.labelnames)
         for values, series in self.series.items():
-            family.add_metric(values, series.value)  # type: ignore[union-attr]
+            family.add_metric(values, series.value)
         return family
 
 
-class Gauge(_Metric):
-    def labels(self, *values: str) -> GaugeSeries:
-        found = self.series.get(values)
-        if found is None:
-            found = self.series[values] = GaugeSeries()
-        return found  # type: ignore[return-value]
+class Counter(_ValueMetric[CounterSeries]):
+    family_type = CounterMetricFamily
 
-    def family(self) -> Metric:
-        family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for values, series in self.series.items():
-            family.add_metric(values, series.value)  # type: ignore[union-attr]
-        return family
+    def new_series(self) -> CounterSeries:
+        return CounterSeries()
 
 
-class Histogram(_Metric):
+class Gauge(_ValueMetric[GaugeSeries]):
+    family_type = GaugeMetricFamily
+
+    def new_series(self) -> GaugeSeries:
+        return GaugeSeries()
+
+
+class Histogram(_Metric[HistogramSeries]):
     def __init__(
         self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float]
     ) -> None:
@@ -131,26 +148,23 @@ class Histogram(_Metric):
         self.bounds = tuple(float(bound) for bound in buckets)
         self.le = [floatToGoString(bound) for bound in self.bounds] + ["+Inf"]
 
-    def labels(self, *values: str) -> HistogramSeries:
-        found = self.series.get(values)
-        if found is None:
-            found = self.series[values] = HistogramSeries(self.bounds)
-        return found  # type: ignore[return-value]
+    def new_series(self) -> HistogramSeries:
+        return HistogramSeries(self.bounds)
 
     def family(self) -> Metric:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
         for values, series in self.series.items():
             cumulative = 0
             buckets = []
-            for le, count in zip(self.le, series.counts, strict=True):  # type: ignore[union-attr]
+            for le, count in zip(self.le, series.counts, strict=True):
                 cumulative += count
                 buckets.append((le, float(cumulative)))
-            family.add_metric(values, buckets, series.total)  # type: ignore[union-attr]
+            family.add_metric(values, buckets, series.total)
         return family
 
 
 class _Families(Collector):
-    def __init__(self, metrics: Sequence[Counter | Gauge | Histogram]) -> None:
+    def __init__(self, metrics: Sequence[_Metric[Any]]) -> None:
         self.metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
@@ -207,21 +221,9 @@ class ServiceMetrics:
             ["model"],
             _BATCH_BUCKETS,
         )
+        metrics = [value for value in vars(self).values() if isinstance(value, _Metric)]
         self.registry = CollectorRegistry()
-        self.registry.register(
-            _Families(
-                [
-                    self.requests,
-                    self.latency,
-                    self.queue,
-                    self.compute,
-                    self.in_flight,
-                    self.batch_size,
-                    self.run_batch_size,
-                    self.run_requests,
-                ]
-            )
-        )
+        self.registry.register(_Families(metrics))
 
     @contextmanager
     def track(self, model: str, endpoint: str) -> Iterator[None]:

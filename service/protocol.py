@@ -5,87 +5,119 @@ tests that check responses against it. The request path does not validate
 bodies with them: a tensor of a million numbers through pydantic costs more than
 the inference. `codec` reads bodies with orjson and numpy instead and enforces
 the same rules.
+
+Responses are closed: every field the server sends is declared, nothing else is
+allowed, and a field the server leaves out when it has no value is never null.
+tests/test_service_protocol.py validates every endpoint's real answer against
+its model, so a field added, dropped or renamed on one side only fails there
+(and in the OpenAPI fuzz test) instead of drifting from the documentation.
+Requests stay open: the protocol lets clients send fields and `parameters` a
+server does not know, and bnfold ignores them (the few it refuses are named
+where they belong). V2 `parameters` are maps, so the ones bnfold sends are
+TypedDicts: their keys are declared and checked, and they stay dicts
+(`metadata.parameters["version"]`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, with_config
+from pydantic.json_schema import SkipJsonSchema
+from typing_extensions import NotRequired, TypedDict
 
 PLATFORM: Final = "onnxruntime_onnx"
 BACKEND: Final = "onnxruntime"
 INFERENCE_HEADER: Final = "Inference-Header-Content-Length"
 
-# V2 datatype name <-> numpy dtype, for every datatype the service accepts.
+# Every datatype the service accepts: V2 name, numpy scalar type, onnxruntime's type string.
 # BYTES and BF16 have no numpy dtype and no use in BatchNorm models.
+_DATATYPE_TABLE: Final = (
+    ("BOOL", np.bool_, "tensor(bool)"),
+    ("UINT8", np.uint8, "tensor(uint8)"),
+    ("UINT16", np.uint16, "tensor(uint16)"),
+    ("UINT32", np.uint32, "tensor(uint32)"),
+    ("UINT64", np.uint64, "tensor(uint64)"),
+    ("INT8", np.int8, "tensor(int8)"),
+    ("INT16", np.int16, "tensor(int16)"),
+    ("INT32", np.int32, "tensor(int32)"),
+    ("INT64", np.int64, "tensor(int64)"),
+    ("FP16", np.float16, "tensor(float16)"),
+    ("FP32", np.float32, "tensor(float)"),
+    ("FP64", np.float64, "tensor(double)"),
+)
 DATATYPES: Final[dict[str, np.dtype[Any]]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
+    name: np.dtype(scalar) for name, scalar, _ in _DATATYPE_TABLE
 }
 DATATYPE_OF_DTYPE: Final = {dtype: name for name, dtype in DATATYPES.items()}
+# For checking a session's inputs and outputs against its manifest.
+ONNX_TYPES: Final = {onnx_type: name for name, _, onnx_type in _DATATYPE_TABLE}
 
-# onnxruntime's type strings, for checking a session against its manifest.
-ONNX_TYPES: Final = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-}
-
-Datatype = Literal[
-    "BOOL",
-    "UINT8",
-    "UINT16",
-    "UINT32",
-    "UINT64",
-    "INT8",
-    "INT16",
-    "INT32",
-    "INT64",
-    "FP16",
-    "FP32",
-    "FP64",
-]
+# The names as types, for validation and the OpenAPI enums. Built from the table:
+# pydantic reads the enum, a static type checker cannot (a Literal of an expression).
+Datatype = Literal[tuple(DATATYPES)]
+ConfigDatatype = Literal[tuple(f"TYPE_{name}" for name in DATATYPES)]
 Parameters = dict[str, Any]
 TensorData = list[Any]
+FlatData = list[bool | int | float | None]
+"""Response tensor values, flat and row-major; NaN and infinity are written as null."""
+
+_T = TypeVar("_T")
 
 
-class _Wire(BaseModel):
+def _never_null(value: object) -> object:
+    if value is None:
+        raise ValueError("the server leaves this field out when it has no value, never null")
+    return value
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+
+
+Omittable = Annotated[
+    _T | SkipJsonSchema[None],
+    BeforeValidator(_never_null),
+    Field(json_schema_extra=_no_default),
+]
+"""A response field that is absent, not null, when it has no value (default it to None)."""
+
+
+_CLOSED: Final = ConfigDict(extra="forbid")
+
+
+class _Response(BaseModel):
+    """What the server sends: closed, so a field it adds, drops or renames fails validation."""
+
+    model_config = _CLOSED
+
+
+class _Request(BaseModel):
+    """What a client sends: open, as the protocol allows fields a server does not know."""
+
     model_config = ConfigDict(extra="allow")
 
 
-class ErrorResponse(_Wire):
+class ErrorResponse(_Response):
+    """Every error response, whatever its status."""
+
     error: str = Field(examples=["unknown model 'digitz'"])
 
 
-class ServerMetadataResponse(_Wire):
+class ServerMetadataResponse(_Response):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
                 {
                     "name": "bnfold",
                     "version": "0.1.0",
-                    "extensions": ["binary_tensor_data", "model_repository", "model_configuration"],
+                    "extensions": [
+                        "binary_tensor_data",
+                        "model_repository",
+                        "model_configuration",
+                        "bnfold_compare",
+                    ],
                 }
             ]
         }
@@ -93,18 +125,21 @@ class ServerMetadataResponse(_Wire):
 
     name: str
     version: str
-    extensions: list[str]
+    extensions: list[str] = Field(
+        description="Triton's extensions the server implements, and `bnfold_compare` "
+        "(the compare endpoint)."
+    )
 
 
-class LiveResponse(_Wire):
+class LiveResponse(_Response):
     live: bool
 
 
-class ReadyResponse(_Wire):
+class ReadyResponse(_Response):
     ready: bool
 
 
-class ModelReadyResponse(_Wire):
+class ModelReadyResponse(_Response):
     model_config = ConfigDict(
         json_schema_extra={"examples": [{"name": "digits_mlp", "ready": True}]}
     )
@@ -113,13 +148,38 @@ class ModelReadyResponse(_Wire):
     ready: bool
 
 
-class MetadataTensor(_Wire):
+class MetadataTensor(_Response):
     name: str
     datatype: Datatype
     shape: list[int] = Field(description="-1 marks a dynamic axis (axis 0 is the batch).")
 
 
-class ModelMetadataResponse(_Wire):
+@with_config(_CLOSED)
+class BatchingParameters(TypedDict):
+    """The model's dynamic batching policy, as resolved when it loaded."""
+
+    enabled: bool
+    max_batch_size: int
+    max_queue_delay_us: int
+    max_queue_size: int
+    disabled_reason: NotRequired[
+        Annotated[str, Field(description="Why batching is off; only when it is.")]
+    ]
+
+
+@with_config(_CLOSED)
+class ModelParameters(TypedDict):
+    """bnfold's extras in model metadata."""
+
+    version: Annotated[str, Field(description="The version described.")]
+    execution_providers: Annotated[list[str], Field(description="onnxruntime's, in use.")]
+    batchnorm_layers: Annotated[
+        list[str], Field(description="The BatchNorm layers the compare endpoint reports on.")
+    ]
+    batching: BatchingParameters
+
+
+class ModelMetadataResponse(_Response):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
@@ -133,6 +193,12 @@ class ModelMetadataResponse(_Wire):
                         "version": "1",
                         "execution_providers": ["CPUExecutionProvider"],
                         "batchnorm_layers": ["body.1", "body.4", "head.0"],
+                        "batching": {
+                            "enabled": True,
+                            "max_batch_size": 32,
+                            "max_queue_delay_us": 0,
+                            "max_queue_size": 256,
+                        },
                     },
                 }
             ]
@@ -146,32 +212,33 @@ class ModelMetadataResponse(_Wire):
     platform: str = Field(examples=[PLATFORM])
     inputs: list[MetadataTensor]
     outputs: list[MetadataTensor]
-    parameters: Parameters = Field(
-        description="bnfold extras: `version` described, `execution_providers` in use, "
-        "`batchnorm_layers` compared by the compare endpoint."
-    )
+    parameters: ModelParameters
 
 
-class RequestInput(_Wire):
+class RequestInput(_Request):
     name: str
     shape: list[int]
     datatype: Datatype
     parameters: Parameters | None = Field(
-        None, description="`binary_data_size`: bytes of this tensor after the JSON header."
+        None,
+        description="`binary_data_size`: bytes of this tensor after the JSON header. "
+        "`shared_memory_region` is refused (400).",
     )
     data: TensorData | None = Field(
         None, description="Row-major values, flat or nested; absent with binary data."
     )
 
 
-class RequestOutput(_Wire):
+class RequestOutput(_Request):
     name: str
     parameters: Parameters | None = Field(
-        None, description="`binary_data`: return this output as raw bytes after the JSON header."
+        None,
+        description="`binary_data`: return this output as raw bytes after the JSON header. "
+        "`shared_memory_region` and `classification` are refused (400).",
     )
 
 
-class InferenceRequest(_Wire):
+class InferenceRequest(_Request):
     id: str | None = None
     parameters: Parameters | None = Field(
         None, description="`binary_data_output`: default for outputs without their own flag."
@@ -182,15 +249,30 @@ class InferenceRequest(_Wire):
     )
 
 
-class ResponseOutput(_Wire):
+class JsonOutput(_Response):
+    """An output with its values in the JSON."""
+
     name: str
-    shape: list[int]
     datatype: Datatype
-    parameters: Parameters | None = None
-    data: TensorData | None = None
+    shape: list[int]
+    data: FlatData
 
 
-class InferenceResponse(_Wire):
+@with_config(_CLOSED)
+class BinaryDataParameters(TypedDict):
+    binary_data_size: Annotated[int, Field(description="Bytes of this output after the header.")]
+
+
+class BinaryOutput(_Response):
+    """An output asked for as `binary_data`: its raw bytes follow the JSON header, in order."""
+
+    name: str
+    datatype: Datatype
+    shape: list[int]
+    parameters: BinaryDataParameters
+
+
+class InferenceResponse(_Response):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
@@ -224,9 +306,8 @@ class InferenceResponse(_Wire):
 
     model_name: str
     model_version: str
-    id: str | None = None
-    parameters: Parameters | None = None
-    outputs: list[ResponseOutput]
+    id: Omittable[str] = Field(None, description="The request's id; absent when it had none.")
+    outputs: list[JsonOutput | BinaryOutput]
 
 
 class CompareRequest(InferenceRequest):
@@ -235,7 +316,7 @@ class CompareRequest(InferenceRequest):
     )
 
 
-class OutputComparison(_Wire):
+class OutputComparison(_Response):
     name: str
     shape: list[int]
     max_abs_diff: float
@@ -244,17 +325,17 @@ class OutputComparison(_Wire):
     cosine_similarity: float = Field(description="Mean over samples of cos(eval, train).")
     cosine_similarity_min: float
     argmax_agreement: float | None = Field(
-        None, description="Fraction of samples whose argmax agrees; for (N, K>1) outputs only."
+        description="Fraction of samples whose argmax agrees; null unless the output is (N, K>1)."
     )
 
 
-class Spread(_Wire):
+class Spread(_Response):
     mean: float
     min: float
     max: float
 
 
-class LayerDrift(_Wire):
+class LayerDrift(_Response):
     name: str
     channels: int
     mean_shift: Spread = Field(
@@ -269,7 +350,7 @@ class LayerDrift(_Wire):
     )
 
 
-class CompareResponse(_Wire):
+class CompareResponse(_Response):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
@@ -306,19 +387,23 @@ class CompareResponse(_Wire):
 
     model_name: str
     model_version: str
-    id: str | None = None
+    id: Omittable[str] = Field(None, description="The request's id; absent when it had none.")
     batch_size: int
     outputs: list[OutputComparison]
     batchnorm: list[LayerDrift] = Field(description="Every BN layer, largest drift first.")
-    eval_outputs: list[ResponseOutput] | None = None
-    train_outputs: list[ResponseOutput] | None = None
+    eval_outputs: Omittable[list[JsonOutput]] = Field(
+        None, description="model.onnx's outputs; only with `return_outputs`."
+    )
+    train_outputs: Omittable[list[JsonOutput]] = Field(
+        None, description="train.onnx's outputs; only with `return_outputs`."
+    )
 
 
-class RepositoryIndexRequest(_Wire):
+class RepositoryIndexRequest(_Request):
     ready: bool = Field(False, description="Only list ready models.")
 
 
-class RepositoryModel(_Wire):
+class RepositoryModel(_Response):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
@@ -338,17 +423,57 @@ class RepositoryModel(_Wire):
     reason: str
 
 
-class RepositoryLoadRequest(_Wire):
-    parameters: Parameters | None = None
+class RepositoryLoadRequest(_Request):
+    parameters: Parameters | None = Field(
+        None,
+        description="Triton's load parameters: load refuses any (400), as packages come from "
+        "the repository on disk; unload ignores them.",
+    )
 
 
-class ModelConfigTensor(_Wire):
+class ModelConfigTensor(_Response):
     name: str
-    data_type: str = Field(examples=["TYPE_FP32"])
+    data_type: ConfigDatatype = Field(examples=["TYPE_FP32"])
     dims: list[int]
 
 
-class ModelConfigResponse(_Wire):
+class LatestVersions(_Response):
+    num_versions: int
+
+
+class VersionPolicy(_Response):
+    latest: LatestVersions
+
+
+class InstanceGroup(_Response):
+    name: str
+    kind: Literal["KIND_CPU", "KIND_GPU"]
+    count: int
+
+
+class QueuePolicy(_Response):
+    max_queue_size: int
+
+
+class DynamicBatching(_Response):
+    preferred_batch_size: list[int] = Field(description="The policy's max_batch_size.")
+    max_queue_delay_microseconds: int
+    default_queue_policy: QueuePolicy
+
+
+@with_config(_CLOSED)
+class StringValue(TypedDict):
+    string_value: str
+
+
+@with_config(_CLOSED)
+class ConfigParameters(TypedDict):
+    execution_providers: Annotated[
+        StringValue, Field(description="onnxruntime's providers in use, comma-separated.")
+    ]
+
+
+class ModelConfigResponse(_Response):
     """The subset of Triton's model configuration that describes an onnxruntime model."""
 
     model_config = ConfigDict(
@@ -358,9 +483,18 @@ class ModelConfigResponse(_Wire):
                     "name": "digits_mlp",
                     "platform": PLATFORM,
                     "backend": BACKEND,
+                    "version_policy": {"latest": {"num_versions": 1}},
                     "max_batch_size": 0,
                     "input": [{"name": "input", "data_type": "TYPE_FP32", "dims": [-1, 64]}],
                     "output": [{"name": "output", "data_type": "TYPE_FP32", "dims": [-1, 10]}],
+                    "instance_group": [{"name": "digits_mlp", "kind": "KIND_CPU", "count": 1}],
+                    "default_model_filename": "model.onnx",
+                    "parameters": {"execution_providers": {"string_value": "CPUExecutionProvider"}},
+                    "dynamic_batching": {
+                        "preferred_batch_size": [32],
+                        "max_queue_delay_microseconds": 0,
+                        "default_queue_policy": {"max_queue_size": 256},
+                    },
                 }
             ]
         }
@@ -369,9 +503,16 @@ class ModelConfigResponse(_Wire):
     name: str
     platform: str
     backend: str
+    version_policy: VersionPolicy
     max_batch_size: int = Field(description="0: dims include the batch axis (-1).")
     input: list[ModelConfigTensor]
     output: list[ModelConfigTensor]
+    instance_group: list[InstanceGroup]
+    default_model_filename: str
+    parameters: ConfigParameters
+    dynamic_batching: Omittable[DynamicBatching] = Field(
+        None, description="Only when the model batches (its metadata says why not otherwise)."
+    )
 
 
 WIRE_MODELS: Final[tuple[type[BaseModel], ...]] = (
