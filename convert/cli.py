@@ -72,12 +72,13 @@ def convert(
         None, help="Package name (default: built-in name, factory name or file stem)."
     ),
     version: int | None = typer.Option(
-        None, min=1, help="Package version (default: the next integer)."
+        None, help="Package version, 1 to 2**63-1 (default: the next integer)."
     ),
     input_shape: str | None = typer.Option(
         None,
         "--input-shape",
-        help="Input shape with the batch axis first, e.g. 1,3,32,32 (the batch axis is exported dynamic).",
+        help="Input shape with the batch axis first, e.g. 1,3,32,32 (the batch axis is exported "
+        "dynamic). For an .onnx source: the sizes its symbolic axes take during verification.",
     ),
     weights: Path | None = typer.Option(
         None, help="A state_dict for a factory source, loaded with weights_only=True."
@@ -92,11 +93,16 @@ def convert(
 ) -> None:
     """Fold every exactly-foldable BatchNorm, verify, and write an ONNX model package."""
     with _exit_on_convert_error():
-        from bnfold.convert.sources import is_onnx_source
+        from bnfold.convert.package import check_repository, check_version
+        from bnfold.convert.sources import is_onnx_source, parse_input_shape
 
+        if version is not None:
+            check_version(version)
+        check_repository(repository)
         sample_array = _load_sample(sample) if sample is not None else None
         if is_onnx_source(source):
-            result = _convert_onnx(source, repository, name, version, sample_array, as_json)
+            shape = parse_input_shape(input_shape) if input_shape else None
+            result = _convert_onnx(source, repository, name, version, shape, sample_array, as_json)
         else:
             result = _convert_torch(
                 source,
@@ -150,6 +156,7 @@ def _convert_onnx(
     repository: Path,
     name: str | None,
     version: int | None,
+    input_shape: tuple[int, ...] | None,
     sample: np.ndarray | None,
     as_json: bool,
 ) -> ConversionResult:
@@ -166,6 +173,7 @@ def _convert_onnx(
         name=name,
         version=version,
         sample=sample,
+        input_shape=input_shape,
         progress=not as_json,
     )
 

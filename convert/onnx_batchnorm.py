@@ -7,6 +7,12 @@ optional mean/var/saved outputs as training mode. And all four parameters
 must be constant. Each failed guard becomes the reason the BN is kept. Direction-
 specific guards (who produces or reads the tensor) live with their pattern.
 
+A BN is a manifest layer (and gets train.onnx statistics outputs) only when
+its running mean and variance are constant and usable (`running_statistics_problem`):
+one whose statistics are graph inputs has none to record, so it is kept, with
+a reason saying it is not in `batchnorm.layers`, rather than written as a
+layer the service would refuse.
+
 The BN's layer name (the manifest's `batchnorm.layers[].name`, the prefix of
 the train graph's `.batch_mean`/`.batch_var` outputs) is its node name; the
 pipeline names every nameless node first, so BNs are `BatchNormalization_<i>`
@@ -24,7 +30,12 @@ from onnx import NodeProto
 
 from bnfold.convert.fold import BatchNormParams
 from bnfold.convert.onnx_graph import GraphEdit, GraphIndex, iter_nodes, node_attribute
-from bnfold.convert.report import BatchNormLayer, batch_stat_output_names
+from bnfold.convert.report import (
+    NOT_A_LAYER,
+    BatchNormLayer,
+    batch_stat_output_names,
+    running_statistics_problem,
+)
 
 BATCHNORM = "BatchNormalization"
 DEFAULT_EPSILON = 1e-5
@@ -35,6 +46,9 @@ REASON_STATS_OUTPUTS = (
 )
 TRAINING_MODE_ATTRIBUTE_OPSET = 14
 REASON_NOT_CONSTANT = "BN parameters are not constant initializers"
+REASON_NO_RUNNING_STATISTICS = (
+    "its running mean or variance is not constant (no running statistics)"
+)
 REASON_NOT_PER_CHANNEL = "BN parameters are not per-channel vectors of one length"
 REASON_CHANNEL_AXIS = "channel axis does not line up"
 
@@ -45,12 +59,15 @@ class BatchNormNode:
 
     `params` is None when the parameters are not constant; `blocked` holds the
     direction-independent reason the BN cannot fold at all, or None.
+    `statistics` is (running_mean, running_var) when the BN is a manifest
+    layer, None when it is not (and then `blocked` says why).
     """
 
     index: int
     node: NodeProto
     params: BatchNormParams | None
     blocked: str | None
+    statistics: tuple[np.ndarray, np.ndarray] | None
 
     @property
     def name(self) -> str:
@@ -109,18 +126,40 @@ def read_batchnorms(index: GraphIndex) -> list[BatchNormNode]:
 def read_batchnorm(index: GraphIndex, position: int) -> BatchNormNode:
     node = index.nodes[position]
     params = _constant_params(index, node)
+    statistics = _running_statistics(index, node)
     blocked: str | None = None
     if int(node_attribute(node, "training_mode", 0)) == 1:
         blocked = REASON_TRAINING_MODE
     elif index.opset < TRAINING_MODE_ATTRIBUTE_OPSET and any(node.output[1:]):
         blocked = REASON_STATS_OUTPUTS
     elif params is None:
-        blocked = (
-            REASON_NOT_CONSTANT
-            if any(index.constant(name) is None for name in node.input[1:5])
-            else REASON_NOT_PER_CHANNEL
+        blocked = _not_constant_reason(index, node)
+    if isinstance(statistics, str):
+        not_a_layer = f"{statistics}, {NOT_A_LAYER}"
+        blocked = not_a_layer if blocked is None else f"{blocked}; {not_a_layer}"
+        return BatchNormNode(position, node, params, blocked, None)
+    return BatchNormNode(position, node, params, blocked, statistics)
+
+
+def _not_constant_reason(index: GraphIndex, node: NodeProto) -> str:
+    """Why `_constant_params` found no parameters: which are not constant, or their shapes."""
+    names = [name for name in node.input[1:5] if index.constant(name) is None]
+    overridable = [name for name in names if name in index.overridable]
+    if overridable:
+        return (
+            f"BN parameters {', '.join(overridable)} are overridable graph inputs "
+            "(initializers also listed in graph.input), so they are not constant"
         )
-    return BatchNormNode(position, node, params, blocked)
+    return REASON_NOT_CONSTANT if names else REASON_NOT_PER_CHANNEL
+
+
+def _running_statistics(index: GraphIndex, node: NodeProto) -> tuple[np.ndarray, np.ndarray] | str:
+    """The constant running mean and variance, or why the BN has none a manifest can hold."""
+    mean, var = index.constant(node.input[3]), index.constant(node.input[4])
+    if mean is None or var is None:
+        return REASON_NO_RUNNING_STATISTICS
+    problem = running_statistics_problem(mean, var)
+    return problem if problem is not None else (mean, var)
 
 
 def _constant_params(index: GraphIndex, node: NodeProto) -> BatchNormParams | None:
@@ -139,24 +178,19 @@ def _epsilon(node: NodeProto) -> float:
     return float(node_attribute(node, "epsilon", DEFAULT_EPSILON))
 
 
-def batchnorm_layer(index: GraphIndex, bn: BatchNormNode) -> BatchNormLayer:
-    """The manifest's layer entry; running statistics are None when not constant."""
+def batchnorm_layer(index: GraphIndex, bn: BatchNormNode) -> BatchNormLayer | None:
+    """The manifest's layer entry, or None for a BN without running statistics."""
+    if bn.statistics is None:
+        return None
+    running_mean, running_var = bn.statistics
     mean_output, var_output = batch_stat_output_names(bn.name)
     rank = index.rank(bn.input)
-    if bn.params is not None:
-        channels = bn.params.channels
-        running_mean: list[float] | None = np.asarray(bn.params.running_mean, float).tolist()
-        running_var: list[float] | None = np.asarray(bn.params.running_var, float).tolist()
-    else:
-        shape = index.shape(bn.input)
-        channels = shape[1] if shape and len(shape) > 1 and isinstance(shape[1], int) else -1
-        running_mean = running_var = None
     return BatchNormLayer(
         name=bn.name,
-        channels=int(channels),
+        channels=int(running_mean.size),
         eps=bn.epsilon,
-        running_mean=running_mean,
-        running_var=running_var,
+        running_mean=np.asarray(running_mean, float).tolist(),
+        running_var=np.asarray(running_var, float).tolist(),
         input_rank=-1 if rank is None else rank,
         batch_mean_output=mean_output,
         batch_var_output=var_output,

@@ -62,7 +62,8 @@ def fold_batchnorms(model: ModelProto, tensor_info: dict[str, TensorInfo]) -> Ba
     """
     original = GraphIndex(model, tensor_info)
     batchnorms = read_batchnorms(original)
-    report = BatchNormReport(layers=[batchnorm_layer(original, bn) for bn in batchnorms])
+    layers = [batchnorm_layer(original, bn) for bn in batchnorms]
+    report = BatchNormReport(layers=[layer for layer in layers if layer is not None])
     while True:
         reasons: dict[str, dict[str, str]] = {"forward": {}, "backward": {}}
         folded_this_round = 0

@@ -77,12 +77,12 @@ def read_conv(index: GraphIndex, position: int) -> ConvLayer | str:
     node = index.nodes[position]
     weight = index.constant(node.input[1])
     if weight is None:
-        return f"{node.op_type} weight is not constant"
+        return index.not_constant_reason(node.input[1], f"{node.op_type} weight")
     bias = None
     if len(node.input) > 2 and node.input[2]:
         bias = index.constant(node.input[2])
         if bias is None:
-            return f"{node.op_type} bias is not constant"
+            return index.not_constant_reason(node.input[2], f"{node.op_type} bias")
     if not np.issubdtype(weight.dtype, np.floating):
         return f"{node.op_type} weight is not floating point"
     return ConvLayer(position, node, weight, bias)

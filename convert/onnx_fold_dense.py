@@ -105,7 +105,7 @@ def read_dense(index: GraphIndex, position: int) -> DenseLayer | str:
     node = index.nodes[position]
     weight = index.constant(node.input[1])
     if weight is None:
-        return f"{node.op_type} weight is not constant"
+        return index.not_constant_reason(node.input[1], f"{node.op_type} weight")
     if not np.issubdtype(weight.dtype, np.floating):
         return f"{node.op_type} weight is not floating point"
     if node.op_type == "Gemm":
@@ -139,7 +139,7 @@ def _read_gemm(index: GraphIndex, position: int, weight: np.ndarray) -> DenseLay
     if len(node.input) > 2 and node.input[2]:
         constant = index.constant(node.input[2])
         if constant is None:
-            return "Gemm bias C is not constant"
+            return index.not_constant_reason(node.input[2], "Gemm bias C")
         bias = _per_feature(constant.astype(np.float64) * beta, out_first.shape[0], 2)
         if bias is None:
             return "Gemm bias C is not one value per output feature"

@@ -12,6 +12,13 @@ alone by deterministic standard ops (the torch exporter routes shared BN
 parameters through Identity and computes Pad's pads with a chain of
 Shape/Concat/Slice on constants); those are evaluated with onnx's reference
 evaluator, once per tensor.
+
+An initializer that is also listed in `graph.input` (IR version 4 and later)
+is not a constant but an overridable default: a caller may feed another value,
+and onnxruntime honours it. Folding it would silently drop that input, so it
+and everything computed from it count as non-constant, and the graph keeps it.
+Before IR 4 every initializer had to be listed among the inputs, and
+onnxruntime treats them as constants; so does bnfold.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ _NONDETERMINISTIC_OPS = frozenset(
 )
 #: Evaluating a longer constant chain than this is not worth it for a fold decision.
 _MAX_CONSTANT_CLOSURE = 64
+#: From this IR version on, an initializer listed in graph.input may be overridden.
+OVERRIDABLE_INITIALIZERS_IR_VERSION = 4
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
@@ -100,6 +109,14 @@ def _dim_value(dim: onnx.TensorShapeProto.Dimension) -> Dim:
     if dim.HasField("dim_param"):
         return dim.dim_param
     return None
+
+
+def overridable_initializers(model: ModelProto) -> set[str]:
+    """Initializers a caller may override: those listed in graph.input, from IR 4 on."""
+    if model.ir_version < OVERRIDABLE_INITIALIZERS_IR_VERSION:
+        return set()
+    inputs = {value.name for value in model.graph.input}
+    return {tensor.name for tensor in model.graph.initializer if tensor.name in inputs}
 
 
 def op_counts(graph: GraphProto) -> dict[str, int]:
@@ -174,6 +191,7 @@ class GraphIndex:
         self.graph_inputs: set[str] = {
             value.name for value in self.graph.input if value.name not in self.initializers
         }
+        self.overridable: set[str] = overridable_initializers(model)
         self.producer: dict[str, int] = {}
         self.uses: dict[str, list[Use]] = {}
         for index, node in enumerate(self.nodes):
@@ -254,7 +272,18 @@ class GraphIndex:
             self._constants[name] = self._evaluate_constant(name)
         return self._constants[name]
 
+    def not_constant_reason(self, name: str, what: str) -> str:
+        """Why `what` (tensor `name`) cannot be read as a constant, for a kept BN's reason."""
+        if name in self.overridable:
+            return (
+                f"{what} {name!r} is an overridable graph input (an initializer also listed "
+                "in graph.input), so it is not a constant"
+            )
+        return f"{what} is not constant"
+
     def _evaluate_constant(self, name: str) -> np.ndarray | None:
+        if name in self.overridable:
+            return None
         if name in self.initializers:
             return numpy_helper.to_array(self.initializers[name])
         node = self.producer_of(name)
@@ -275,6 +304,8 @@ class GraphIndex:
         pending = [name]
         while pending:
             tensor = pending.pop()
+            if tensor in self.overridable:
+                return None
             if tensor in self.initializers or not tensor:
                 continue
             index = self.producer.get(tensor)
@@ -349,8 +380,19 @@ def apply_edit(model: ModelProto, edit: GraphEdit) -> None:
         rebuilt.extend(edit.replacements.get(index, [node]))
     del graph.node[:]
     graph.node.extend(rebuilt)
-    graph.initializer.extend(edit.initializers)
+    add_initializers(model, edit.initializers)
     remove_orphans(model, edit.released)
+
+
+def add_initializers(model: ModelProto, tensors: Iterable[TensorProto]) -> None:
+    """Add initializers; before IR 4 each is listed among the graph inputs too, as IR 3 requires."""
+    added = list(tensors)
+    model.graph.initializer.extend(added)
+    if model.ir_version < OVERRIDABLE_INITIALIZERS_IR_VERSION:
+        model.graph.input.extend(
+            onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+            for tensor in added
+        )
 
 
 def remove_orphans(model: ModelProto, candidates: Iterable[str]) -> None:

@@ -38,6 +38,7 @@ from bnfold.convert.onnx_verify import (
     InputSpec,
     fixed_batch,
     input_specs,
+    pin_input_shape,
     session,
     verification_feeds,
     verify_batch_growth,
@@ -70,13 +71,17 @@ def convert_onnx_file(
     name: str | None,
     version: int | None,
     sample: np.ndarray | None,
+    input_shape: Sequence[int] | None = None,
     progress: bool = False,
 ) -> ConversionResult:
-    """Fold, verify and package an ONNX file; raises ConvertError subclasses on any failure."""
+    """Fold, verify and package an ONNX file; raises ConvertError subclasses on any failure.
+
+    `input_shape` sets the symbolic axes of the verification batches (`pin_input_shape`).
+    """
     with _progress(progress) as step:
         step("load")
         loaded = load_onnx_source(source)
-        return _convert(loaded, repository, name or source.stem, version, sample, step)
+        return _convert(loaded, repository, name or source.stem, version, sample, input_shape, step)
 
 
 def _convert(
@@ -85,9 +90,12 @@ def _convert(
     name: str,
     version: int | None,
     sample: np.ndarray | None,
+    input_shape: Sequence[int] | None,
     step: Step,
 ) -> ConversionResult:
     specs = input_specs(loaded.model)
+    if input_shape is not None:
+        specs = pin_input_shape(specs, input_shape)
     feeds = verification_feeds(specs, sample)
     step("fold")
     folded = _copy(loaded.model)

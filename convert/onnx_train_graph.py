@@ -27,7 +27,7 @@ from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from bnfold.convert.errors import UnsupportedSource
 from bnfold.convert.onnx_batchnorm import BatchNormNode, read_batchnorms
-from bnfold.convert.onnx_graph import GraphIndex, TensorInfo
+from bnfold.convert.onnx_graph import GraphIndex, TensorInfo, add_initializers
 from bnfold.convert.report import batch_stat_output_names
 
 REDUCE_AXES_AS_INPUT_OPSET = 18
@@ -36,9 +36,11 @@ REDUCE_AXES_AS_INPUT_OPSET = 18
 def build_train_graph(model: ModelProto, tensor_info: dict[str, TensorInfo]) -> list[str]:
     """Rewrite `model` (the unfolded graph, in place) into the train graph.
 
-    Returns the added statistics output names, two per BN in graph order (the
-    order of `batchnorm.layers`). Raises UnsupportedSource when a BN's input
-    rank is unknown or its running-statistics outputs are read.
+    Returns the added statistics output names, two per BN with running
+    statistics (a manifest layer), in graph order (the order of
+    `batchnorm.layers`); every BN normalises with batch statistics either way.
+    Raises UnsupportedSource when a BN's input rank is unknown or its
+    running-statistics outputs are read.
     """
     index = GraphIndex(model, tensor_info)
     replacements: dict[int, list[NodeProto]] = {}
@@ -46,9 +48,12 @@ def build_train_graph(model: ModelProto, tensor_info: dict[str, TensorInfo]) -> 
     stat_outputs: list[str] = []
     output_infos = []
     for bn in read_batchnorms(index):
-        emitted, (mean_name, var_name), channels = _batch_statistics(index, bn)
+        emitted, outputs, channels = _batch_statistics(index, bn)
         replacements[bn.index] = emitted.nodes
         initializers.extend(emitted.constants)
+        if outputs is None:
+            continue
+        mean_name, var_name = outputs
         stat_outputs.extend([mean_name, var_name])
         output_infos.extend(
             helper.make_tensor_value_info(name, TensorProto.FLOAT, [channels])
@@ -59,7 +64,7 @@ def build_train_graph(model: ModelProto, tensor_info: dict[str, TensorInfo]) -> 
         rebuilt.extend(replacements.get(position, [node]))
     del model.graph.node[:]
     model.graph.node.extend(rebuilt)
-    model.graph.initializer.extend(initializers)
+    add_initializers(model, initializers)
     model.graph.output.extend(output_infos)
     return stat_outputs
 
@@ -104,7 +109,8 @@ class _Emitter:
 
 def _batch_statistics(
     index: GraphIndex, bn: BatchNormNode
-) -> tuple[_Emitter, tuple[str, str], int | str | None]:
+) -> tuple[_Emitter, tuple[str, str] | None, int | str | None]:
+    """The BN's replacement; its statistics outputs' names when it is a manifest layer."""
     rank = index.rank(bn.input)
     if rank is None or rank < 2:
         raise UnsupportedSource(
@@ -133,6 +139,8 @@ def _batch_statistics(
     scale_c = emit.op("Reshape", [emit.as_type(scale, dtype), channel_shape])
     bias_c = emit.op("Reshape", [emit.as_type(bias, dtype), channel_shape])
     emit.op("Add", [emit.op("Mul", [normalised, scale_c]), bias_c], bn.output)
+    if bn.statistics is None:
+        return emit, None, None
     flat = emit.constant("flat", np.array([-1], np.int64))
     for statistic, name in ((mean, mean_output), (var, var_output)):
         if dtype == TensorProto.FLOAT:

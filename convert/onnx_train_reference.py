@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime
-from onnx import ModelProto, NodeProto, helper
+from onnx import ModelProto, NodeProto, helper, numpy_helper
 
 from bnfold.convert.onnx_batchnorm import BatchNormNode, read_batchnorms
 from bnfold.convert.onnx_graph import GraphIndex, TensorInfo, subgraph_free_names
@@ -44,7 +44,7 @@ class _Stage:
 @dataclass(frozen=True)
 class TrainReferenceResult:
     outputs: list[np.ndarray]
-    statistics: list[np.ndarray]  # mean, var per BN, float64, in graph order
+    statistics: list[np.ndarray]  # mean, var per BN with running statistics, float64, in order
 
 
 class TrainReference:
@@ -80,7 +80,8 @@ class TrainReference:
             self._run_stage(stage, values)
             output, mean, var = self._batchnorm(bn, values)
             values[bn.output] = output
-            statistics.extend([mean, var])
+            if bn.statistics is not None:
+                statistics.extend([mean, var])
         self._run_stage(self._final, values)
         return TrainReferenceResult(
             [self._value(name, values) for name in self._outputs], statistics
@@ -104,6 +105,8 @@ class TrainReference:
     def _value(self, name: str, values: dict[str, np.ndarray]) -> np.ndarray:
         if name in values:
             return values[name]
+        if name in self._index.initializers:  # overridable ones too: not fed, so the default
+            return numpy_helper.to_array(self._index.initializers[name])
         constant = self._index.constant(name)
         assert constant is not None, f"{name} was neither computed nor constant"
         return constant

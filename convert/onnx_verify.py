@@ -9,8 +9,9 @@
 
 Inputs are seeded random batches shaped from the graph inputs: float inputs
 standard normal, integer inputs 0/1, booleans random; a symbolic batch axis
-takes the sizes below, other symbolic axes `FREE_DIM`. `--sample` adds the
-user's own batch.
+takes the sizes below, other symbolic axes `FREE_DIM`, or the sizes
+`--input-shape` gives them (`pin_input_shape`). `--sample` adds the user's own
+batch. No batch may hold more than `MAX_BATCH_VALUES` values.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from onnx import ModelProto, helper
 from bnfold.convert.errors import InputShapeError
 from bnfold.convert.onnx_graph import Dim
 from bnfold.convert.onnx_train_reference import TrainReference
-from bnfold.convert.verify import Agreement
+from bnfold.convert.verify import Agreement, check_batch_size
 
 EVAL_BATCH_SIZES = (1, 4, 16)
 VERIFY_SEED = 20261123
@@ -65,6 +66,40 @@ def input_specs(model: ModelProto) -> list[InputSpec]:
     return specs
 
 
+def pin_input_shape(specs: Sequence[InputSpec], input_shape: Sequence[int]) -> list[InputSpec]:
+    """The specs with the symbolic axes of the one input set from `--input-shape`.
+
+    Axis 0 is the batch axis, verified at `EVAL_BATCH_SIZES` rows (or the
+    source's fixed batch size) whatever `input_shape` says; every other axis
+    must equal a fixed size or names the size of a symbolic one. Only the
+    verification batches change: the package keeps the source's symbolic axes.
+    """
+    shape_text = ",".join(map(str, input_shape))
+    if len(specs) != 1:
+        raise InputShapeError(
+            f"--input-shape {shape_text} gives one shape but the model has {len(specs)} inputs "
+            f"({', '.join(spec.name for spec in specs)})"
+        )
+    spec = specs[0]
+    declared = ", ".join(str(dim) if isinstance(dim, int) else "?" for dim in spec.shape)
+    if len(input_shape) != len(spec.shape):
+        raise InputShapeError(
+            f"--input-shape {shape_text} has {len(input_shape)} axes; input {spec.name} has "
+            f"{len(spec.shape)}: ({declared})"
+        )
+    pinned: list[Dim] = [spec.shape[0]]
+    for axis, (dim, size) in enumerate(zip(spec.shape, input_shape, strict=True)):
+        if axis == 0:
+            continue
+        if isinstance(dim, int) and dim > 0 and dim != size:
+            raise InputShapeError(
+                f"--input-shape {shape_text} sets axis {axis} to {size}; input {spec.name} "
+                f"fixes it at {dim}: ({declared})"
+            )
+        pinned.append(size)
+    return [InputSpec(spec.name, spec.dtype, tuple(pinned))]
+
+
 def fixed_batch(specs: Sequence[InputSpec]) -> int | None:
     """The batch size the source is pinned to, if any input has a fixed axis 0."""
     sizes = {spec.fixed_batch for spec in specs if spec.fixed_batch is not None}
@@ -79,6 +114,7 @@ def random_feed(specs: Sequence[InputSpec], batch: int, seed: int) -> Feed:
             dim if isinstance(dim, int) and dim > 0 else (batch if axis == 0 else FREE_DIM)
             for axis, dim in enumerate(spec.shape)
         ]
+        check_batch_size(shape, spec.dtype, f"input {spec.name}")
         if np.issubdtype(spec.dtype, np.floating):
             values = generator.standard_normal(shape)
         elif spec.dtype == np.bool_:

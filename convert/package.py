@@ -5,6 +5,11 @@ system, so the final `os.rename` is atomic) and only renamed into place once
 every file is written, hashed and synced. A crash or Ctrl-C leaves at most a
 hidden `.NAME.VERSION.tmp-*` directory, which readers ignore and the next
 write to that repository removes.
+
+Only what the service can serve is written: VERSION is an integer from 1 to
+2**63 − 1 (the service's rule when it scans), and directories and files get
+the modes the umask gives any other file, so whoever may read the repository
+may serve the package (a `tempfile.mkdtemp` directory would be 0700).
 """
 
 from __future__ import annotations
@@ -13,8 +18,8 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +32,9 @@ MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _STAGING_PREFIX = "."
+#: The largest version: the service keeps versions in signed 64-bit integers.
+MAX_VERSION = 2**63 - 1
+_STAGING_ATTEMPTS = 100
 
 
 def check_model_name(name: str) -> str:
@@ -39,16 +47,62 @@ def check_model_name(name: str) -> str:
     return name
 
 
+def check_version(version: int) -> int:
+    """Refuse a version the service cannot serve: 1 ≤ version ≤ 2**63 − 1."""
+    if not 1 <= version <= MAX_VERSION:
+        raise PackageError(
+            f"invalid version {version}: a version is an integer from 1 to {MAX_VERSION} (2**63 - 1)"
+        )
+    return version
+
+
+def is_version_name(text: str) -> bool:
+    """Whether a directory name is a package version as the service reads it (no `007`)."""
+    return (
+        text.isascii()
+        and text.isdigit()
+        and len(text) <= len(str(MAX_VERSION))
+        and text == str(int(text))
+        and 1 <= int(text) <= MAX_VERSION
+    )
+
+
 def existing_versions(repository: Path, name: str) -> list[int]:
     model_dir = repository / name
     if not model_dir.is_dir():
         return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    return sorted(
+        int(path.name)
+        for path in model_dir.iterdir()
+        if path.is_dir() and is_version_name(path.name)
+    )
 
 
 def next_version(repository: Path, name: str) -> int:
     versions = existing_versions(repository, name)
+    if versions and versions[-1] == MAX_VERSION:
+        raise PackageError(
+            f"{repository / name} already has version {MAX_VERSION}, the largest there is; "
+            "choose a free --version"
+        )
     return versions[-1] + 1 if versions else 1
+
+
+def check_repository(repository: Path) -> None:
+    """Refuse a repository path that is, or lies below, something other than a directory.
+
+    Only the nearest existing path is looked at and nothing is created, so the
+    CLI can call this before any work and a typo costs no conversion.
+    """
+    existing = next(
+        (path for path in (repository, *repository.parents) if path.exists() or path.is_symlink()),
+        None,
+    )
+    if existing is not None and not existing.is_dir():
+        where = "is" if existing == repository else f"lies below {existing}, which is"
+        raise PackageError(
+            f"cannot use {repository} as a model repository: it {where} not a directory"
+        )
 
 
 def sha256_file(path: Path) -> str:
@@ -92,7 +146,7 @@ class StagedPackage:
             _fsync_path(path)
         _fsync_path(self.directory)
         target = self.final_path
-        target.parent.mkdir(parents=True, exist_ok=True)
+        _make_directory(target.parent)
         if target.exists():
             raise PackageError(f"{target} already exists; choose another --version")
         os.rename(self.directory, target)
@@ -102,24 +156,54 @@ class StagedPackage:
 
 @contextmanager
 def staged_package(repository: Path, name: str, version: int | None) -> Iterator[StagedPackage]:
-    """Yield a staging area; anything that escapes the block removes it."""
+    """Yield a staging area; anything that escapes the block removes it.
+
+    Name, version and repository are checked before anything is created.
+    """
     check_model_name(name)
-    repository.mkdir(parents=True, exist_ok=True)
+    if version is not None:
+        check_version(version)
+    check_repository(repository)
+    _make_directory(repository)
+    model_dir = repository / name
+    if model_dir.exists() and not model_dir.is_dir():
+        raise PackageError(f"cannot write packages of {name!r}: {model_dir} is not a directory")
     _remove_stale_staging(repository)
     chosen = next_version(repository, name) if version is None else version
-    if chosen < 1:
-        raise PackageError(f"version must be a positive integer, got {chosen}")
-    if (repository / name / str(chosen)).exists():
-        raise PackageError(
-            f"{repository / name / str(chosen)} already exists; choose another --version"
-        )
-    prefix = f"{_STAGING_PREFIX}{name}.{chosen}.tmp-{os.getpid()}-"
-    directory = Path(tempfile.mkdtemp(prefix=prefix, dir=repository))
+    if (model_dir / str(chosen)).exists():
+        raise PackageError(f"{model_dir / str(chosen)} already exists; choose another --version")
+    directory = _make_staging_directory(repository, f"{_STAGING_PREFIX}{name}.{chosen}")
     try:
         yield StagedPackage(repository, name, chosen, directory)
     finally:
         if directory.exists():
             shutil.rmtree(directory, ignore_errors=True)
+
+
+def _make_directory(path: Path) -> None:
+    """mkdir -p with the umask's mode; an OS refusal is a PackageError, not a traceback."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PackageError(f"cannot create {path}: {error.strerror or error}") from error
+
+
+def _make_staging_directory(repository: Path, stem: str) -> Path:
+    """A fresh `<stem>.tmp-<pid>-<random>` directory, mode 0o777 less the umask.
+
+    Unlike `tempfile.mkdtemp` (always 0700), the package renamed from it is as
+    readable as any other directory the user creates.
+    """
+    for _ in range(_STAGING_ATTEMPTS):
+        directory = repository / f"{stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            directory.mkdir(mode=0o777)
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise PackageError(f"cannot create {directory}: {error.strerror or error}") from error
+        return directory
+    raise PackageError(f"cannot create a staging directory in {repository}")
 
 
 def _remove_stale_staging(repository: Path) -> None:

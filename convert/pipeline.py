@@ -38,12 +38,13 @@ from bnfold.convert.report import (
     ConversionResult,
     FoldedBatchNorm,
     TensorSpec,
+    batch_stat_output_names,
 )
 from bnfold.convert.sources import LoadedSource
 from bnfold.convert.torch_fold import apply_plan
 from bnfold.convert.torch_graph import FoldPlan, plan_folds
 from bnfold.convert.torch_train_graph import build_train_graph, replace_batch_statistics_bns
-from bnfold.convert.verify import Agreement, verification_block
+from bnfold.convert.verify import Agreement, check_batch_size, verification_block
 
 OPSET = 17
 INPUT_NAME = "input"
@@ -80,6 +81,12 @@ def convert_torch(
             f"--input-shape is required for {loaded.ref}: bnfold cannot know its input, "
             "e.g. --input-shape 1,3,32,32"
         )
+    largest_batch = max(input_shape[0], *_verification_batch_sizes(input_shape))
+    check_batch_size(
+        (largest_batch, *input_shape[1:]),
+        np.dtype(np.float32),
+        f"input shape {','.join(map(str, input_shape))}",
+    )
     original = copy.deepcopy(loaded.module).eval()
     example = _random_batch(input_shape, batch=input_shape[0], seed=VERIFY_SEED)
 
@@ -241,7 +248,7 @@ def verify_train(
 
 @contextmanager
 def _captured_batch_statistics(model: nn.Module, plan: FoldPlan) -> Iterator[list[np.ndarray]]:
-    """Record (mean, var) of each BN call's input, in plan.sites order."""
+    """Record (mean, var) of each manifest layer's BN call input, in plan.layer_sites order."""
     captured: dict[str, list[np.ndarray]] = {}
     handles = []
 
@@ -255,7 +262,7 @@ def _captured_batch_statistics(model: nn.Module, plan: FoldPlan) -> Iterator[lis
 
         return record
 
-    for path in dict.fromkeys(site.module_path for site in plan.sites):
+    for path in dict.fromkeys(site.module_path for site in plan.layer_sites):
         handles.append(model.get_submodule(path).register_forward_pre_hook(hook(path)))
     ordered: list[np.ndarray] = []
     try:
@@ -264,7 +271,7 @@ def _captured_batch_statistics(model: nn.Module, plan: FoldPlan) -> Iterator[lis
         for handle in handles:
             handle.remove()
     offsets: dict[str, int] = {}
-    for site in plan.sites:
+    for site in plan.layer_sites:
         start = offsets.get(site.module_path, 0)
         ordered.extend(captured[site.module_path][start : start + 2])
         offsets[site.module_path] = start + 2
@@ -329,18 +336,18 @@ def _batch_statistics_bn_paths(graph_module: fx.GraphModule) -> list[str]:
 def _batchnorm_report(original: nn.Module, plan: FoldPlan) -> BatchNormReport:
     report = BatchNormReport(kept=list(plan.kept))
     report.folded = [FoldedBatchNorm(step.bn, step.layer, step.direction) for step in plan.steps]
-    for site in plan.sites:
+    for site in plan.layer_sites:
         bn = original.get_submodule(site.module_path)
-        assert isinstance(bn, _BatchNorm)
-        mean_name, var_name = f"{site.name}.batch_mean", f"{site.name}.batch_var"
-        has_stats = bn.track_running_stats and bn.running_mean is not None
+        assert isinstance(bn, _BatchNorm) and bn.running_mean is not None
+        assert bn.running_var is not None
+        mean_name, var_name = batch_stat_output_names(site.name)
         report.layers.append(
             BatchNormLayer(
                 name=site.name,
-                channels=int(bn.num_features),
+                channels=int(bn.running_mean.numel()),
                 eps=float(bn.eps),
-                running_mean=bn.running_mean.tolist() if has_stats else None,
-                running_var=bn.running_var.tolist() if has_stats else None,
+                running_mean=bn.running_mean.tolist(),
+                running_var=bn.running_var.tolist(),
                 input_rank=site.input_rank,
                 batch_mean_output=mean_name,
                 batch_var_output=var_name,
@@ -381,15 +388,19 @@ def _random_batch(input_shape: Sequence[int], *, batch: int, seed: int) -> torch
     return torch.from_numpy(generator.standard_normal((batch, *input_shape[1:])).astype(np.float32))
 
 
+def _verification_batch_sizes(input_shape: Sequence[int]) -> tuple[int, ...]:
+    per_sample = math.prod(input_shape[1:])
+    return (
+        SMALL_INPUT_BATCH_SIZES if per_sample <= LARGE_INPUT_ELEMENTS else LARGE_INPUT_BATCH_SIZES
+    )
+
+
 def _verification_batches(
     input_shape: Sequence[int], sample: np.ndarray | None
 ) -> list[np.ndarray]:
-    per_sample = math.prod(input_shape[1:])
-    sizes = (
-        SMALL_INPUT_BATCH_SIZES if per_sample <= LARGE_INPUT_ELEMENTS else LARGE_INPUT_BATCH_SIZES
-    )
     batches = [
-        _random_batch(input_shape, batch=size, seed=VERIFY_SEED + size).numpy() for size in sizes
+        _random_batch(input_shape, batch=size, seed=VERIFY_SEED + size).numpy()
+        for size in _verification_batch_sizes(input_shape)
     ]
     if sample is not None:
         batches.append(_check_sample(sample, input_shape))

@@ -51,13 +51,16 @@ class KeptBatchNorm:
 
 @dataclass(frozen=True)
 class BatchNormLayer:
-    """One BN of the original model with the statistics the compare endpoint needs."""
+    """One BN of the original model with the statistics the compare endpoint needs.
+
+    Only a BN with running statistics is a layer (see `running_statistics_problem`).
+    """
 
     name: str
     channels: int
     eps: float
-    running_mean: list[float] | None  # None for track_running_stats=False
-    running_var: list[float] | None
+    running_mean: list[float]
+    running_var: list[float]
     input_rank: int
     batch_mean_output: str
     batch_var_output: str
@@ -81,6 +84,28 @@ class BatchNormReport:
             "kept": [asdict(item) for item in self.kept],
             "layers": [asdict(item) for item in self.layers],
         }
+
+
+#: Appended to the kept reason of a BN that has no usable running statistics.
+NOT_A_LAYER = "so it is not in batchnorm.layers (compare skips it)"
+
+
+def running_statistics_problem(running_mean: np.ndarray, running_var: np.ndarray) -> str | None:
+    """Why two arrays cannot be a manifest layer's running statistics, or None when they can.
+
+    The service refuses a package whose layer statistics are not `channels`
+    finite numbers each with a non-negative variance, and JSON has no NaN: a
+    BN whose statistics fail this is kept and left out of `batchnorm.layers`,
+    never written as a layer the service would reject.
+    """
+    mean, var = np.asarray(running_mean), np.asarray(running_var)
+    if mean.ndim != 1 or mean.shape != var.shape or mean.size == 0:
+        return "its running statistics are not two vectors of one length"
+    if not (np.isfinite(mean).all() and np.isfinite(var).all()):
+        return "its running statistics are not finite"
+    if (var < 0).any():
+        return "its running variance is negative"
+    return None
 
 
 def batch_stat_output_names(layer_name: str) -> tuple[str, str]:

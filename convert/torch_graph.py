@@ -33,7 +33,7 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnfold.convert.report import KeptBatchNorm
+from bnfold.convert.report import NOT_A_LAYER, KeptBatchNorm, running_statistics_problem
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_TRANSPOSE_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -66,12 +66,17 @@ class FoldStep:
 
 @dataclass(frozen=True)
 class BatchNormSite:
-    """One application of a BN module in the graph."""
+    """One application of a BN module in the graph.
+
+    `is_layer`: the BN has running statistics for the manifest's
+    `batchnorm.layers` (and train.onnx's statistics outputs).
+    """
 
     name: str  # unique layer name: the module path, suffixed when applied twice
     module_path: str
     node_name: str
     input_rank: int
+    is_layer: bool
 
 
 @dataclass
@@ -79,6 +84,11 @@ class FoldPlan:
     steps: list[FoldStep] = field(default_factory=list)
     kept: list[KeptBatchNorm] = field(default_factory=list)
     sites: list[BatchNormSite] = field(default_factory=list)
+
+    @property
+    def layer_sites(self) -> list[BatchNormSite]:
+        """The sites that are manifest layers, in graph order."""
+        return [site for site in self.sites if site.is_layer]
 
 
 def plan_folds(graph_module: fx.GraphModule) -> FoldPlan:
@@ -92,13 +102,30 @@ def plan_folds(graph_module: fx.GraphModule) -> FoldPlan:
         module_path = str(node.target)
         calls = analysis.call_counts[module_path]
         site_name = module_path if calls == 1 else f"{module_path}@{node.name}"
-        plan.sites.append(BatchNormSite(site_name, module_path, node.name, _rank(node.args[0])))
+        bn = analysis.modules[module_path]
+        assert isinstance(bn, _BatchNorm)
+        is_layer = running_statistics_reason(bn) is None
+        plan.sites.append(
+            BatchNormSite(site_name, module_path, node.name, _rank(node.args[0]), is_layer)
+        )
         step_or_reason = analysis.decide(node)
         if isinstance(step_or_reason, FoldStep):
             plan.steps.append(step_or_reason)
         else:
             plan.kept.append(KeptBatchNorm(site_name, step_or_reason))
     return plan
+
+
+def running_statistics_reason(bn: _BatchNorm) -> str | None:
+    """Why `bn` has no running statistics to fold and record as a manifest layer, or None."""
+    if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
+        return (
+            "track_running_stats=False: eval mode normalises with batch statistics; "
+            "there is no fixed affine map to fold and no running statistics"
+        )
+    return running_statistics_problem(
+        bn.running_mean.detach().cpu().numpy(), bn.running_var.detach().cpu().numpy()
+    )
 
 
 class _GraphAnalysis:
@@ -123,11 +150,9 @@ class _GraphAnalysis:
         bn_path = str(bn_node.target)
         bn = self.modules[bn_path]
         assert isinstance(bn, _BatchNorm)
-        if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
-            return (
-                "track_running_stats=False: eval mode normalises with batch statistics, "
-                "so there is no fixed affine map to fold"
-            )
+        no_statistics = running_statistics_reason(bn)
+        if no_statistics is not None:
+            return f"{no_statistics}, {NOT_A_LAYER}"
         if self.call_counts[bn_path] > 1:
             return (
                 f"parameters are shared: the BN module is applied at "

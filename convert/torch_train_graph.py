@@ -62,6 +62,8 @@ def build_train_graph(
 ) -> tuple[fx.GraphModule, list[str]]:
     """Rewrite a traced copy so it returns (*outputs, mean_0, var_0, mean_1, ...).
 
+    Every BN site normalises with batch statistics; only the sites that are
+    manifest layers (`is_layer`) add their mean and variance to the outputs.
     Returns the module and the names of the extra outputs, in order.
     """
     graph = graph_module.graph
@@ -78,12 +80,14 @@ def build_train_graph(
             call = graph.call_module(replacement_path, node.args, node.kwargs)
         with graph.inserting_after(call):
             normalised = graph.call_function(operator.getitem, (call, 0))
+        node.replace_all_uses_with(normalised)
+        graph.erase_node(node)
+        if not site.is_layer:
+            continue
         with graph.inserting_after(normalised):
             batch_mean = graph.call_function(operator.getitem, (call, 1))
         with graph.inserting_after(batch_mean):
             batch_var = graph.call_function(operator.getitem, (call, 2))
-        node.replace_all_uses_with(normalised)
-        graph.erase_node(node)
         stat_nodes.extend([batch_mean, batch_var])
         stat_names.extend(batch_stat_output_names(site.name))
     output_node = next(node for node in graph.nodes if node.op == "output")

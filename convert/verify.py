@@ -13,12 +13,40 @@ largest |actual − expected| / max(|expected|, atol).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from bnfold.convert.errors import VerificationFailed
+from bnfold.convert.errors import InputShapeError, VerificationFailed
+
+#: The most values one verification batch may hold (2**28: 1 GiB of float32). A
+#: typo in an input shape is refused with this bound, not attempted as a
+#: terabyte allocation.
+MAX_BATCH_VALUES = 2**28
+
+
+def check_batch_size(shape: Sequence[int], dtype: np.dtype, what: str) -> None:
+    """InputShapeError when a batch of `shape` would hold more than `MAX_BATCH_VALUES` values."""
+    values = math.prod(shape)
+    if values > MAX_BATCH_VALUES:
+        needed = _byte_size(values * dtype.itemsize)
+        limit = _byte_size(MAX_BATCH_VALUES * 4)
+        raise InputShapeError(
+            f"{what} is too large to verify: a batch of shape {tuple(shape)} holds {values:,} "
+            f"values ({needed} of {dtype}); bnfold verifies on batches of at most "
+            f"{MAX_BATCH_VALUES:,} values (2**28, {limit} of float32)"
+        )
+
+
+def _byte_size(size: int) -> str:
+    value, unit = float(size), "bytes"
+    for larger in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, larger
+    return f"{value:.0f} {unit}" if unit == "bytes" else f"{value:.3g} {unit}"
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import helper
+from test_onnx_support import array, initializer, make_model
 from torch import nn
 from typer.testing import CliRunner
 
@@ -381,3 +383,158 @@ def test_version_and_help() -> None:
     assert "bnfold 0.1.0" in invoke("--version").output
     help_text = invoke("convert", "--help").output
     assert "Examples" in help_text and "--trust-pickle" in help_text
+
+
+# ---- refused before anything is written: one line, exit 2 ----------------------------
+
+
+def one_line_error(result) -> str:
+    """The whole output of a refused conversion: exit 2, one `error:` line, no traceback."""
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("version", "message"),
+    [
+        ("99999999999999999999", "invalid version 99999999999999999999"),
+        ("9223372036854775808", "invalid version 9223372036854775808"),
+        ("0", "invalid version 0"),
+    ],
+)
+def test_version_outside_1_to_2_63_minus_1_is_refused(
+    nets: Path, tmp_path: Path, version: str, message: str
+) -> None:
+    repo = tmp_path / "repo"
+    args = ["convert", f"{nets}:mlp", "--input-shape", "1,6", "-r", str(repo)]
+    line = one_line_error(invoke(*args, "--version", version))
+    assert message in line and "from 1 to 9223372036854775807" in line
+    assert not repo.exists()
+
+
+def test_version_names_the_service_cannot_read_do_not_count(nets: Path, tmp_path: Path) -> None:
+    """A version past 2**63 - 1 (written by an older bnfold) or `007` is no package version."""
+    repo = tmp_path / "repo"
+    for stray in ("99999999999999999999", "007"):
+        (repo / "mlp" / stray).mkdir(parents=True)
+    result = invoke("convert", f"{nets}:mlp", "--input-shape", "1,6", "-r", str(repo))
+    assert result.exit_code == 0, result.output
+    assert (repo / "mlp" / "1" / "manifest.json").is_file()
+
+
+def test_no_version_after_the_largest(nets: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    (repo / "mlp" / "9223372036854775807").mkdir(parents=True)
+    result = invoke("convert", f"{nets}:mlp", "--input-shape", "1,6", "-r", str(repo))
+    assert result.exit_code == 2, result.output
+    assert "already has version 9223372036854775807, the largest there is" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("where", ["a file", "below a file"])
+def test_repository_that_is_not_a_directory_is_refused(
+    nets: Path, tmp_path: Path, where: str
+) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a repository")
+    repo = blocker if where == "a file" else blocker / "repo"
+    line = one_line_error(invoke("convert", f"{nets}:mlp", "--input-shape", "1,6", "-r", str(repo)))
+    assert f"cannot use {repo} as a model repository" in line
+    assert "not a directory" in line
+    assert blocker.read_text() == "not a repository"
+
+
+def test_model_name_taken_by_a_file_is_refused(nets: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "mlp").write_text("a file where the model directory goes")
+    result = invoke("convert", f"{nets}:mlp", "--input-shape", "1,6", "-r", str(repo))
+    assert result.exit_code == 2, result.output
+    assert f"{repo / 'mlp'} is not a directory" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_input_shape_too_large_to_verify_is_refused_before_allocating(
+    nets: Path, tmp_path: Path
+) -> None:
+    """1e12 × 64 float32 values would be 233 TiB: refused by the 2**28-value bound instead."""
+    repo = tmp_path / "repo"
+    result = invoke("convert", f"{nets}:mlp", "--input-shape", "1000000000000,64", "-r", str(repo))
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert "input shape 1000000000000,64 is too large to verify" in result.output
+    assert "64,000,000,000,000 values (233 TiB of float32)" in result.output
+    assert "at most 268,435,456 values (2**28, 1 GiB of float32)" in result.output
+    assert not repo.exists()
+
+
+@pytest.mark.parametrize(
+    ("umask", "directory_mode", "file_mode"),
+    [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)],
+    ids=["umask-022", "umask-027"],
+)
+def test_package_modes_follow_the_umask(
+    nets: Path, tmp_path: Path, umask: int, directory_mode: int, file_mode: int
+) -> None:
+    """Whoever may read the repository may serve the package (mkdtemp would give 0700)."""
+    repo = tmp_path / "repo"
+    previous = os.umask(umask)
+    try:
+        result = invoke("convert", f"{nets}:mlp", "--input-shape", "1,6", "-r", str(repo))
+    finally:
+        os.umask(previous)
+    assert result.exit_code == 0, result.output
+    package = repo / "mlp" / "1"
+    for directory in (repo, repo / "mlp", package):
+        assert directory.stat().st_mode & 0o777 == directory_mode, directory
+    for file in package.iterdir():
+        assert file.stat().st_mode & 0o777 == file_mode, file
+
+
+# ---- --input-shape for an ONNX source ------------------------------------------------
+
+
+def _needs_height_4(path: Path) -> Path:
+    """X (N, 3, H) ─► Flatten ─► Gemm(12 → 2): only runs with H = 4, the symbolic axis."""
+    nodes = [
+        helper.make_node("Flatten", ["X"], ["flat"], name="flatten", axis=1),
+        helper.make_node("Gemm", ["flat", "W"], ["Y"], name="gemm", transB=1),
+    ]
+    model = make_model(nodes, [("X", ["N", 3, "H"])], ["Y"], [initializer("W", array(1, 2, 12))])
+    onnx.save(model, str(path))
+    return path
+
+
+def test_input_shape_sets_the_symbolic_axes_of_an_onnx_source(tmp_path: Path) -> None:
+    source = _needs_height_4(tmp_path / "height.onnx")
+    repo = tmp_path / "repo"
+    guessed = invoke("convert", str(source), "-r", str(repo))
+    assert (
+        guessed.exit_code == 2 and "does not run on inputs of shape X (1, 3, 16)" in guessed.output
+    )
+    pinned = invoke("convert", str(source), "-r", str(repo), "--input-shape", "1,3,4", "--json")
+    assert pinned.exit_code == 0, pinned.output
+    assert json.loads(pinned.stdout)["inputs"] == [
+        {"name": "X", "datatype": "FP32", "shape": [-1, 3, -1]}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ("1,3", "--input-shape 1,3 has 2 axes; input X has 3: (?, 3, ?)"),
+        ("1,5,4", "--input-shape 1,5,4 sets axis 1 to 5; input X fixes it at 3: (?, 3, ?)"),
+        ("1,3,x", "invalid --input-shape '1,3,x'"),
+    ],
+)
+def test_input_shape_that_does_not_fit_an_onnx_source_is_refused(
+    tmp_path: Path, shape: str, message: str
+) -> None:
+    source = _needs_height_4(tmp_path / "height.onnx")
+    line = one_line_error(
+        invoke("convert", str(source), "-r", str(tmp_path / "repo"), "--input-shape", shape)
+    )
+    assert message in line
+    assert not (tmp_path / "repo").exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from torch import nn
 from convert_helpers import (
     calibrated,
     convert_module,
+    manifest,
     onnx_op_count,
     run_onnx,
     torch_eval,
@@ -355,3 +357,49 @@ def test_the_users_model_is_never_modified(tmp_path: Path) -> None:
     assert before.keys() == after.keys()
     assert all(torch.equal(before[key], after[key]) for key in before)  # running stats included
     assert not model.training
+
+
+# ---- BNs without running statistics: kept, and no manifest layer -----------------------
+
+
+def test_bn_without_running_statistics_is_no_layer_and_has_no_train_outputs(
+    tmp_path: Path,
+) -> None:
+    """The service needs numeric running statistics for every layer: none, no layer."""
+    shape = (2, 3, 6, 6)
+    model = calibrated(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3),
+            nn.BatchNorm2d(4, track_running_stats=False),
+            nn.Conv2d(4, 4, 1),
+            nn.BatchNorm2d(4),
+        ),
+        shape,
+    )
+    result = convert_module(model, shape, tmp_path)
+    assert folded_pairs(result) == {("3", "2", "forward")}
+    reasons = kept_reasons(result)
+    assert reasons["1"].startswith("track_running_stats=False")
+    assert reasons["1"].endswith("so it is not in batchnorm.layers (compare skips it)")
+    written = manifest(result)
+    assert [layer["name"] for layer in written["batchnorm"]["layers"]] == ["3"]
+    assert written["train_outputs"] == ["3.batch_mean", "3.batch_var"]
+    train_outputs = [
+        o.name for o in onnx.load(str(Path(result.package_path) / "train.onnx")).graph.output
+    ]
+    assert train_outputs == ["output", "3.batch_mean", "3.batch_var"]
+    check_exact(model, result, shape)
+
+
+def test_negative_running_variance_is_kept_and_no_layer(tmp_path: Path) -> None:
+    """A layer with a negative running variance would be refused by the service."""
+    shape = (2, 5)
+    model = calibrated(nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3)), shape)
+    with torch.no_grad():
+        model[1].running_var[1] = -0.5
+    result = convert_module(model, shape, tmp_path)
+    assert result.batchnorm.folded == []
+    assert kept_reasons(result)["1"] == (
+        "its running variance is negative, so it is not in batchnorm.layers (compare skips it)"
+    )
+    assert result.batchnorm.layers == []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from onnx import helper
+from onnx import helper, numpy_helper
 from test_onnx_support import (
     LATEST_OPSET,
     add_output,
@@ -12,6 +12,7 @@ from test_onnx_support import (
     bn_initializers,
     bn_node,
     check_fold,
+    fold,
     initializer,
     kept_reason,
     make_model,
@@ -179,3 +180,74 @@ def test_assert_same_outputs_catches_a_wrong_fold() -> None:
     wrong.graph.node[-1].output[0] = "Y"
     with pytest.raises(AssertionError):
         assert_same_outputs(model, wrong)
+
+
+# ---- overridable initializers, and BNs without running statistics ------------------------
+
+
+def _list_as_input(model, name: str) -> None:
+    """Keep initializer `name` and list it in graph.input too: an overridable default (IR ≥ 4)."""
+    tensor = next(t for t in model.graph.initializer if t.name == name)
+    model.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, tensor.dims))
+
+
+def test_overridable_bn_parameter_keeps_the_bn_and_the_input() -> None:
+    model = conv_bn()
+    _list_as_input(model, "bn.var")
+    folded, report = check_fold(model, folded=0, kept=1)
+    assert report.kept[0].reason.startswith(
+        "BN parameters bn.var are overridable graph inputs (initializers also listed in "
+        "graph.input), so they are not constant;"
+    )
+    assert "bn.var" in {value.name for value in folded.graph.input}
+    assert "bn.var" in {tensor.name for tensor in folded.graph.initializer}
+    assert report.layers == []  # its running variance is not a constant either
+
+
+def test_overridable_conv_weight_keeps_the_bn_and_the_input() -> None:
+    model = conv_bn()
+    _list_as_input(model, "W")
+    folded, report = check_fold(model, folded=0, kept=1)
+    assert report.kept[0].reason.startswith(
+        "forward: Conv weight 'W' is an overridable graph input (an initializer also listed "
+        "in graph.input), so it is not a constant;"
+    )
+    assert "W" in {value.name for value in folded.graph.input}
+    assert [layer.name for layer in report.layers] == ["bn"]
+
+
+def test_before_ir_4_initializers_listed_as_inputs_are_constants() -> None:
+    """IR 3 requires every initializer among the inputs: they fold, and new ones are listed too."""
+    model = conv_bn(opset=9)
+    for tensor in list(model.graph.initializer):
+        _list_as_input(model, tensor.name)
+    model.ir_version = 3
+    folded, _report = check_fold(model, folded=1)
+    inputs = {value.name for value in folded.graph.input}
+    assert {tensor.name for tensor in folded.graph.initializer} <= inputs
+    assert not {"W", "bn.scale", "bn.mean"} & inputs  # folded away, inputs with them
+
+
+def test_running_statistics_as_graph_inputs_keep_the_bn_out_of_the_layers() -> None:
+    model = conv_bn()
+    for name in ("bn.mean", "bn.var"):
+        _initializer_to_input(model, name)
+    _folded, report = fold(model)
+    assert report.kept[0].reason == (
+        "BN parameters are not constant initializers; its running mean or variance is not "
+        "constant (no running statistics), so it is not in batchnorm.layers (compare skips it)"
+    )
+    assert report.layers == []
+
+
+def test_negative_running_variance_keeps_the_bn_out_of_the_layers() -> None:
+    model = conv_bn()
+    var = next(t for t in model.graph.initializer if t.name == "bn.var")
+    values = numpy_helper.to_array(var).copy()
+    values[2] = -1.0
+    var.CopyFrom(numpy_helper.from_array(values, "bn.var"))
+    _folded, report = check_fold(model, folded=0, kept=1)
+    assert report.kept[0].reason == (
+        "its running variance is negative, so it is not in batchnorm.layers (compare skips it)"
+    )
+    assert report.layers == []

@@ -19,7 +19,7 @@ import onnxruntime
 import pytest
 import torch
 from onnx import helper, numpy_helper
-from test_onnx_support import array, export, initializer, make_model
+from test_onnx_support import array, bn_initializers, bn_node, export, initializer, make_model
 from torch import nn
 
 from bnfold.convert import onnx_fold_conv, onnx_io, onnx_pipeline
@@ -378,4 +378,104 @@ def test_wrong_train_graph_fails_verification(tmp_path: Path, monkeypatch) -> No
     with pytest.raises(VerificationFailed, match="train batch") as caught:
         convert(source, tmp_path / "repo")
     assert "eval batch" not in str(caught.value)
+    assert not (tmp_path / "repo").exists()
+
+
+# ---- what the service could not serve, or what folding silently changed -----------------
+
+
+def conv_bn_source(
+    path: Path, *, as_inputs: tuple[str, ...] = (), overridable: tuple[str, ...] = ()
+) -> Path:
+    """X ─► Conv ─► BN ─► Y with some initializers made graph inputs or overridable defaults."""
+    nodes = [
+        helper.make_node("Conv", ["X", "W", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        bn_node("c", "Y", "bn"),
+    ]
+    inits = [
+        initializer("W", array(1, 6, 4, 3, 3)),
+        initializer("b", array(2, 6)),
+        *bn_initializers("bn", 6),
+    ]
+    model = make_model(nodes, [("X", ["N", 4, 5, 5])], ["Y"], inits)
+    for name in (*as_inputs, *overridable):
+        tensor = next(t for t in model.graph.initializer if t.name == name)
+        if name in as_inputs:
+            model.graph.initializer.remove(tensor)
+        model.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, tensor.dims))
+    onnx.save(model, str(path))
+    return path
+
+
+def test_statistics_as_graph_inputs_keep_the_bn_and_write_no_layer(tmp_path: Path) -> None:
+    """No running statistics to record: the service would refuse a layer without them."""
+    source = conv_bn_source(tmp_path / "stats.onnx", as_inputs=("bn.mean", "bn.var"))
+    result = convert(source, tmp_path / "repo")
+    package = Path(result.package_path)
+    manifest = json.loads((package / "manifest.json").read_text())
+    (kept,) = manifest["batchnorm"]["kept"]
+    assert kept["reason"].endswith(
+        "its running mean or variance is not constant (no running statistics), "
+        "so it is not in batchnorm.layers (compare skips it)"
+    )
+    assert manifest["batchnorm"]["layers"] == [] and manifest["train_outputs"] == []
+    assert [spec["name"] for spec in manifest["inputs"]] == ["X", "bn.mean", "bn.var"]
+    train = onnx.load(str(package / "train.onnx"))
+    assert [output.name for output in train.graph.output] == ["Y"]
+    assert [value.name for value in train.graph.input] == ["X", "bn.mean", "bn.var"]
+
+
+def test_overridable_initializers_stay_overridable_in_the_package(tmp_path: Path) -> None:
+    """An initializer listed in graph.input is a default a caller may replace: never folded."""
+    source = conv_bn_source(tmp_path / "overridable.onnx", overridable=("W", "bn.var"))
+    result = convert(source, tmp_path / "repo")
+    assert result.batchnorm.folded == [] and [spec.name for spec in result.inputs] == ["X"]
+    assert "overridable graph input" in result.batchnorm.kept[0].reason
+    package = Path(result.package_path)
+    x = np.random.default_rng(3).standard_normal((2, 4, 5, 5)).astype(np.float32)
+    override = {
+        "X": x,
+        "W": array(9, 6, 4, 3, 3),
+        "bn.var": array(10, 6, low=0.5, high=2.0),
+    }
+    for graph in ("model.onnx", "train.onnx"):
+        session = onnxruntime.InferenceSession(
+            str(package / graph), providers=["CPUExecutionProvider"]
+        )
+        assert [arg.name for arg in session.get_inputs()] == ["X"]
+        assert {arg.name for arg in session.get_overridable_initializers()} == {"W", "bn.var"}
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    reference = onnxruntime.InferenceSession(
+        str(source), options, providers=["CPUExecutionProvider"]
+    )
+    (expected,) = reference.run(None, override)
+    (actual,) = run_feed(package / "model.onnx", override)
+    np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL)
+
+
+def run_feed(path: Path, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, feed)
+
+
+def test_input_shape_applies_to_single_input_models_only(tmp_path: Path) -> None:
+    source = conv_bn_source(tmp_path / "two_inputs.onnx", as_inputs=("bn.scale",))
+    with pytest.raises(
+        InputShapeError, match=r"gives one shape but the model has 2 inputs \(X, bn.scale\)"
+    ):
+        convert(source, tmp_path / "repo", input_shape=(1, 4, 5, 5))
+    assert not (tmp_path / "repo").exists()
+
+
+def test_input_too_large_to_verify_is_refused_before_allocating(tmp_path: Path) -> None:
+    """The graph itself fixes 65536 × 65536 values per row: 16 GiB of float32 for one row."""
+    nodes = [helper.make_node("Relu", ["X"], ["Y"], name="relu")]
+    source = tmp_path / "huge.onnx"
+    onnx.save(make_model(nodes, [("X", ["N", 65536, 65536])], ["Y"], []), str(source))
+    with pytest.raises(
+        InputShapeError,
+        match=r"input X is too large to verify: a batch of shape \(1, 65536, 65536\) holds 4,294,967,296 values \(16 GiB of float32\)",
+    ):
+        convert(source, tmp_path / "repo")
     assert not (tmp_path / "repo").exists()

@@ -113,8 +113,12 @@ def run(model: ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
 
 
 def random_feed(model: ModelProto, seed: int = 11) -> dict[str, np.ndarray]:
+    """Every required input; initializers listed as inputs keep their defaults."""
+    initializers = {tensor.name for tensor in model.graph.initializer}
     feed = {}
     for position, value in enumerate(model.graph.input):
+        if value.name in initializers:
+            continue
         dims = [dim.dim_value or 3 for dim in value.type.tensor_type.shape.dim]
         feed[value.name] = (
             np.random.default_rng(seed + position).standard_normal(dims).astype(np.float32)

@@ -204,3 +204,30 @@ def test_train_graph_matches_torch_train_mode(tmp_path) -> None:
     np.testing.assert_allclose(actual[0], expected, rtol=TRAIN_RTOL, atol=TRAIN_ATOL)
     for got, want in zip(actual[1:], captured, strict=True):
         np.testing.assert_allclose(got, want, rtol=TRAIN_RTOL, atol=TRAIN_ATOL)
+
+
+def test_bn_without_running_statistics_normalises_but_has_no_statistics_outputs() -> None:
+    """BN(a)'s mean/var are graph inputs: no manifest layer, so no outputs; BN(b) keeps its pair.
+
+    Both still normalise with batch statistics, and the train reference agrees on both.
+    """
+    model = conv_relu_bn_gemm(17)
+    for name in ("a.mean", "a.var"):
+        tensor = next(t for t in model.graph.initializer if t.name == name)
+        model.graph.initializer.remove(tensor)
+        model.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, tensor.dims))
+    train, stat_names, original = train_graph(model)
+    assert stat_names == ["b.batch_mean", "b.batch_var"]
+    assert [output.name for output in train.graph.output] == ["Y", *stat_names]
+    assert "BatchNormalization" not in op_counts(train.graph)
+    feed = {
+        "X": np.random.default_rng(4).standard_normal((5, 2, 6, 6)).astype(np.float32),
+        "a.mean": np.zeros(3, np.float32),
+        "a.var": np.ones(3, np.float32),
+    }
+    with TrainReference(original, infer_tensor_info(original)) as reference:
+        expected = reference.run(feed)
+    assert len(expected.statistics) == 2
+    actual = run(train, feed)
+    for got, want in zip(actual, [*expected.outputs, *expected.statistics], strict=True):
+        np.testing.assert_allclose(got, want, rtol=TRAIN_RTOL, atol=TRAIN_ATOL)
