@@ -1,7 +1,8 @@
 """The FastAPI app: `create_app(settings)`, the lifespan that loads the repository, thin routes.
 
-Routes read the body themselves (`read_body`: the size limit holds for chunked
-uploads too), hand it to `codec` and `DataPlane`, and answer with orjson bytes.
+Routes read the body themselves (`bodies`: the size limit holds for chunked
+uploads too, decoding within the memory budget), hand it to `DataPlane`, and
+answer with orjson bytes.
 They never let FastAPI validate a tensor body: the pydantic models in
 `protocol` only document the wire format (see /docs).
 """
@@ -12,7 +13,6 @@ import asyncio
 import hmac
 import logging
 import time
-import zlib
 from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -27,22 +27,19 @@ from starlette.responses import Response
 
 from bnfold.service import errors
 from bnfold.service.batching import Batcher
-from bnfold.service.codec import (
-    EncodedResponse,
-    decode_request,
-    dumps,
-    encode_response,
-    parse_header_length,
-    parse_json_object,
+from bnfold.service.bodies import (
+    DecodeBudget,
+    decoded_request,
+    fix_malloc_thresholds,
+    read_json_object,
 )
+from bnfold.service.codec import EncodedResponse, dumps, encode_response
 from bnfold.service.dataplane import DataPlane, server_version
 from bnfold.service.errors import (
     BadRequest,
     Forbidden,
-    PayloadTooLarge,
     Unauthorized,
     Unavailable,
-    UnsupportedMediaType,
 )
 from bnfold.service.metrics import CONTENT_TYPE, ServiceMetrics
 from bnfold.service.protocol import (
@@ -71,49 +68,9 @@ from bnfold.service.settings import LogLevel, Settings
 logger = logging.getLogger("bnfold.service")
 
 JSON = "application/json"
-_DECOMPRESSORS = {
-    "gzip": 16 + zlib.MAX_WBITS,
-    "deflate": zlib.MAX_WBITS,
-    "x-gzip": 16 + zlib.MAX_WBITS,
-}
 
 
 # ---------------------------------------------------------------- request plumbing
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it exceeds `limit` (declared, streamed or inflated)."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise BadRequest(f"invalid Content-Length {declared!r}")
-        if int(declared) > limit:
-            raise PayloadTooLarge(
-                f"request body of {declared} bytes is over the {limit}-byte limit"
-            )
-    chunks: list[bytes] = []
-    received = 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > limit:
-            raise PayloadTooLarge(f"request body is over the {limit}-byte limit")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding in ("", "identity"):
-        return body
-    if encoding not in _DECOMPRESSORS:
-        raise UnsupportedMediaType(
-            f"unsupported Content-Encoding {encoding!r}; use gzip or deflate"
-        )
-    inflater = zlib.decompressobj(_DECOMPRESSORS[encoding])
-    try:
-        inflated = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise BadRequest(f"request body is not valid {encoding}: {exc}") from None
-    if len(inflated) > limit or inflater.unconsumed_tail:
-        raise PayloadTooLarge(f"decompressed request body is over the {limit}-byte limit")
-    return inflated
 
 
 def json_response(payload: Any, status_code: int = 200) -> Response:
@@ -350,25 +307,24 @@ def _inference_routes() -> APIRouter:
     async def run_infer(request: Request, name: str, version: str | None) -> Response:
         dataplane = app_dataplane(request)
         settings: Settings = request.app.state.settings
+        budget: DecodeBudget = request.app.state.decode_budget
         with dataplane.metrics.track(dataplane.model_label(name), "infer"):
             dataplane.admit_infer(name, version)
-            body = await read_body(request, settings.max_body_bytes)
-            header_length = parse_header_length(request.headers.get(INFERENCE_HEADER), len(body))
-            decoded = decode_request(body, header_length)
-            result = await dataplane.infer(name, version, decoded)
-            header: dict[str, Any] = {
-                "model_name": result.model_name,
-                "model_version": result.model_version,
-            }
-            if result.id is not None:
-                header["id"] = result.id
-            encoded = encode_response(
-                header,
-                [
-                    (out_name, array, decoded.binary_for(out_name))
-                    for out_name, array in result.outputs
-                ],
-            )
+            async with decoded_request(request, settings.max_body_bytes, budget) as decoded:
+                result = await dataplane.infer(name, version, decoded)
+                header: dict[str, Any] = {
+                    "model_name": result.model_name,
+                    "model_version": result.model_version,
+                }
+                if result.id is not None:
+                    header["id"] = result.id
+                encoded = encode_response(
+                    header,
+                    [
+                        (out_name, array, decoded.binary_for(out_name))
+                        for out_name, array in result.outputs
+                    ],
+                )
         return inference_response(encoded)
 
     infer_doc: dict[str, Any] = {
@@ -411,11 +367,11 @@ def _inference_routes() -> APIRouter:
     async def run_compare(request: Request, name: str, version: str | None) -> Response:
         dataplane = app_dataplane(request)
         settings: Settings = request.app.state.settings
+        budget: DecodeBudget = request.app.state.decode_budget
         with dataplane.metrics.track(dataplane.model_label(name), "compare"):
             dataplane.admit_compare(name, version)
-            body = await read_body(request, settings.max_body_bytes)
-            header_length = parse_header_length(request.headers.get(INFERENCE_HEADER), len(body))
-            report = await dataplane.compare(name, version, decode_request(body, header_length))
+            async with decoded_request(request, settings.max_body_bytes, budget) as decoded:
+                report = await dataplane.compare(name, version, decoded)
         return json_response(report)
 
     compare_doc: dict[str, Any] = {
@@ -470,7 +426,9 @@ def _repository_routes() -> APIRouter:
         "(a hash mismatch, a missing file, an admin unload...).",
     )
     async def index(request: Request, dataplane: DataPlaneDep, settings: SettingsDep) -> Response:
-        fields = parse_json_object(await read_body(request, settings.max_body_bytes))
+        fields = await read_json_object(
+            request, settings.max_body_bytes, request.app.state.decode_budget
+        )
         ready_only = fields.get("ready", False)
         if not isinstance(ready_only, bool):
             raise BadRequest("'ready' must be a boolean")
@@ -494,7 +452,9 @@ def _repository_routes() -> APIRouter:
     async def load(
         model_name: str, request: Request, dataplane: DataPlaneDep, settings: SettingsDep
     ) -> Response:
-        fields = parse_json_object(await read_body(request, settings.max_body_bytes))
+        fields = await read_json_object(
+            request, settings.max_body_bytes, request.app.state.decode_budget
+        )
         parameters = fields.get("parameters", {})
         if parameters is None:
             parameters = {}
@@ -520,7 +480,7 @@ def _repository_routes() -> APIRouter:
     async def unload(
         model_name: str, request: Request, dataplane: DataPlaneDep, settings: SettingsDep
     ) -> Response:
-        parse_json_object(await read_body(request, settings.max_body_bytes))
+        await read_json_object(request, settings.max_body_bytes, request.app.state.decode_budget)
         await dataplane.unload(model_name)
         return json_response({})
 
@@ -581,6 +541,8 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = ServiceMetrics()
+    fix_malloc_thresholds()
+    app.state.decode_budget = DecodeBudget(settings.decode_budget)
     errors.install(app)
     for router in (_inference_routes(), _health_routes(), _model_routes(), _repository_routes()):
         app.include_router(router)

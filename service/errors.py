@@ -66,7 +66,8 @@ class MethodNotAllowed(BnfoldServiceError):
 
 
 class PayloadTooLarge(BnfoldServiceError):
-    """Request body (or its decompressed form) over `max_body_bytes`."""
+    """Request body (or its decompressed form) over `max_body_bytes`, or a body whose
+    estimated decoding cost alone exceeds the decode budget (`max_decode_bytes`)."""
 
     status_code = 413
 
@@ -97,6 +98,11 @@ class QueueFull(Unavailable):
     def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
         retry = {"Retry-After": str(self.RETRY_AFTER_SECONDS)}
         super().__init__(message, headers={**retry, **(headers or {})})
+
+
+class DecodeBudgetFull(QueueFull):
+    """The requests in flight hold the decode budget (`max_decode_bytes`): refused at once,
+    the client retries later."""
 
 
 class PackageError(Unavailable):

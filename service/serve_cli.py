@@ -6,7 +6,8 @@ imports torch: when the embedded default repository is still empty, the
 converter builds it in a child process (`bnfold models build`).
 
 uvicorn runs on uvloop and httptools (when installed: uvicorn[standard] brings
-both on Linux and macOS). With `--workers N` > 1, uvicorn starts N processes
+both on Linux and macOS), with a capped request head (`uvicorn_options`, shared
+with the test server: server_options.py). With `--workers N` > 1, uvicorn starts N processes
 that each build the app from the environment (`create_app_from_env`), so the
 resolved settings are exported as `BNFOLD_*` variables first; every worker
 loads every model, so memory grows with N (README: Serving).
@@ -14,9 +15,9 @@ loads every model, so memory grows with N (README: Serving).
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ from bnfold.service.app import configure_logging, create_app
 from bnfold.service.errors import DeviceUnavailable
 from bnfold.service.providers import resolve_providers
 from bnfold.service.repository import scan_repository
+from bnfold.service.server_options import uvicorn_options
 from bnfold.service.sessions import ExecutionMode
 from bnfold.service.settings import Device, LogLevel, Settings
 
@@ -149,6 +151,25 @@ def serve(
         "--max-body-bytes",
         help="Largest request body, 413 above. (env BNFOLD_MAX_BODY_BYTES; default 64 MiB)",
     ),
+    max_decode_bytes: int | None = typer.Option(
+        None,
+        "--max-decode-bytes",
+        help="Estimated memory decoding the requests in flight may take: 413 for one request "
+        "above it, 503 + Retry-After while others hold it. (env BNFOLD_MAX_DECODE_BYTES; "
+        "default 0: 8 x max body bytes)",
+    ),
+    max_header_bytes: int | None = typer.Option(
+        None,
+        "--max-header-bytes",
+        help="Largest request line plus header fields, 431 above; at most 1 MiB. "
+        "(env BNFOLD_MAX_HEADER_BYTES; default 64 KiB)",
+    ),
+    max_header_count: int | None = typer.Option(
+        None,
+        "--max-header-count",
+        help="Most header fields in a request, 431 above. (env BNFOLD_MAX_HEADER_COUNT; "
+        "default 100)",
+    ),
     admin_token: str | None = typer.Option(
         None,
         "--admin-token",
@@ -183,6 +204,9 @@ def serve(
         "max_queue_delay_us": max_queue_delay_us,
         "max_queue_size": max_queue_size,
         "max_body_bytes": max_body_bytes,
+        "max_decode_bytes": max_decode_bytes,
+        "max_header_bytes": max_header_bytes,
+        "max_header_count": max_header_count,
         "admin_token": admin_token,
         "log_level": log_level,
         "shutdown_grace_seconds": shutdown_grace_seconds,
@@ -207,17 +231,7 @@ def serve(
         settings.device.value,
         ", ".join(providers),
     )
-    options: dict[str, Any] = {
-        "host": settings.host,
-        "port": settings.port,
-        "loop": "uvloop" if importlib.util.find_spec("uvloop") else "auto",
-        "http": "httptools" if importlib.util.find_spec("httptools") else "auto",
-        "log_config": None,
-        "log_level": settings.log_level.value,
-        "access_log": settings.log_level is LogLevel.DEBUG,
-        "timeout_graceful_shutdown": settings.shutdown_grace_seconds,
-        "server_header": False,
-    }
+    options = uvicorn_options(settings)
     if settings.workers == 1:
         uvicorn.run(create_app(settings), **options)
         return
@@ -246,17 +260,18 @@ def settings_environment(settings: Settings) -> dict[str, str]:
 
 
 def ensure_repository(repository: Path) -> None:
-    """Check `repository` exists; build the embedded default one when it holds no package.
+    """Check `repository` is a directory; build the embedded default one when it holds no package.
 
     The build runs `bnfold models build` in a child process: it imports torch,
     and this process must not.
     """
+    exists = _directory_exists(repository)
     is_default = repository.resolve() == DEFAULT_REPOSITORY.resolve()
     if not is_default:
-        if not repository.is_dir():
+        if not exists:
             raise RepositoryUnavailable(f"model repository {repository} does not exist")
         return
-    if repository.is_dir() and scan_repository(repository):
+    if exists and scan_repository(repository):
         return
     logger.info("the embedded repository %s is empty: building it (once)", repository)
     command = [
@@ -272,3 +287,32 @@ def ensure_repository(repository: Path) -> None:
         raise RepositoryUnavailable(f"building the embedded repository failed; {BUILD_HINT}")
     if not scan_repository(repository):
         raise RepositoryUnavailable(f"the embedded repository {repository} is empty; {BUILD_HINT}")
+
+
+def _directory_exists(repository: Path) -> bool:
+    """True for a directory, False when nothing is there (the default may still be built).
+
+    Anything else -- a file, a path below a file, a symlink loop, a name too
+    long -- raises `RepositoryUnavailable`: `bnfold serve` must answer with one
+    line and exit 2, not with the traceback of `Path.resolve` or `Path.is_dir`.
+    """
+    try:
+        mode = repository.stat().st_mode
+    except FileNotFoundError:
+        return False
+    except NotADirectoryError:
+        blocking = next(
+            (parent for parent in repository.parents if parent.exists() and not parent.is_dir()),
+            None,
+        )
+        reason = f"{blocking} is not a directory" if blocking else "a parent is not a directory"
+        raise RepositoryUnavailable(
+            f"model repository {repository} does not exist: {reason}"
+        ) from None
+    except OSError as exc:
+        raise RepositoryUnavailable(
+            f"model repository {repository} cannot be opened: {exc.strerror}"
+        ) from None
+    if not stat.S_ISDIR(mode):
+        raise RepositoryUnavailable(f"model repository {repository} is not a directory")
+    return True

@@ -126,6 +126,25 @@ class Settings(BaseSettings):
         description="Default requests waiting per model version before 503 + Retry-After.",
     )
     max_body_bytes: int = Field(64 * MIB, ge=1, description="Largest accepted request body.")
+    max_decode_bytes: int = Field(
+        0,
+        ge=0,
+        description="Estimated memory that decoding the requests in flight may take: one "
+        "request above it gets 413, one that does not fit beside the others 503 + "
+        "Retry-After; 0: 8 x max_body_bytes (a body of full-precision JSON floats is "
+        "estimated at ~7x its size).",
+    )
+    max_header_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        le=MIB,
+        description="Largest request head (request line and header fields), 431 above. "
+        "64 KiB: above Envoy's 60 KiB, the proxy in front of KServe, so nothing it passes "
+        "is refused; at 1 MiB (the cap) a head still parses in milliseconds.",
+    )
+    max_header_count: int = Field(
+        100, ge=1, le=10_000, description="Most header fields in a request (Envoy's), 431 above."
+    )
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for load/unload; unset disables those endpoints."
     )
@@ -157,6 +176,11 @@ class Settings(BaseSettings):
         if self.executor_workers:
             return self.executor_workers
         return max(1, available_cpus() // self.session_threads)
+
+    @property
+    def decode_budget(self) -> int:
+        """`max_decode_bytes`, or room for the largest body of JSON floats and then some."""
+        return self.max_decode_bytes or 8 * self.max_body_bytes
 
     @property
     def batching(self) -> BatchPolicy:

@@ -2,7 +2,9 @@
 
 Port 0: the kernel picks a free port and uvicorn reports it, so parallel test
 runs never collide. The server runs the app's lifespan exactly as `bnfold
-serve` does; leaving the context shuts it down gracefully.
+serve` does, with the uvicorn options `bnfold serve` uses (protocol, request-head
+limits, shutdown grace: `uvicorn_options`); leaving the context shuts it down
+gracefully.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from bnfold.service.app import create_app
+from bnfold.service.server_options import uvicorn_options
 from bnfold.service.settings import Settings
 
 START_TIMEOUT_SECONDS = 30.0
@@ -42,7 +45,8 @@ class RunningServer:
 @contextmanager
 def running_server(settings: Settings) -> Iterator[RunningServer]:
     app = create_app(settings)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    options = {**uvicorn_options(settings), "host": "127.0.0.1", "port": 0, "log_level": "warning"}
+    config = uvicorn.Config(app, lifespan="on", **options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()

@@ -39,6 +39,9 @@ SETTING_OPTIONS = (
     "--max-queue-delay-us",
     "--max-queue-size",
     "--max-body-bytes",
+    "--max-decode-bytes",
+    "--max-header-bytes",
+    "--max-header-count",
     "--admin-token",
     "--log-level",
     "--shutdown-grace",
@@ -83,6 +86,9 @@ def test_help_lists_every_setting_with_examples() -> None:
         "max_queue_delay_us",
         "max_queue_size",
         "max_body_bytes",
+        "max_decode_bytes",
+        "max_header_bytes",
+        "max_header_count",
         "admin_token",
         "log_level",
         "shutdown_grace_seconds",
@@ -133,6 +139,8 @@ def test_defaults(
     assert (settings.host, settings.port, settings.device) == ("127.0.0.1", 8000, Device.AUTO)
     assert settings.max_body_bytes == 64 * 2**20 and settings.admin_token is None
     assert settings.shutdown_grace_seconds == 30 and settings.run_slots >= 1
+    assert (settings.max_header_bytes, settings.max_header_count) == (64 * 2**10, 100)
+    assert captured_run["h11_max_incomplete_event_size"] == 64 * 2**10
 
 
 @pytest.mark.parametrize(
@@ -141,6 +149,9 @@ def test_defaults(
         (["--port", "70000"], "port"),
         (["--threads", "-1"], "intra_op_threads"),
         (["--max-body-bytes", "0"], "max_body_bytes"),
+        (["--max-header-bytes", "1023"], "max_header_bytes"),
+        (["--max-header-bytes", str(2**20 + 1)], "max_header_bytes"),
+        (["--max-header-count", "0"], "max_header_count"),
         (["--device", "gpu"], "gpu"),
         (["--repository", "/nonexistent/repository"], "does not exist"),
     ],
@@ -151,6 +162,28 @@ def test_bad_settings_exit_2(
     result = runner.invoke(app, ["serve", "-r", str(tmp_path), *arguments])
     assert result.exit_code == 2
     assert message in result.output
+    assert "settings" not in captured_run
+
+
+@pytest.mark.parametrize("case", ["a file", "below a file", "a symlink loop", "a name too long"])
+def test_a_repository_that_is_no_directory_is_one_line_and_exit_2(
+    captured_run: dict[str, Any], tmp_path: Path, case: str
+) -> None:
+    """Whatever the path, `bnfold serve` says what is wrong with it in one line: no traceback."""
+    file = tmp_path / "models.txt"
+    file.write_text("not a repository\n")
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    too_long = tmp_path / ("a" * 300)
+    repository, problem = {
+        "a file": (file, "is not a directory"),
+        "below a file": (file / "repo", f"does not exist: {file} is not a directory"),
+        "a symlink loop": (loop, "cannot be opened: Too many levels of symbolic links"),
+        "a name too long": (too_long, "cannot be opened: File name too long"),
+    }[case]
+    result = runner.invoke(app, ["serve", "-r", str(repository), "--device", "cpu"])
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [f"error: model repository {repository} {problem}"]
     assert "settings" not in captured_run
 
 

@@ -31,7 +31,10 @@ SPECIFIC_PARTS = (
     ("bnfold: metrics", ("(service/metrics.py",)),
 )
 GENERIC_PARTS = (
-    ("bnfold: other request code", ("(service/app.py", "(service/codec.py", "(service/errors.py")),
+    (
+        "bnfold: other request code",
+        ("(service/app.py", "(service/bodies.py", "(service/codec.py", "(service/errors.py"),
+    ),
     ("Starlette/FastAPI: middleware, routing, responses", ("(starlette/", "(fastapi/")),
     ("uvicorn: HTTP protocol", ("(uvicorn/protocols/", "(uvicorn/middleware/")),
 )

@@ -1,0 +1,379 @@
+"""Request bodies: read within the size limit, inflated, and decoded within a memory budget.
+
+Why a budget: `max_body_bytes` caps the bytes received and inflated, not what
+decoding them costs. orjson makes a Python object per JSON number and a list
+slot per element, numpy then copies them: 64 MiB of `0,0,0,...` (65 KB
+gzipped) took a server from 136 MiB to 1.1 GiB. So before decoding, a request's
+cost is estimated (`decode_cost`, byte counts at C speed) and held from the
+process's `DecodeBudget` until its response is built: a request whose estimate
+alone is over the budget gets 413; one that does not fit beside the requests in
+flight gets 503 with Retry-After at once (never queued: holding bodies in a
+queue is the memory this bounds). Inflation holds each step of its output
+from the same budget before taking it.
+
+The estimate, measured (peak RSS above the received body, decode_request on
+2-4 M items, Python 3.11, orjson 3.11, numpy 2.4) per item, an item being a
+`,`, `:` or `[` of the JSON text:
+
+    JSON floats as orjson writes them (19.6 bytes each), FP32   75
+    nested [[0.5], [0.5], ...], FP32                           79
+    0,0,0 (cached small ints), FP32                            26
+    0.5,0.5, FP32                                              60
+    10-digit ints, INT64 / 19-digit ints, UINT64               65 / 92
+    strings ["a", "a", ...]  (400)                             92
+    {"k": 0.5, ...} object members  (400)                      96 (6 of them text)
+    one `{` per requested output {"name": "7"}                420 per `{`
+
+so an item costs 96 bytes, a `{` 256 more, and the JSON text once more (a
+64 MiB string is copied once): every case above stays under its estimate. A
+binary tensor is a view of the body and costs nothing beyond it.
+
+Blocking work stays off the event loop: inflation, counting and decoding run in
+a thread when they concern more than `OFF_LOOP_BYTES` (measured: a thread hop
+costs 50-90 µs, decoding 1 MiB of estimated cost 1-4 ms). Smaller bodies (an
+MLP request is ~1 KB) pay neither a hop nor a lock: the budget is a plain
+counter that only the event loop touches. What a thread cannot do is release the
+GIL inside one C call: zlib does, but orjson.loads of 61 MiB holds it for 0.6 s,
+so a small request beside such a body still waited up to 0.9 s (1.4 s with the
+whole decode on the loop). Only a smaller body limit, binary tensors or decoding
+in another process would shorten that; the budget bounds how many such calls
+can be in flight.
+
+Returning memory: glibc keeps freed memory in its arenas, and the decode
+threads each get an arena of their own. Two things return it (glibc only; a
+no-op elsewhere). `malloc_trim(0)`, in a thread a second after a large share
+ends (one per burst, none while a large decode runs), returns the free pages
+inside every arena; but not the free top of a thread's arena, which glibc only
+returns on free() above the trim threshold, and each free of a large mmapped
+block raises the mmap threshold to its size and the trim threshold to twice
+that (up to 32 and 64 MiB). So `fix_malloc_thresholds` pins the mmap threshold
+at its 32 MiB maximum, which stops that adjustment and keeps the trim
+threshold at 128 KiB. Four bursts of four 30 MiB gzip JSON requests (two or
+three answered, the rest 503) on a server at 135 MiB, RSS after each burst:
+379, 400, 415, 432 MiB with neither; 274, 283, 262, 277 with the trim alone;
+283, 331, 363, 334 with the pinned threshold alone; 175, 178, 181, 184 with
+both. What stays is memory in use (onnxruntime's arena keeps its largest run)
+and pymalloc arenas that one surviving object keeps alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+
+from bnfold.service.codec import (
+    DecodedRequest,
+    decode_request,
+    parse_header_length,
+    parse_json_object,
+)
+from bnfold.service.errors import (
+    BadRequest,
+    DecodeBudgetFull,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from bnfold.service.protocol import INFERENCE_HEADER
+from bnfold.service.settings import MIB
+
+OFF_LOOP_BYTES = MIB
+ITEM_BYTES = 96
+OBJECT_BYTES = 256
+_ITEM_MARKS = (b",", b":", b"[")
+# deflate codes a 258-byte match in 2 bits at best: no stream inflates more than 1032-fold
+MAX_DEFLATE_RATIO = 1032
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+_GZIP_MAGIC = b"\x1f\x8b"
+MAX_GZIP_MEMBERS = 64
+_INFLATE_CHUNK = 256 * 1024
+TRIM_AFTER_BYTES = 16 * MIB
+TRIM_DELAY_SECONDS = 1.0
+
+Result = TypeVar("Result")
+
+
+def _libc_function(name: str) -> Callable[..., int] | None:
+    """A C library function; None where the C library has none (malloc_trim: glibc only)."""
+    try:
+        libc = ctypes.CDLL(None)
+    except (OSError, TypeError):
+        return None
+    return getattr(libc, name, None)
+
+
+MALLOC_TRIM = _libc_function("malloc_trim")
+_MALLOPT = _libc_function("mallopt")
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+GLIBC_MMAP_THRESHOLD_MAX = 32 * MIB
+
+
+def fix_malloc_thresholds() -> None:
+    """Pin glibc's mmap threshold at its maximum so freed arena tops go back (module docstring).
+
+    Process-wide: call once at start-up. Allocations under 32 MiB come from
+    the arenas, as they do anyway once glibc has raised the threshold; only
+    the raising of the trim threshold stops. Nothing happens without glibc.
+    """
+    if MALLOC_TRIM is not None and _MALLOPT is not None:
+        _MALLOPT(_M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD_MAX)
+
+
+class DecodeBudget:
+    """The decode cost (estimated bytes) of the requests in flight in this process, and its limit.
+
+    Only the event loop may touch it: a check and its update never have an
+    await between them, so no lock is needed, and none may be added to the
+    fast path. Each request takes a `BudgetShare` and resizes it as it learns
+    more (each inflation step, then the decode estimate).
+    """
+
+    def __init__(self, limit: int, malloc_trim: Callable[[int], int] | None = MALLOC_TRIM) -> None:
+        self.limit = limit
+        self.in_flight = 0
+        self._malloc_trim = malloc_trim
+        self._trim_scheduled = False
+        self._trimming: asyncio.Future[int] | None = None
+
+    @contextmanager
+    def share(self) -> Iterator[BudgetShare]:
+        """A share for one request, released when the block ends (errors and cancellation too)."""
+        share = BudgetShare(self)
+        try:
+            yield share
+        finally:
+            self.in_flight -= share.cost
+            if share.largest >= TRIM_AFTER_BYTES:
+                self._schedule_trim()
+
+    def _schedule_trim(self) -> None:
+        """Trim a second after a large share ends: its response has been sent by then, and a
+        burst of large requests costs one trim, not one each."""
+        if self._malloc_trim is None or self._trim_scheduled:
+            return
+        self._trim_scheduled = True
+        asyncio.get_running_loop().call_later(TRIM_DELAY_SECONDS, self._trim)
+
+    def _trim(self) -> None:
+        self._trim_scheduled = False
+        trim = self._malloc_trim
+        if trim is None or self._trimming is not None or self.in_flight >= TRIM_AFTER_BYTES:
+            return  # a large request still decoding will schedule the next one when it ends
+        self._trimming = asyncio.ensure_future(asyncio.to_thread(trim, 0))
+        self._trimming.add_done_callback(self._trimmed)
+
+    def _trimmed(self, _: asyncio.Future[int]) -> None:
+        self._trimming = None
+
+
+class BudgetShare:
+    """One request's part of a `DecodeBudget`."""
+
+    def __init__(self, budget: DecodeBudget) -> None:
+        self.budget = budget
+        self.cost = 0
+        self.largest = 0
+
+    def hold(self, cost: int, what: str) -> None:
+        """Hold `cost` bytes from now on: 413 above the whole budget, 503 when others hold it."""
+        budget = self.budget
+        if cost > budget.limit:
+            raise PayloadTooLarge(
+                f"{what} would take about {cost} bytes of memory, over the server's "
+                f"{budget.limit}-byte decode budget (max_decode_bytes); send smaller "
+                "requests, or the tensors as binary data"
+            )
+        others = budget.in_flight - self.cost
+        if others + cost > budget.limit:
+            raise DecodeBudgetFull(
+                f"{what} would take about {cost} bytes of memory and the requests in flight "
+                f"hold {others} of the server's {budget.limit}-byte decode budget; retry later"
+            )
+        budget.in_flight = others + cost
+        self.cost = cost
+        self.largest = max(self.largest, cost)
+
+
+def decode_cost(body: bytes, header_length: int | None) -> int:
+    """Estimated peak bytes of `decode_request(body, header_length)`, the body included.
+
+    Measured per item and per object (module docstring); binary tensor bytes
+    after the JSON header count once, as part of the body.
+    """
+    json_end = len(body) if header_length is None else header_length
+    items = 1 + sum(body.count(mark, 0, json_end) for mark in _ITEM_MARKS)
+    objects = body.count(b"{", 0, json_end)
+    return len(body) + json_end + ITEM_BYTES * items + OBJECT_BYTES * objects
+
+
+class Inflation:
+    """A gzip (one or more whole members) or deflate (zlib format) body, inflated step by step.
+
+    Steps let the caller hold memory for each one before it is taken. Every
+    stream must end where it says it ends: a gzip member without its CRC-32 and
+    size trailer, a deflate stream cut short, bytes after the end (other than
+    another whole gzip member, as RFC 1952 allows) are a 400. All members count
+    against `limit` together (413). zlib gets the input in chunks: it copies
+    what is left after a member, and whole-body slices would make many small
+    members quadratic. One step at a time (a thread may run it).
+    """
+
+    def __init__(self, data: bytes, encoding: str, limit: int) -> None:
+        self.encoding = encoding
+        self.limit = limit
+        self.produced = 0
+        self.done = not data  # no body at all, as before: not a stream cut short
+        self._data = memoryview(data)
+        self._inflater = zlib.decompressobj(_WBITS[encoding])
+        self._members = 1
+        self._offset = 0  # bytes of data handed to the current member's inflater
+        self._pieces: list[bytes] = []
+
+    def next_step(self) -> int:
+        """Output bytes for the next step: doubling from `OFF_LOOP_BYTES`, within what the
+        body can inflate to (deflate: 1032 times its size) and one byte over the limit."""
+        most = min(self.limit + 1, MAX_DEFLATE_RATIO * len(self._data))
+        return max(1, min(max(OFF_LOOP_BYTES, self.produced), most - self.produced))
+
+    def advance(self, size: int) -> None:
+        """Inflate `size` more bytes, or up to the end of the body."""
+        goal = min(self.produced + size, self.limit + 1)
+        while not self.done and self.produced < goal:
+            chunk: bytes | memoryview = self._inflater.unconsumed_tail
+            if not chunk and self._offset < len(self._data):
+                chunk = self._data[self._offset : self._offset + _INFLATE_CHUNK]
+                self._offset += len(chunk)
+            try:  # an empty chunk drains output zlib had no room for in the last step
+                piece = self._inflater.decompress(chunk, goal - self.produced)
+            except zlib.error as exc:
+                raise BadRequest(f"request body is not valid {self.encoding}: {exc}") from None
+            self.produced += len(piece)
+            if self.produced > self.limit:
+                raise PayloadTooLarge(
+                    f"decompressed request body is over the {self.limit}-byte limit"
+                )
+            self._pieces.append(piece)
+            if self._inflater.eof:
+                self._next_member()
+            elif not chunk and not piece:
+                trailer = " (a gzip member ends with its CRC-32 and size)"
+                raise BadRequest(
+                    f"request body is incomplete {self.encoding}: it stops before the end of "
+                    f"its stream{trailer if self.encoding != 'deflate' else ''}"
+                )
+
+    def _next_member(self) -> None:
+        start = self._offset - len(self._inflater.unused_data)
+        if start == len(self._data):
+            self.done = True
+            return
+        if self.encoding == "deflate" or self._data[start : start + 2] != _GZIP_MAGIC:
+            trailing = len(self._data) - start
+            raise BadRequest(
+                f"request body has {trailing} byte{'s' if trailing > 1 else ''} of trailing "
+                f"data after the end of its {self.encoding} stream"
+            )
+        if self._members == MAX_GZIP_MEMBERS:
+            raise BadRequest(f"request body has more than {MAX_GZIP_MEMBERS} gzip members")
+        self._members += 1
+        self._inflater = zlib.decompressobj(_WBITS[self.encoding])
+        self._offset = start
+
+    def result(self) -> bytes:
+        return b"".join(self._pieces)
+
+
+async def _run(large: bool, function: Callable[..., Result], *args: Any) -> Result:
+    """`function(*args)` in a thread when `large`, else right here (a hop costs 50-90 µs).
+
+    A request cancelled meanwhile releases its share while the thread finishes
+    on its own; only the shutdown grace period cancels requests.
+    """
+    if large:
+        return await asyncio.to_thread(function, *args)
+    return function(*args)
+
+
+async def read_body(request: Request, limit: int, share: BudgetShare) -> bytes:
+    """The body, refused with 413 as soon as it exceeds `limit` (declared, streamed or inflated).
+
+    A compressed body holds each inflation step from `share` before taking it;
+    the caller then resizes the share to the decode estimate.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadRequest(f"invalid Content-Length {declared!r}")
+        if int(declared) > limit:
+            raise PayloadTooLarge(
+                f"request body of {declared} bytes is over the {limit}-byte limit"
+            )
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise PayloadTooLarge(f"request body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in _WBITS:
+        raise UnsupportedMediaType(
+            f"unsupported Content-Encoding {encoding!r}; use gzip or deflate"
+        )
+    return await _inflate(Inflation(body, encoding, limit), share)
+
+
+async def _inflate(inflation: Inflation, share: BudgetShare) -> bytes:
+    """Inflate in doubling steps, each held from `share` before it runs.
+
+    A step holds twice the output so far plus the step: zlib builds each
+    step's output in blocks and copies them into one bytes object, and the
+    steps are joined at the end. Holding the worst case up front (1032 times
+    the compressed size) would let four 100 KB gzip requests fill the budget;
+    a step is cut to what the budget can hold, so a body is refused only when
+    its inflated bytes themselves do not fit.
+    """
+    while not inflation.done:
+        step = max(1, min(inflation.next_step(), share.budget.limit // 2 - inflation.produced))
+        share.hold(2 * (inflation.produced + step), "inflating this body")
+        await _run(step > OFF_LOOP_BYTES, inflation.advance, step)
+    return inflation.result()
+
+
+async def _held_body(
+    request: Request, limit: int, share: BudgetShare, header_value: str | None
+) -> tuple[bytes, int | None]:
+    """The body and its JSON header's length, its decode cost held from `share`."""
+    body = await read_body(request, limit, share)
+    length = parse_header_length(header_value, len(body))
+    cost = await _run(len(body) > OFF_LOOP_BYTES, decode_cost, body, length)
+    share.hold(cost, "decoding this request")
+    return body, length
+
+
+@asynccontextmanager
+async def decoded_request(
+    request: Request, limit: int, budget: DecodeBudget
+) -> AsyncIterator[DecodedRequest]:
+    """The inference request in the body, its decode cost held from `budget` until the block
+    ends: the decoded arrays (and the parsed JSON they came from) live that long."""
+    with budget.share() as share:
+        body, header_length = await _held_body(
+            request, limit, share, request.headers.get(INFERENCE_HEADER)
+        )
+        yield await _run(share.cost > OFF_LOOP_BYTES, decode_request, body, header_length)
+
+
+async def read_json_object(request: Request, limit: int, budget: DecodeBudget) -> dict[str, Any]:
+    """The body as one JSON object (empty: `{}`), parsed within `budget` like an inference body."""
+    with budget.share() as share:
+        body, _ = await _held_body(request, limit, share, None)
+        return await _run(share.cost > OFF_LOOP_BYTES, parse_json_object, body)
