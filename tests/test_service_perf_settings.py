@@ -10,12 +10,14 @@ from typing import Any
 
 import pytest
 from typer.testing import CliRunner
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from bnfold.service import serve_cli
 from bnfold.service import settings as settings_module
 from bnfold.service.app import create_app_from_env
 from bnfold.service.batch_policy import BatchPolicy
 from bnfold.service.cli import app
+from bnfold.service.http_protocol import HeadLimitedProtocol
 from bnfold.service.repository import PackageLocation, read_package
 from bnfold.service.sessions import ExecutionMode, SessionConfig, load_model
 from bnfold.service.settings import Settings, available_cpus
@@ -92,7 +94,10 @@ def test_one_worker_serves_the_app_on_uvloop_and_httptools(
     write_mlp(tmp_path, "mlp", 1, seed=1)
     result = runner.invoke(app, ["serve", "-r", str(tmp_path), "--max-batch-size", "8"])
     assert result.exit_code == 0, result.output
-    assert captured_run["loop"] == "uvloop" and captured_run["http"] == "httptools"
+    assert captured_run["loop"] == "uvloop"
+    # httptools, through the protocol that caps request heads (service/http_protocol.py)
+    protocol = captured_run["http"].func
+    assert issubclass(protocol, HttpToolsProtocol) and protocol is HeadLimitedProtocol
     assert "workers" not in captured_run
     settings: Settings = captured_run["app"].state.settings
     assert settings.batching == BatchPolicy(max_batch_size=8)
