@@ -33,8 +33,8 @@ import onnxruntime
 import torch
 from rich.progress import Progress
 
-from bnfold.convert.pipeline import TorchConversionRequest, convert_torch
-from bnfold.convert.sources import load_source
+from bnfold.convert.torch.pipeline import TorchConversionRequest, convert_torch
+from bnfold.convert.torch.sources import load_source
 from bnfold.models.registry import BUILTIN_MODELS
 
 from report_section import Machine, describe_machine, replace_section

@@ -42,7 +42,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from bnfold.convert.fold import BatchNormParams, batchnorm_affine
-from bnfold.convert.onnx_pipeline import convert_onnx_file
+from bnfold.convert.onnx.pipeline import convert_onnx_file
 from bnfold.models.registry import BUILTIN_MODELS, load_builtin
 
 from report_section import Machine, describe_machine, replace_section

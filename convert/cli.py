@@ -22,7 +22,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     import numpy as np
 
-    from bnfold.convert.onnx_pipeline import InspectReport
+    from bnfold.convert.onnx.pipeline import InspectReport
     from bnfold.convert.report import ConversionResult
 
 stdout = Console()
@@ -94,7 +94,7 @@ def convert(
     """Fold every exactly-foldable BatchNorm, verify, and write an ONNX model package."""
     with _exit_on_convert_error():
         from bnfold.convert.package import check_repository, check_version
-        from bnfold.convert.sources import is_onnx_source, parse_input_shape
+        from bnfold.convert.torch.sources import is_onnx_source, parse_input_shape
 
         if version is not None:
             check_version(version)
@@ -133,8 +133,8 @@ def _convert_torch(
     trust_pickle: bool,
     show_progress: bool,
 ) -> ConversionResult:
-    from bnfold.convert.pipeline import TorchConversionRequest, convert_torch
-    from bnfold.convert.sources import load_source, parse_input_shape
+    from bnfold.convert.torch.pipeline import TorchConversionRequest, convert_torch
+    from bnfold.convert.torch.sources import load_source, parse_input_shape
 
     shape = parse_input_shape(input_shape) if input_shape else None
     with conversion_progress(show_progress) as advance:
@@ -165,7 +165,7 @@ def _convert_onnx(
     path = Path(source)
     if not path.is_file():
         raise SourceError(f"cannot read {source}: no such file")
-    from bnfold.convert.onnx_pipeline import convert_onnx_file
+    from bnfold.convert.onnx.pipeline import convert_onnx_file
 
     return convert_onnx_file(
         path,
@@ -195,7 +195,7 @@ def inspect(
 ) -> None:
     """Show the BatchNorm report (what folds, why the rest is kept) without writing anything."""
     with _exit_on_convert_error():
-        from bnfold.convert.onnx_pipeline import inspect_path
+        from bnfold.convert.onnx.pipeline import inspect_path
 
         report = inspect_path(path)
         if as_json:

@@ -8,6 +8,18 @@ decides exit codes.
 from __future__ import annotations
 
 
+def first_line(error: BaseException, *, root_cause: bool = False) -> str:
+    """The first line of `error`'s message (its type when empty), for one-line CLI errors.
+
+    `root_cause` follows `__cause__` to the bottom first: wrappers such as torch.fx's
+    ShapeProp embed whole tracebacks in their own message.
+    """
+    while root_cause and error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class ConvertError(Exception):
     """Base class: a conversion that cannot go on, with a message for the user."""
 

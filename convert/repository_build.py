@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bnfold.convert.package import existing_versions
-from bnfold.convert.pipeline import TorchConversionRequest, convert_torch
 from bnfold.convert.report import ConversionResult
-from bnfold.convert.sources import load_source
+from bnfold.convert.torch.pipeline import TorchConversionRequest, convert_torch
+from bnfold.convert.torch.sources import load_source
 
 
 def default_model_names() -> list[str]:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bnfold.service.repository import BatchingFields, ManifestTensor
+from bnfold.package_format import BatchingFields, ManifestTensor
 
 
 @dataclass(frozen=True)

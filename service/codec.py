@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from bnfold.package_format import DATATYPE_OF_DTYPE, DATATYPES
 from bnfold.service.errors import BadRequest
-from bnfold.service.protocol import DATATYPE_OF_DTYPE, DATATYPES
 
 MAX_RANK = 32  # numpy 1.x's limit (2.x allows 64); no model input comes close
 # Elements whose index and byte size numpy can still compute (8-byte items at most).

@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from bnfold.package_format import ManifestLayer
 from bnfold.service.errors import Unprocessable
-from bnfold.service.repository import ManifestLayer
 
 
 def check_batch_has_statistics(layers: Sequence[ManifestLayer], batch_size: int) -> None:

@@ -23,14 +23,14 @@ from typing import Any
 
 import numpy as np
 
+from bnfold.package_format import DATATYPE_OF_DTYPE, ManifestTensor
 from bnfold.service import compare
 from bnfold.service.batching import Batcher
 from bnfold.service.codec import DecodedRequest, RequestedOutput, tensor_json
 from bnfold.service.errors import BadRequest, QueueFull, Unavailable, Unprocessable
 from bnfold.service.metrics import UNKNOWN_MODEL, ServiceMetrics
-from bnfold.service.protocol import BACKEND, DATATYPE_OF_DTYPE, PLATFORM
+from bnfold.service.protocol import BACKEND, PLATFORM
 from bnfold.service.registry import ModelRegistry, ModelState
-from bnfold.service.repository import ManifestTensor
 from bnfold.service.runs import Runner
 from bnfold.service.sessions import LoadedModel
 

@@ -22,41 +22,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Final, Literal, TypeVar
 
-import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, with_config
 from pydantic.json_schema import SkipJsonSchema
 from typing_extensions import NotRequired, TypedDict
+
+from bnfold.package_format import DATATYPES, Datatype
 
 PLATFORM: Final = "onnxruntime_onnx"
 BACKEND: Final = "onnxruntime"
 INFERENCE_HEADER: Final = "Inference-Header-Content-Length"
 
-# Every datatype the service accepts: V2 name, numpy scalar type, onnxruntime's type string.
-# BYTES and BF16 have no numpy dtype and no use in BatchNorm models.
-_DATATYPE_TABLE: Final = (
-    ("BOOL", np.bool_, "tensor(bool)"),
-    ("UINT8", np.uint8, "tensor(uint8)"),
-    ("UINT16", np.uint16, "tensor(uint16)"),
-    ("UINT32", np.uint32, "tensor(uint32)"),
-    ("UINT64", np.uint64, "tensor(uint64)"),
-    ("INT8", np.int8, "tensor(int8)"),
-    ("INT16", np.int16, "tensor(int16)"),
-    ("INT32", np.int32, "tensor(int32)"),
-    ("INT64", np.int64, "tensor(int64)"),
-    ("FP16", np.float16, "tensor(float16)"),
-    ("FP32", np.float32, "tensor(float)"),
-    ("FP64", np.float64, "tensor(double)"),
-)
-DATATYPES: Final[dict[str, np.dtype[Any]]] = {
-    name: np.dtype(scalar) for name, scalar, _ in _DATATYPE_TABLE
-}
-DATATYPE_OF_DTYPE: Final = {dtype: name for name, dtype in DATATYPES.items()}
-# For checking a session's inputs and outputs against its manifest.
-ONNX_TYPES: Final = {onnx_type: name for name, _, onnx_type in _DATATYPE_TABLE}
-
-# The names as types, for validation and the OpenAPI enums. Built from the table:
-# pydantic reads the enum, a static type checker cannot (a Literal of an expression).
-Datatype = Literal[tuple(DATATYPES)]
+# The datatype table is the package format's (V2 name, numpy dtype, onnxruntime type).
 ConfigDatatype = Literal[tuple(f"TYPE_{name}" for name in DATATYPES)]
 Parameters = dict[str, Any]
 TensorData = list[Any]

@@ -17,14 +17,10 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from bnfold.package_format import parse_version
 from bnfold.service.batch_policy import BatchPolicy
 from bnfold.service.errors import NotFound, PackageError, Unavailable
-from bnfold.service.repository import (
-    PackageLocation,
-    parse_version,
-    read_package,
-    scan_repository,
-)
+from bnfold.service.repository import PackageLocation, read_package, scan_repository
 from bnfold.service.sessions import LoadedModel, SessionConfig, load_model
 
 logger = logging.getLogger("bnfold.service")

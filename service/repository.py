@@ -16,107 +16,27 @@ package's hashed files (`external_data`).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
-import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
+from bnfold.package_format import (
+    EVAL_GRAPH,
+    MANIFEST,
+    MODEL_CONFIG,
+    TRAIN_GRAPH,
+    Manifest,
+    ManifestError,
+    ModelConfig,
+    is_version_name,
+    parse_manifest,
+    parse_model_config,
+    sha256_bytes,
+)
 from bnfold.service.errors import PackageError
-from bnfold.service.protocol import Datatype
-
-MANIFEST = "manifest.json"
-MODEL_CONFIG = "config.json"
-EVAL_GRAPH = "model.onnx"
-TRAIN_GRAPH = "train.onnx"
 
 logger = logging.getLogger("bnfold.service")
-
-
-class ManifestTensor(BaseModel):
-    model_config = ConfigDict(extra="allow", frozen=True)
-
-    name: str = Field(min_length=1)
-    datatype: Datatype
-    shape: tuple[int, ...]
-
-    @model_validator(mode="after")
-    def _dims(self) -> ManifestTensor:
-        if any(dim < -1 for dim in self.shape):
-            raise ValueError(f"tensor {self.name!r}: dims are -1 (dynamic) or >= 0")
-        return self
-
-
-class ManifestLayer(BaseModel):
-    """One BatchNorm of the source model with its running statistics."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
-
-    name: str
-    channels: int = Field(gt=0)
-    eps: float = Field(ge=0)
-    channel_axis: int = 1
-    input_rank: int | None = Field(None, ge=2)
-    running_mean: tuple[float, ...]
-    running_var: tuple[float, ...]
-    batch_mean_output: str
-    batch_var_output: str
-
-    @model_validator(mode="after")
-    def _statistics(self) -> ManifestLayer:
-        if len(self.running_mean) != self.channels or len(self.running_var) != self.channels:
-            raise ValueError(f"layer {self.name!r}: running statistics need {self.channels} values")
-        if any(var < 0 for var in self.running_var):
-            raise ValueError(f"layer {self.name!r}: negative running variance")
-        return self
-
-
-class ManifestBatchNorm(BaseModel):
-    model_config = ConfigDict(extra="allow", frozen=True)
-
-    layers: tuple[ManifestLayer, ...] = ()
-
-
-class BatchingFields(BaseModel):
-    """Dynamic batching settings, as a package (manifest.json) or an operator (config.json) sets them.
-
-    Every field is optional: one left out falls through to the next source
-    (REPO/NAME/config.json, then the manifest, then the server's settings).
-    Unknown fields are errors, so a typo never silently leaves the defaults on.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_batch_size: int | None = Field(None, ge=0)
-    max_queue_delay_us: int | None = Field(None, ge=0, le=1_000_000)
-    max_queue_size: int | None = Field(None, ge=1)
-
-
-class ModelConfig(BaseModel):
-    """REPO/NAME/config.json: the operator's settings for every version of NAME."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    batching: BatchingFields = BatchingFields()
-
-
-class Manifest(BaseModel):
-    """The fields of manifest.json the service relies on; the rest is kept as is."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
-
-    schema_version: Literal[1]
-    name: str
-    version: int = Field(gt=0, le=2**63 - 1)
-    inputs: tuple[ManifestTensor, ...] = Field(min_length=1)
-    outputs: tuple[ManifestTensor, ...] = Field(min_length=1)
-    batchnorm: ManifestBatchNorm = ManifestBatchNorm()
-    batching: BatchingFields = BatchingFields()
-    files: dict[str, str]
 
 
 @dataclass(frozen=True, order=True)
@@ -157,22 +77,6 @@ class VerifiedPackage:
         return self.contents[TRAIN_GRAPH]
 
 
-#: Versions are what Triton's clients can send: positive and within a signed 64-bit integer.
-MAX_VERSION = 2**63 - 1
-
-
-def parse_version(text: str) -> int | None:
-    """The version `text` spells (ASCII digits, no sign, 1..MAX_VERSION), else None."""
-    if not (text.isascii() and text.isdigit()) or len(text) > len(str(MAX_VERSION)):
-        return None
-    number = int(text)
-    return number if 1 <= number <= MAX_VERSION else None
-
-
-def _is_version(name: str) -> bool:
-    return parse_version(name) is not None and name == str(int(name))
-
-
 def _inside(root: Path, path: Path, what: str) -> Path:
     """`path` with symlinks resolved, refused unless it stays inside `root` (resolved)."""
     try:
@@ -201,7 +105,7 @@ def scan_repository(repository: Path) -> list[PackageLocation]:
         for version_dir in os.scandir(model_dir.path):
             if not version_dir.is_dir():
                 continue
-            if _is_version(version_dir.name):
+            if is_version_name(version_dir.name):
                 found.append(
                     PackageLocation(
                         model_dir.name, int(version_dir.name), Path(version_dir.path), repository
@@ -243,25 +147,15 @@ def read_manifest(location: PackageLocation) -> Manifest:
     except FileNotFoundError:
         raise PackageError(f"{MANIFEST} is missing") from None
     try:
-        manifest = Manifest.model_validate(orjson.loads(raw))
-    except orjson.JSONDecodeError as exc:
-        raise PackageError(f"{MANIFEST} is not valid JSON: {exc}") from None
-    except ValidationError as exc:
-        raise PackageError(
-            f"{MANIFEST} does not follow the package format: {_validation_reason(exc)}"
-        ) from None
+        manifest = parse_manifest(raw)
+    except ManifestError as exc:
+        raise PackageError(str(exc)) from None
     if manifest.name != location.name or manifest.version != location.version:
         raise PackageError(
             f"{MANIFEST} describes {manifest.name} version {manifest.version}, "
             f"but the package sits at {location.name}/{location.version}"
         )
     return manifest
-
-
-def _validation_reason(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    where = ".".join(str(part) for part in first["loc"])
-    return f"{where}: {first['msg']}"
 
 
 def read_model_config(location: PackageLocation) -> ModelConfig:
@@ -272,14 +166,9 @@ def read_model_config(location: PackageLocation) -> ModelConfig:
     except FileNotFoundError:
         return ModelConfig()
     try:
-        return ModelConfig.model_validate(orjson.loads(raw))
-    except orjson.JSONDecodeError as exc:
-        raise PackageError(f"{location.name}/{MODEL_CONFIG} is not valid JSON: {exc}") from None
-    except ValidationError as exc:
-        raise PackageError(
-            f"{location.name}/{MODEL_CONFIG} is not a model configuration: "
-            f"{_validation_reason(exc)}"
-        ) from None
+        return parse_model_config(raw, f"{location.name}/{MODEL_CONFIG}")
+    except ManifestError as exc:
+        raise PackageError(str(exc)) from None
 
 
 def _read_hashed(package_dir: Path, file_name: str, expected: str) -> bytes:
@@ -289,7 +178,7 @@ def _read_hashed(package_dir: Path, file_name: str, expected: str) -> bytes:
         content = _read_inside(package_dir, file_name, file_name)
     except FileNotFoundError:
         raise PackageError(f"{file_name} is listed in {MANIFEST} but missing") from None
-    actual = hashlib.sha256(content).hexdigest()
+    actual = sha256_bytes(content)
     if actual != expected.lower():
         raise PackageError(
             f"sha256 of {file_name} is {actual[:12]}…, the manifest says {expected[:12]}…: "

@@ -32,18 +32,18 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from bnfold.service.batch_policy import BatchPolicy, resolve_policy
-from bnfold.service.errors import PackageError
-from bnfold.service.external_data import external_file_table
-from bnfold.service.protocol import ONNX_TYPES
-from bnfold.service.repository import (
+from bnfold.package_format import (
     EVAL_GRAPH,
+    ONNX_TYPES,
     TRAIN_GRAPH,
     Manifest,
     ManifestLayer,
     ManifestTensor,
-    VerifiedPackage,
 )
+from bnfold.service.batch_policy import BatchPolicy, resolve_policy
+from bnfold.service.errors import PackageError
+from bnfold.service.external_data import external_file_table
+from bnfold.service.repository import VerifiedPackage
 
 logger = logging.getLogger("bnfold.service")
 

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnfold.convert.pipeline import TorchConversionRequest, convert_torch
 from bnfold.convert.report import ConversionResult
-from bnfold.convert.sources import LoadedSource
+from bnfold.convert.torch.pipeline import TorchConversionRequest, convert_torch
+from bnfold.convert.torch.sources import LoadedSource
 
 
 def calibrated(model: nn.Module, shape: tuple[int, ...], *, seed: int = 0) -> nn.Module:

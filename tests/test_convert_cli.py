@@ -538,3 +538,20 @@ def test_input_shape_that_does_not_fit_an_onnx_source_is_refused(
     )
     assert message in line
     assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize("folder", ["convert", "bnfold", "torch"])
+def test_an_untraceable_line_is_shown_even_in_a_folder_named_like_a_library(
+    tmp_path: Path, folder: str
+) -> None:
+    """The user's frame is found by module identity: a project folder called `convert`
+    (or `bnfold`, `torch`) was taken for bnfold's own code and the line was hidden."""
+    nets = tmp_path / folder / "nets.py"
+    nets.parent.mkdir()
+    nets.write_text(NETS)
+    result = invoke(
+        "convert", f"{nets}:branchy", "--input-shape", "1,6", "-r", str(tmp_path / "repo")
+    )
+    line = one_line_error(result)
+    assert "torch.fx cannot trace" in line
+    assert "(at nets.py:" in line and "if x.sum() > 0:" in line

@@ -39,7 +39,7 @@ from test_onnx_support import bn_initializers, bn_node, export, initializer
 from test_onnx_train_graph import conv_relu_bn_gemm
 from torch import nn
 
-from bnfold.convert.onnx_pipeline import convert_onnx_file
+from bnfold.convert.onnx.pipeline import convert_onnx_file
 from bnfold.convert.package import MAX_VERSION
 from bnfold.convert.verify import Agreement
 from bnfold.service.repository import PackageLocation, read_package

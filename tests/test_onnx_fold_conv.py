@@ -18,7 +18,7 @@ from test_onnx_support import (
     make_model,
 )
 
-from bnfold.convert.onnx_graph import op_counts
+from bnfold.convert.onnx.graph import op_counts
 
 
 def conv_bn(

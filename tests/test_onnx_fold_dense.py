@@ -19,7 +19,7 @@ from test_onnx_support import (
     run,
 )
 
-from bnfold.convert.onnx_graph import op_counts
+from bnfold.convert.onnx.graph import op_counts
 
 IN, OUT = 5, 4
 

@@ -11,7 +11,7 @@ from onnx import helper
 from test_onnx_support import array, bn_initializers, bn_node, initializer, make_model
 from typer.testing import CliRunner
 
-from bnfold.convert.onnx_pipeline import convert_onnx_file, inspect_path
+from bnfold.convert.onnx.pipeline import convert_onnx_file, inspect_path
 from bnfold.service.cli import app
 
 runner = CliRunner()

@@ -22,10 +22,12 @@ from onnx import helper, numpy_helper
 from test_onnx_support import array, bn_initializers, bn_node, export, initializer, make_model
 from torch import nn
 
-from bnfold.convert import onnx_fold_conv, onnx_io, onnx_pipeline
 from bnfold.convert.errors import ConvertError, InputShapeError, VerificationFailed
-from bnfold.convert.onnx_graph import op_counts
-from bnfold.convert.onnx_pipeline import convert_onnx_file
+from bnfold.convert.onnx import io as onnx_io
+from bnfold.convert.onnx import pipeline as onnx_pipeline
+from bnfold.convert.onnx.graph import op_counts
+from bnfold.convert.onnx.patterns import conv_forward as onnx_fold_conv
+from bnfold.convert.onnx.pipeline import convert_onnx_file
 from bnfold.convert.package import sha256_file
 from bnfold.convert.report import ConversionResult
 

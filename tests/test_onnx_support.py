@@ -26,8 +26,8 @@ import torch
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 from torch import nn
 
-from bnfold.convert.onnx_fold import fold_batchnorms
-from bnfold.convert.onnx_graph import infer_tensor_info, name_nodes_uniquely, op_counts
+from bnfold.convert.onnx.fold import fold_batchnorms
+from bnfold.convert.onnx.graph import infer_tensor_info, name_nodes_uniquely, op_counts
 from bnfold.convert.report import BatchNormReport
 
 FOLD_RTOL = 1e-5

@@ -26,9 +26,9 @@ from test_onnx_support import (
 )
 from torch import nn
 
-from bnfold.convert.onnx_graph import infer_tensor_info, name_nodes_uniquely, op_counts
-from bnfold.convert.onnx_train_graph import build_train_graph
-from bnfold.convert.onnx_train_reference import TrainReference
+from bnfold.convert.onnx.graph import infer_tensor_info, name_nodes_uniquely, op_counts
+from bnfold.convert.onnx.reference import TrainReference
+from bnfold.convert.onnx.train_graph import build_train_graph
 
 TRAIN_RTOL = 1e-5
 TRAIN_ATOL = 1e-5

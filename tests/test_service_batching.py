@@ -33,9 +33,8 @@ import orjson
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from bnfold.package_format import DATATYPE_OF_DTYPE, DATATYPES, BatchingFields, ManifestTensor
 from bnfold.service.batch_policy import BatchPolicy, resolve_policy
-from bnfold.service.protocol import DATATYPE_OF_DTYPE, DATATYPES
-from bnfold.service.repository import BatchingFields, ManifestTensor
 from bnfold.service.settings import Settings
 
 from service_packages import (

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from bnfold.package_format import ManifestLayer
 from bnfold.service.compare import (
     check_batch_has_statistics,
     compare_output,
@@ -14,7 +15,6 @@ from bnfold.service.compare import (
     layer_drift,
 )
 from bnfold.service.errors import Unprocessable
-from bnfold.service.repository import ManifestLayer
 
 # float64 arithmetic on a handful of values: agreement to 1e-12 leaves room
 # for summation order only.

@@ -14,9 +14,9 @@ import numpy as np
 import orjson
 import pytest
 
+from bnfold.package_format import ManifestLayer
 from bnfold.service.compare import compare_output, layer_drift
 from bnfold.service.protocol import CompareResponse
-from bnfold.service.repository import ManifestLayer
 
 from service_packages import MLP_SEEDS, mlp_reference, mlp_weights
 from service_server import RunningServer

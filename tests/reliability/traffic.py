@@ -19,7 +19,8 @@ import numpy as np
 import onnxruntime as ort
 import orjson
 
-from bnfold.service.protocol import DATATYPES, INFERENCE_HEADER
+from bnfold.package_format import DATATYPES
+from bnfold.service.protocol import INFERENCE_HEADER
 
 from .packages import LOOKUP_ROWS, SLOW_WIDTH
 

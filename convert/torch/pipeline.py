@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import io
 import math
 import traceback
@@ -29,7 +30,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnfold.convert.errors import InputShapeError, UntraceableModel
+from bnfold.convert.errors import InputShapeError, UntraceableModel, first_line
 from bnfold.convert.package import staged_package
 from bnfold.convert.report import (
     V2_DATATYPES,
@@ -40,10 +41,10 @@ from bnfold.convert.report import (
     TensorSpec,
     batch_stat_output_names,
 )
-from bnfold.convert.sources import LoadedSource
-from bnfold.convert.torch_fold import apply_plan
-from bnfold.convert.torch_graph import FoldPlan, plan_folds
-from bnfold.convert.torch_train_graph import build_train_graph, replace_batch_statistics_bns
+from bnfold.convert.torch.graph import FoldPlan, plan_folds
+from bnfold.convert.torch.rewrite import apply_plan
+from bnfold.convert.torch.sources import LoadedSource
+from bnfold.convert.torch.train_graph import build_train_graph, replace_batch_statistics_bns
 from bnfold.convert.verify import Agreement, check_batch_size, verification_block
 
 OPSET = 17
@@ -164,7 +165,7 @@ def trace(module: nn.Module, example: torch.Tensor, ref: str) -> fx.GraphModule:
         graph_module = fx.symbolic_trace(copy.deepcopy(module))
     except Exception as error:
         raise UntraceableModel(
-            f"torch.fx cannot trace {ref}: {_first_line(error)}{_user_frame(error)}"
+            f"torch.fx cannot trace {ref}: {first_line(error, root_cause=True)}{_user_frame(error)}"
         ) from error
     try:
         # ShapeProp prints a traceback to stderr before raising; the user gets
@@ -173,7 +174,7 @@ def trace(module: nn.Module, example: torch.Tensor, ref: str) -> fx.GraphModule:
             ShapeProp(graph_module).propagate(example)
     except Exception as error:
         raise InputShapeError(
-            f"{ref} does not run on an input of shape {tuple(example.shape)}: {_first_line(error)}"
+            f"{ref} does not run on an input of shape {tuple(example.shape)}: {first_line(error, root_cause=True)}"
         ) from error
     return graph_module
 
@@ -420,22 +421,26 @@ def _check_sample(sample: np.ndarray, input_shape: Sequence[int]) -> np.ndarray:
     return np.ascontiguousarray(sample, dtype=np.float32)
 
 
-def _first_line(error: BaseException) -> str:
-    """The root cause's first line: wrappers such as ShapeProp embed whole tracebacks."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+def _library_directories() -> tuple[Path, ...]:
+    """Where torch's and bnfold's own modules live, by module identity (not by a folder name
+    a user's project might share), found without importing anything."""
+    packages = ("torch", "bnfold", "bnfold.convert", "bnfold.models", "bnfold.service")
+    specs = [importlib.util.find_spec(package) for package in packages]
+    return tuple(
+        Path(directory).resolve()
+        for spec in specs
+        if spec is not None
+        for directory in spec.submodule_search_locations or ()
+    )
 
 
 def _user_frame(error: BaseException) -> str:
-    """Point at the user's line that fx choked on (the last frame outside torch)."""
+    """Point at the user's line that fx choked on (the last frame outside torch and bnfold)."""
+    libraries = _library_directories()
     frames = [
         frame
         for frame in traceback.extract_tb(error.__traceback__)
-        if "/torch/" not in frame.filename
-        and "/bnfold/" not in frame.filename
-        and "/convert/" not in frame.filename
+        if not any(Path(frame.filename).resolve().is_relative_to(root) for root in libraries)
     ]
     if not frames:
         return ""

@@ -28,12 +28,12 @@ from bnfold.convert.errors import (
     SourceError,
     UnsupportedSource,
 )
-from bnfold.convert.onnx_fold import fold_batchnorms
-from bnfold.convert.onnx_graph import free_batch_axis, op_counts
-from bnfold.convert.onnx_io import OnnxSource, load_onnx_source, needs_external_data, save_model
-from bnfold.convert.onnx_train_graph import build_train_graph
-from bnfold.convert.onnx_train_reference import TrainReference
-from bnfold.convert.onnx_verify import (
+from bnfold.convert.onnx.fold import fold_batchnorms
+from bnfold.convert.onnx.graph import free_batch_axis, op_counts
+from bnfold.convert.onnx.io import OnnxSource, load_onnx_source, needs_external_data, save_model
+from bnfold.convert.onnx.reference import TrainReference
+from bnfold.convert.onnx.train_graph import build_train_graph
+from bnfold.convert.onnx.verify import (
     Feed,
     InputSpec,
     fixed_batch,

@@ -27,11 +27,11 @@ from typing import Any
 
 from onnx import ModelProto
 
-from bnfold.convert.onnx_batchnorm import BatchNormNode, batchnorm_layer, read_batchnorms
-from bnfold.convert.onnx_fold_backward import apply_backward, find_backward
-from bnfold.convert.onnx_fold_conv import apply_conv_forward, find_conv_forward
-from bnfold.convert.onnx_fold_dense import apply_dense_forward, find_dense_forward
-from bnfold.convert.onnx_graph import GraphEdit, GraphIndex, TensorInfo, apply_edit
+from bnfold.convert.onnx.batchnorm import BatchNormNode, batchnorm_layer, read_batchnorms
+from bnfold.convert.onnx.graph import GraphEdit, GraphIndex, TensorInfo, apply_edit
+from bnfold.convert.onnx.patterns.backward import apply_backward, find_backward
+from bnfold.convert.onnx.patterns.conv_forward import apply_conv_forward, find_conv_forward
+from bnfold.convert.onnx.patterns.dense_forward import apply_dense_forward, find_dense_forward
 from bnfold.convert.report import BatchNormReport, KeptBatchNorm
 
 FORWARD_LAYERS = "Conv/ConvTranspose/Gemm/MatMul"

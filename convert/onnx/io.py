@@ -22,8 +22,8 @@ import onnx
 from onnx import AttributeProto, ModelProto, NodeProto
 from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
-from bnfold.convert.errors import SourceError, UnsupportedSource
-from bnfold.convert.onnx_graph import (
+from bnfold.convert.errors import SourceError, UnsupportedSource, first_line
+from bnfold.convert.onnx.graph import (
     TensorInfo,
     default_opset,
     has_subgraph,
@@ -64,7 +64,7 @@ def load_onnx_source(path: Path) -> OnnxSource:
     try:
         onnx.checker.check_model(str(path))
     except Exception as error:
-        raise SourceError(f"{path} is not a valid ONNX model: {_first_line(error)}") from error
+        raise SourceError(f"{path} is not a valid ONNX model: {first_line(error)}") from error
     initializers = {tensor.name for tensor in structure.graph.initializer}
     if not [value for value in structure.graph.input if value.name not in initializers]:
         raise UnsupportedSource(f"{path} has no inputs: every graph input is a constant")
@@ -85,7 +85,7 @@ def _parse(path: Path) -> ModelProto:
     except Exception as error:
         raise SourceError(
             f"{path} is not an ONNX model (cannot parse it; truncated or another format?): "
-            f"{_first_line(error)}"
+            f"{first_line(error)}"
         ) from error
     if model.ir_version <= 0 or not model.HasField("graph") or not model.graph.node:
         raise SourceError(f"{path} is not an ONNX model: it has no graph (or an empty one)")
@@ -173,8 +173,3 @@ def save_model(model: ModelProto, path: Path, *, external: bool, check: bool = T
     if external and (path.parent / f"{path.name}.data").exists():
         files.append(path.parent / f"{path.name}.data")
     return files
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -27,9 +27,9 @@ import onnx
 import onnxruntime
 from onnx import ModelProto, NodeProto, helper, numpy_helper
 
-from bnfold.convert.onnx_batchnorm import BatchNormNode, read_batchnorms
-from bnfold.convert.onnx_graph import GraphIndex, TensorInfo, subgraph_free_names
-from bnfold.convert.onnx_io import fits_in_one_proto, save_model
+from bnfold.convert.onnx.batchnorm import BatchNormNode, read_batchnorms
+from bnfold.convert.onnx.graph import GraphIndex, TensorInfo, subgraph_free_names
+from bnfold.convert.onnx.io import fits_in_one_proto, save_model
 
 
 @dataclass

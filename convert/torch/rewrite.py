@@ -12,7 +12,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.convert.fold import BatchNormParams, fold_after_layer, fold_before_layer
-from bnfold.convert.torch_graph import CONV_TRANSPOSE_TYPES, FoldPlan, FoldStep
+from bnfold.convert.torch.graph import CONV_TRANSPOSE_TYPES, FoldPlan, FoldStep
 
 
 def batchnorm_params(bn: _BatchNorm) -> BatchNormParams:

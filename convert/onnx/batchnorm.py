@@ -29,7 +29,7 @@ import numpy as np
 from onnx import NodeProto
 
 from bnfold.convert.fold import BatchNormParams
-from bnfold.convert.onnx_graph import GraphEdit, GraphIndex, iter_nodes, node_attribute
+from bnfold.convert.onnx.graph import GraphEdit, GraphIndex, iter_nodes, node_attribute
 from bnfold.convert.report import (
     NOT_A_LAYER,
     BatchNormLayer,

@@ -20,7 +20,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.convert.report import batch_stat_output_names
-from bnfold.convert.torch_graph import BatchNormSite
+from bnfold.convert.torch.graph import BatchNormSite
 
 
 class BatchStatisticsNorm(nn.Module):

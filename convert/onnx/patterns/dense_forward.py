@@ -43,13 +43,13 @@ import numpy as np
 from onnx import NodeProto, helper
 
 from bnfold.convert.fold import FoldedWeights, fold_after_layer
-from bnfold.convert.onnx_batchnorm import (
+from bnfold.convert.onnx.batchnorm import (
     REASON_CHANNEL_AXIS,
     BatchNormNode,
     collect_matches,
     remove_batchnorm,
 )
-from bnfold.convert.onnx_graph import (
+from bnfold.convert.onnx.graph import (
     GraphEdit,
     GraphIndex,
     copy_node,

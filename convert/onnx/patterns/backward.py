@@ -38,15 +38,20 @@ import numpy as np
 from onnx import NodeProto
 
 from bnfold.convert.fold import fold_before_layer
-from bnfold.convert.onnx_batchnorm import (
+from bnfold.convert.onnx.batchnorm import (
     REASON_CHANNEL_AXIS,
     BatchNormNode,
     collect_matches,
     remove_batchnorm,
 )
-from bnfold.convert.onnx_fold_conv import ConvLayer, read_conv, write_conv
-from bnfold.convert.onnx_fold_dense import SWAP_LAST_TWO, DenseLayer, read_dense, write_dense
-from bnfold.convert.onnx_graph import GraphEdit, GraphIndex, node_attribute, renamed_input
+from bnfold.convert.onnx.graph import GraphEdit, GraphIndex, node_attribute, renamed_input
+from bnfold.convert.onnx.patterns.conv_forward import ConvLayer, read_conv, write_conv
+from bnfold.convert.onnx.patterns.dense_forward import (
+    SWAP_LAST_TWO,
+    DenseLayer,
+    read_dense,
+    write_dense,
+)
 from bnfold.convert.report import FoldedBatchNorm
 
 PASS_THROUGH_OPS = ("Identity", "Dropout", "Flatten", "Reshape", "Transpose", "Pad")

@@ -25,8 +25,8 @@ import onnxruntime
 from onnx import ModelProto, helper
 
 from bnfold.convert.errors import InputShapeError
-from bnfold.convert.onnx_graph import Dim
-from bnfold.convert.onnx_train_reference import TrainReference
+from bnfold.convert.onnx.graph import Dim
+from bnfold.convert.onnx.reference import TrainReference
 from bnfold.convert.verify import Agreement, check_batch_size
 
 EVAL_BATCH_SIZES = (1, 4, 16)

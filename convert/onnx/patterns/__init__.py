@@ -1,0 +1,1 @@
+"""The BatchNorm fold pattern families on ONNX graphs, one module per family."""

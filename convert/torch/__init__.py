@@ -1,0 +1,1 @@
+"""The PyTorch path of the converter: torch.fx tracing, folding, export."""
