@@ -16,19 +16,22 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from bnfold.convert.onnx.pipeline import InspectReport
+    from bnfold.convert.onnx.inspect import InspectReport
     from bnfold.convert.report import ConversionResult
 
 stdout = Console()
 stderr = Console(stderr=True)
 
-CONVERT_STEPS = ("load", "trace", "fold", "export", "verify", "write")
+#: What the missing-extra message tells a user to run (rich would eat `[convert]` as markup).
+CONVERTER_INSTALL = "pip install 'bnfold[convert]'"
+
 
 CONVERT_EPILOG = """
 Examples:
@@ -43,6 +46,32 @@ Examples:
 
   bnfold convert exported.onnx --repository ./repo --sample batch.npy
 """
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """'1,3,32,32' → (1, 3, 32, 32); every dimension a positive integer."""
+    from bnfold.convert.errors import InputShapeError
+
+    parts = [part.strip() for part in text.replace("x", ",").split(",")]
+    try:
+        dims = tuple(int(part) for part in parts)
+    except ValueError:
+        raise InputShapeError(
+            f"invalid --input-shape {text!r}: expected comma-separated positive integers, "
+            "e.g. 1,3,32,32"
+        ) from None
+    if not dims or any(dim <= 0 for dim in dims):
+        raise InputShapeError(f"invalid --input-shape {text!r}: every dimension must be positive")
+    if len(dims) < 2:
+        raise InputShapeError(
+            f"invalid --input-shape {text!r}: give the batch axis and at least one more, e.g. 1,64"
+        )
+    return dims
+
+
+def is_onnx_source(source: str) -> bool:
+    """An ONNX file goes down the torch-free path; everything else needs torch."""
+    return source.lower().endswith(".onnx")
 
 
 def register(app: typer.Typer) -> None:
@@ -94,27 +123,27 @@ def convert(
     """Fold every exactly-foldable BatchNorm, verify, and write an ONNX model package."""
     with _exit_on_convert_error():
         from bnfold.convert.package import check_repository, check_version
-        from bnfold.convert.torch.sources import is_onnx_source, parse_input_shape
 
         if version is not None:
             check_version(version)
         check_repository(repository)
         sample_array = _load_sample(sample) if sample is not None else None
-        if is_onnx_source(source):
-            shape = parse_input_shape(input_shape) if input_shape else None
-            result = _convert_onnx(source, repository, name, version, shape, sample_array, as_json)
-        else:
-            result = _convert_torch(
-                source,
-                repository=repository,
-                name=name,
-                version=version,
-                input_shape=input_shape,
-                weights=weights,
-                sample=sample_array,
-                trust_pickle=trust_pickle,
-                show_progress=not as_json,
-            )
+        shape = parse_input_shape(input_shape) if input_shape else None
+        with conversion_progress(not as_json) as step:
+            if is_onnx_source(source):
+                result = _convert_onnx(source, repository, name, version, shape, sample_array, step)
+            else:
+                result = _convert_torch(
+                    source,
+                    repository=repository,
+                    name=name,
+                    version=version,
+                    input_shape=shape,
+                    weights=weights,
+                    sample=sample_array,
+                    trust_pickle=trust_pickle,
+                    step=step,
+                )
         if as_json:
             stdout.print_json(json.dumps(result.as_dict()))
         else:
@@ -127,28 +156,26 @@ def _convert_torch(
     repository: Path,
     name: str | None,
     version: int | None,
-    input_shape: str | None,
+    input_shape: tuple[int, ...] | None,
     weights: Path | None,
     sample: np.ndarray | None,
     trust_pickle: bool,
-    show_progress: bool,
+    step: Callable[[str], None],
 ) -> ConversionResult:
     from bnfold.convert.torch.pipeline import TorchConversionRequest, convert_torch
-    from bnfold.convert.torch.sources import load_source, parse_input_shape
+    from bnfold.convert.torch.sources import load_source
 
-    shape = parse_input_shape(input_shape) if input_shape else None
-    with conversion_progress(show_progress) as advance:
-        advance("load")
-        loaded = load_source(source, weights=weights, trust_pickle=trust_pickle)
-        request = TorchConversionRequest(
-            loaded=loaded,
-            repository=repository,
-            name=name,
-            version=version,
-            input_shape=shape,
-            sample=sample,
-        )
-        return convert_torch(request, advance)
+    step("load")
+    loaded = load_source(source, weights=weights, trust_pickle=trust_pickle)
+    request = TorchConversionRequest(
+        loaded=loaded,
+        repository=repository,
+        name=name,
+        version=version,
+        input_shape=input_shape,
+        sample=sample,
+    )
+    return convert_torch(request, step)
 
 
 def _convert_onnx(
@@ -158,15 +185,14 @@ def _convert_onnx(
     version: int | None,
     input_shape: tuple[int, ...] | None,
     sample: np.ndarray | None,
-    as_json: bool,
+    step: Callable[[str], None],
 ) -> ConversionResult:
     from bnfold.convert.errors import SourceError
+    from bnfold.convert.onnx.pipeline import convert_onnx_file
 
     path = Path(source)
     if not path.is_file():
         raise SourceError(f"cannot read {source}: no such file")
-    from bnfold.convert.onnx.pipeline import convert_onnx_file
-
     return convert_onnx_file(
         path,
         repository=repository,
@@ -174,7 +200,7 @@ def _convert_onnx(
         version=version,
         sample=sample,
         input_shape=input_shape,
-        progress=not as_json,
+        step=step,
     )
 
 
@@ -195,7 +221,7 @@ def inspect(
 ) -> None:
     """Show the BatchNorm report (what folds, why the rest is kept) without writing anything."""
     with _exit_on_convert_error():
-        from bnfold.convert.onnx.pipeline import inspect_path
+        from bnfold.convert.onnx.inspect import inspect_path
 
         report = inspect_path(path)
         if as_json:
@@ -329,6 +355,8 @@ def conversion_progress(enabled: bool) -> Iterator[Callable[[str], None]]:
     if not enabled:
         yield lambda _label: None
         return
+    from bnfold.convert.conversion import STEPS
+
     with Progress(
         SpinnerColumn(),
         TextColumn("[progress.description]{task.description}"),
@@ -337,7 +365,7 @@ def conversion_progress(enabled: bool) -> Iterator[Callable[[str], None]]:
         console=stderr,
         transient=True,
     ) as progress:
-        task = progress.add_task("converting", total=len(CONVERT_STEPS))
+        task = progress.add_task("converting", total=len(STEPS))
         seen: list[str] = []
 
         def advance(label: str) -> None:
@@ -347,7 +375,7 @@ def conversion_progress(enabled: bool) -> Iterator[Callable[[str], None]]:
             progress.update(task, description=f"converting: {label}")
 
         yield advance
-        progress.update(task, completed=len(CONVERT_STEPS))
+        progress.update(task, completed=len(STEPS))
 
 
 @contextmanager
@@ -359,7 +387,7 @@ def _exit_on_convert_error() -> Iterator[None]:
         if error.name in ("torch", "sklearn"):
             stderr.print(
                 f"[red]error:[/red] {error.name} is not installed: "
-                "install the converter with pip install 'bnfold[convert]'"
+                f"install the converter with {escape(CONVERTER_INSTALL)}"
             )
             raise typer.Exit(2) from None
         raise

@@ -14,8 +14,6 @@ may serve the package (a `tempfile.mkdtemp` directory would be 0700).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import secrets
@@ -26,14 +24,21 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bnfold.convert.errors import PackageError
+from pydantic import ValidationError
 
-MANIFEST = "manifest.json"
-SCHEMA_VERSION = 1
+from bnfold.convert.errors import PackageError
+from bnfold.package_format import (
+    MANIFEST,
+    MAX_VERSION,
+    SCHEMA_VERSION,
+    Manifest,
+    is_version_name,
+    sha256_file,
+    version_problem,
+)
+
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _STAGING_PREFIX = "."
-#: The largest version: the service keeps versions in signed 64-bit integers.
-MAX_VERSION = 2**63 - 1
 _STAGING_ATTEMPTS = 100
 
 
@@ -48,23 +53,11 @@ def check_model_name(name: str) -> str:
 
 
 def check_version(version: int) -> int:
-    """Refuse a version the service cannot serve: 1 ≤ version ≤ 2**63 − 1."""
-    if not 1 <= version <= MAX_VERSION:
-        raise PackageError(
-            f"invalid version {version}: a version is an integer from 1 to {MAX_VERSION} (2**63 - 1)"
-        )
+    """Refuse a version the service cannot serve (the package format's rule)."""
+    problem = version_problem(version)
+    if problem:
+        raise PackageError(problem)
     return version
-
-
-def is_version_name(text: str) -> bool:
-    """Whether a directory name is a package version as the service reads it (no `007`)."""
-    return (
-        text.isascii()
-        and text.isdigit()
-        and len(text) <= len(str(MAX_VERSION))
-        and text == str(int(text))
-        and 1 <= int(text) <= MAX_VERSION
-    )
 
 
 def existing_versions(repository: Path, name: str) -> list[int]:
@@ -105,14 +98,6 @@ def check_repository(repository: Path) -> None:
         )
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @dataclass
 class StagedPackage:
     """A package under construction: write files into `directory`, then `commit`."""
@@ -126,22 +111,31 @@ class StagedPackage:
     def final_path(self) -> Path:
         return self.repository / self.name / str(self.version)
 
-    def commit(self, manifest: Mapping[str, object]) -> Path:
-        """Hash the files, write the manifest, sync and rename into place."""
+    def commit(self, fields: Mapping[str, object]) -> Path:
+        """Hash the files, write the manifest, sync and rename into place.
+
+        The manifest is built as the `Manifest` model the service reads it with,
+        so a package the service would refuse fails here, before it exists.
+        """
         files = {
             path.name: sha256_file(path)
             for path in sorted(self.directory.iterdir())
             if path.is_file() and path.name != MANIFEST
         }
-        full_manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "name": self.name,
-            "version": self.version,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            **manifest,
-            "files": files,
-        }
-        (self.directory / MANIFEST).write_text(json.dumps(full_manifest, indent=2) + "\n")
+        try:
+            manifest = Manifest(
+                schema_version=SCHEMA_VERSION,
+                name=self.name,
+                version=self.version,
+                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                **fields,
+                files=files,
+            )
+        except ValidationError as error:
+            raise PackageError(
+                f"the manifest would not follow the package format: {error}"
+            ) from error
+        (self.directory / MANIFEST).write_bytes(manifest.to_json())
         for path in self.directory.iterdir():
             _fsync_path(path)
         _fsync_path(self.directory)

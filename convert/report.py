@@ -10,22 +10,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-#: numpy dtype -> KServe V2 datatype name.
-V2_DATATYPES: dict[np.dtype, str] = {
-    np.dtype(np.float32): "FP32",
-    np.dtype(np.float64): "FP64",
-    np.dtype(np.float16): "FP16",
-    np.dtype(np.int8): "INT8",
-    np.dtype(np.int16): "INT16",
-    np.dtype(np.int32): "INT32",
-    np.dtype(np.int64): "INT64",
-    np.dtype(np.uint8): "UINT8",
-    np.dtype(np.uint16): "UINT16",
-    np.dtype(np.uint32): "UINT32",
-    np.dtype(np.uint64): "UINT64",
-    np.dtype(np.bool_): "BOOL",
-}
-
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -106,11 +90,6 @@ def running_statistics_problem(running_mean: np.ndarray, running_var: np.ndarray
     if (var < 0).any():
         return "its running variance is negative"
     return None
-
-
-def batch_stat_output_names(layer_name: str) -> tuple[str, str]:
-    """The train graph's output names for one BN's batch mean and variance."""
-    return f"{layer_name}.batch_mean", f"{layer_name}.batch_var"
 
 
 @dataclass

@@ -21,6 +21,21 @@ import numpy as np
 
 from bnfold.convert.errors import InputShapeError, VerificationFailed
 
+#: Seeds of the random verification batches (the batch at position i uses VERIFY_SEED + i).
+VERIFY_SEED = 20261123
+#: Verification batch sizes: small inputs get larger batches, inputs of more than
+#: `LARGE_ROW_VALUES` values per row smaller ones, so verifying costs seconds, not
+#: minutes. Batches of more than one row also verify train.onnx.
+SMALL_INPUT_BATCH_SIZES = (1, 4, 16)
+LARGE_INPUT_BATCH_SIZES = (1, 2, 4)
+LARGE_ROW_VALUES = 16_384
+
+
+def verification_batch_sizes(row_values: int) -> tuple[int, ...]:
+    """The batch sizes to verify on, for inputs of `row_values` values per row (all inputs)."""
+    return SMALL_INPUT_BATCH_SIZES if row_values <= LARGE_ROW_VALUES else LARGE_INPUT_BATCH_SIZES
+
+
 #: The most values one verification batch may hold (2**28: 1 GiB of float32). A
 #: typo in an input shape is refused with this bound, not attempted as a
 #: terabyte allocation.

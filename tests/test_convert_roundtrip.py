@@ -40,8 +40,8 @@ from test_onnx_train_graph import conv_relu_bn_gemm
 from torch import nn
 
 from bnfold.convert.onnx.pipeline import convert_onnx_file
-from bnfold.convert.package import MAX_VERSION
 from bnfold.convert.verify import Agreement
+from bnfold.package_format import MAX_VERSION
 from bnfold.service.repository import PackageLocation, read_package
 from bnfold.service.sessions import LoadedModel, SessionConfig, load_model
 from bnfold.service.settings import Settings

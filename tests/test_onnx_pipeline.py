@@ -28,8 +28,8 @@ from bnfold.convert.onnx import pipeline as onnx_pipeline
 from bnfold.convert.onnx.graph import op_counts
 from bnfold.convert.onnx.patterns import conv_forward as onnx_fold_conv
 from bnfold.convert.onnx.pipeline import convert_onnx_file
-from bnfold.convert.package import sha256_file
 from bnfold.convert.report import ConversionResult
+from bnfold.package_format import sha256_file
 
 ATOL, RTOL = 1e-5, 1e-4
 

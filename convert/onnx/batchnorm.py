@@ -30,12 +30,8 @@ from onnx import NodeProto
 
 from bnfold.convert.fold import BatchNormParams
 from bnfold.convert.onnx.graph import GraphEdit, GraphIndex, iter_nodes, node_attribute
-from bnfold.convert.report import (
-    NOT_A_LAYER,
-    BatchNormLayer,
-    batch_stat_output_names,
-    running_statistics_problem,
-)
+from bnfold.convert.report import NOT_A_LAYER, BatchNormLayer, running_statistics_problem
+from bnfold.package_format import batch_stat_output_names
 
 BATCHNORM = "BatchNormalization"
 DEFAULT_EPSILON = 1e-5

@@ -30,7 +30,7 @@ from bnfold.convert.onnx.graph import (
     infer_tensor_info,
     name_nodes_uniquely,
 )
-from bnfold.convert.package import sha256_file
+from bnfold.package_format import sha256_file
 
 MIN_OPSET = 9
 #: Protobuf refuses messages of 2 GiB; leave room for the graph itself.

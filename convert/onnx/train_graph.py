@@ -28,7 +28,7 @@ from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 from bnfold.convert.errors import UnsupportedSource
 from bnfold.convert.onnx.batchnorm import BatchNormNode, read_batchnorms
 from bnfold.convert.onnx.graph import GraphIndex, TensorInfo, add_initializers
-from bnfold.convert.report import batch_stat_output_names
+from bnfold.package_format import batch_stat_output_names
 
 REDUCE_AXES_AS_INPUT_OPSET = 18
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bnfold.convert.errors import InputShapeError, SourceError
-from bnfold.convert.package import sha256_file
+from bnfold.convert.errors import SourceError
+from bnfold.package_format import sha256_file
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle")
 
@@ -38,28 +38,6 @@ class LoadedSource:
     input_shape: tuple[int, ...] | None
     sha256: str
     weights_sha256: str | None = None
-
-
-def parse_input_shape(text: str) -> tuple[int, ...]:
-    """'1,3,32,32' → (1, 3, 32, 32); every dimension a positive integer."""
-    parts = [part.strip() for part in text.replace("x", ",").split(",")]
-    try:
-        dims = tuple(int(part) for part in parts)
-    except ValueError:
-        raise InputShapeError(
-            f"invalid --input-shape {text!r}: expected comma-separated positive integers, e.g. 1,3,32,32"
-        ) from None
-    if not dims or any(dim <= 0 for dim in dims):
-        raise InputShapeError(f"invalid --input-shape {text!r}: every dimension must be positive")
-    if len(dims) < 2:
-        raise InputShapeError(
-            f"invalid --input-shape {text!r}: give the batch axis and at least one more, e.g. 1,64"
-        )
-    return dims
-
-
-def is_onnx_source(source: str) -> bool:
-    return source.lower().endswith(".onnx")
 
 
 def load_source(source: str, *, weights: Path | None, trust_pickle: bool) -> LoadedSource:
@@ -192,10 +170,3 @@ def _load_weights(module: nn.Module, weights: Path) -> None:
         module.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise SourceError(f"{weights} does not fit the model: {error}") from error
-
-
-def check_onnx_path(source: str) -> Path:
-    path = Path(source)
-    if not path.is_file():
-        raise SourceError(f"cannot read {source}: no such file")
-    return path

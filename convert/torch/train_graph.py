@@ -19,8 +19,8 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnfold.convert.report import batch_stat_output_names
 from bnfold.convert.torch.graph import BatchNormSite
+from bnfold.package_format import batch_stat_output_names
 
 
 class BatchStatisticsNorm(nn.Module):
