@@ -9,13 +9,14 @@
 
 Inputs are seeded random batches shaped from the graph inputs: float inputs
 standard normal, integer inputs 0/1, booleans random; a symbolic batch axis
-takes the sizes below, other symbolic axes `FREE_DIM`, or the sizes
+takes the sizes of the shared policy (`convert.verify`), other symbolic axes `FREE_DIM`, or the sizes
 `--input-shape` gives them (`pin_input_shape`). `--sample` adds the user's own
 batch. No batch may hold more than `MAX_BATCH_VALUES` values.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +28,13 @@ from onnx import ModelProto, helper
 from bnfold.convert.errors import InputShapeError
 from bnfold.convert.onnx.graph import Dim
 from bnfold.convert.onnx.reference import TrainReference
-from bnfold.convert.verify import Agreement, check_batch_size
+from bnfold.convert.verify import (
+    VERIFY_SEED,
+    Agreement,
+    check_batch_size,
+    verification_batch_sizes,
+)
 
-EVAL_BATCH_SIZES = (1, 4, 16)
-VERIFY_SEED = 20261123
 FREE_DIM = 16
 
 Feed = dict[str, np.ndarray]
@@ -69,7 +73,7 @@ def input_specs(model: ModelProto) -> list[InputSpec]:
 def pin_input_shape(specs: Sequence[InputSpec], input_shape: Sequence[int]) -> list[InputSpec]:
     """The specs with the symbolic axes of the one input set from `--input-shape`.
 
-    Axis 0 is the batch axis, verified at `EVAL_BATCH_SIZES` rows (or the
+    Axis 0 is the batch axis, verified at the shared policy's batch sizes (or the
     source's fixed batch size) whatever `input_shape` says; every other axis
     must equal a fixed size or names the size of a symbolic one. Only the
     verification batches change: the package keeps the source's symbolic axes.
@@ -149,10 +153,20 @@ def sample_feed(specs: Sequence[InputSpec], sample: np.ndarray) -> Feed:
     return {spec.name: np.ascontiguousarray(sample.astype(spec.dtype))}
 
 
+def row_values(specs: Sequence[InputSpec]) -> int:
+    """Values in one row of all inputs (symbolic non-batch axes at `FREE_DIM`)."""
+    return sum(
+        math.prod(dim if isinstance(dim, int) and dim > 0 else FREE_DIM for dim in spec.shape[1:])
+        for spec in specs
+    )
+
+
 def verification_feeds(specs: Sequence[InputSpec], sample: np.ndarray | None) -> list[Feed]:
-    """Seeded random batches (at the pinned batch size, if any), then the sample."""
+    """Seeded random batches (the shared batch-size policy, or the pinned batch size), then
+    the sample."""
     pinned = fixed_batch(specs)
-    sizes = [pinned] * len(EVAL_BATCH_SIZES) if pinned else list(EVAL_BATCH_SIZES)
+    policy = verification_batch_sizes(row_values(specs))
+    sizes = [pinned] * len(policy) if pinned else list(policy)
     feeds = [
         random_feed(specs, size, VERIFY_SEED + position) for position, size in enumerate(sizes)
     ]
