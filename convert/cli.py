@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from bnfold.convert.onnx.inspect import InspectReport
-    from bnfold.convert.report import ConversionResult
+    from bnfold.convert.report import BatchNormReport, ConversionResult
 
 stdout = Console()
 stderr = Console(stderr=True)
@@ -230,23 +230,26 @@ def inspect(
             print_inspection(report)
 
 
-def print_inspection(report: InspectReport) -> None:
-    """The BN table, then node counts per op type before and after folding."""
-    verb = "folds" if report.kind == "onnx" else "folded"
-    batchnorm = report.batchnorm
+def batchnorm_table(subject: str, report: BatchNormReport, verb: str) -> Table:
+    """Every BN of a report: folded into which layer and how, or kept and why."""
     table = Table(
-        title=f"{report.path} ({report.kind}): {len(batchnorm.folded)} of "
-        f"{batchnorm.total} BatchNorms {verb}",
+        title=f"{subject}: {len(report.folded)} of {report.total} BatchNorms {verb}",
         title_justify="left",
     )
     table.add_column("BatchNorm", overflow="fold")
     table.add_column("result")
     table.add_column("into / why kept", overflow="fold")
-    for folded in batchnorm.folded:
-        table.add_row(folded.name, f"{verb} {folded.direction}", folded.into)
-    for kept in batchnorm.kept:
-        table.add_row(kept.name, "[yellow]kept[/yellow]", kept.reason)
-    stdout.print(table)
+    for folded in report.folded:
+        table.add_row(escape(folded.name), f"{verb} {folded.direction}", escape(folded.into))
+    for kept in report.kept:
+        table.add_row(escape(kept.name), "[yellow]kept[/yellow]", escape(kept.reason))
+    return table
+
+
+def print_inspection(report: InspectReport) -> None:
+    """The BN table, then node counts per op type before and after folding."""
+    verb = "folds" if report.kind == "onnx" else "folded"
+    stdout.print(batchnorm_table(f"{report.path} ({report.kind})", report.batchnorm, verb))
     counts = Table(title="nodes per op type", title_justify="left")
     counts.add_column("op type")
     counts.add_column("before", justify="right")
@@ -306,20 +309,7 @@ def models_build(
 
 def print_conversion(result: ConversionResult) -> None:
     """The BN table and the measured errors."""
-    report = result.batchnorm
-    table = Table(
-        title=f"{result.name} v{result.version}: {len(report.folded)} of {report.total} "
-        f"BatchNorms folded",
-        title_justify="left",
-    )
-    table.add_column("BatchNorm")
-    table.add_column("result")
-    table.add_column("into / why kept", overflow="fold")
-    for folded in report.folded:
-        table.add_row(folded.name, f"folded {folded.direction}", folded.into)
-    for kept in report.kept:
-        table.add_row(kept.name, "[yellow]kept[/yellow]", kept.reason)
-    stdout.print(table)
+    stdout.print(batchnorm_table(f"{result.name} v{result.version}", result.batchnorm, "folded"))
     verification = result.verification
     eval_block = verification.get("eval", {})
     train_block = verification.get("train", {})
