@@ -23,6 +23,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     import numpy as np
 
+    from bnfold.convert.conversion import ConversionAdapter
     from bnfold.convert.onnx.inspect import InspectReport
     from bnfold.convert.report import BatchNormReport, ConversionResult
 
@@ -129,79 +130,46 @@ def convert(
         check_repository(repository)
         sample_array = _load_sample(sample) if sample is not None else None
         shape = parse_input_shape(input_shape) if input_shape else None
+        from bnfold.convert.conversion import convert as run_conversion
+
         with conversion_progress(not as_json) as step:
+            step("load")
             if is_onnx_source(source):
-                result = _convert_onnx(source, repository, name, version, shape, sample_array, step)
+                adapter = _onnx_adapter(source, shape, sample_array)
             else:
-                result = _convert_torch(
-                    source,
-                    repository=repository,
-                    name=name,
-                    version=version,
-                    input_shape=shape,
-                    weights=weights,
-                    sample=sample_array,
-                    trust_pickle=trust_pickle,
-                    step=step,
-                )
+                adapter = _torch_adapter(source, shape, sample_array, weights, trust_pickle)
+            result = run_conversion(adapter, repository, name=name, version=version, step=step)
         if as_json:
             stdout.print_json(json.dumps(result.as_dict()))
         else:
             print_conversion(result)
 
 
-def _convert_torch(
+def _torch_adapter(
     source: str,
-    *,
-    repository: Path,
-    name: str | None,
-    version: int | None,
     input_shape: tuple[int, ...] | None,
-    weights: Path | None,
     sample: np.ndarray | None,
+    weights: Path | None,
     trust_pickle: bool,
-    step: Callable[[str], None],
-) -> ConversionResult:
-    from bnfold.convert.torch.pipeline import TorchConversionRequest, convert_torch
+) -> ConversionAdapter:
+    from bnfold.convert.torch.pipeline import TorchAdapter
     from bnfold.convert.torch.sources import load_source
 
-    step("load")
     loaded = load_source(source, weights=weights, trust_pickle=trust_pickle)
-    request = TorchConversionRequest(
-        loaded=loaded,
-        repository=repository,
-        name=name,
-        version=version,
-        input_shape=input_shape,
-        sample=sample,
-    )
-    return convert_torch(request, step)
+    return TorchAdapter(loaded, input_shape, sample)
 
 
-def _convert_onnx(
-    source: str,
-    repository: Path,
-    name: str | None,
-    version: int | None,
-    input_shape: tuple[int, ...] | None,
-    sample: np.ndarray | None,
-    step: Callable[[str], None],
-) -> ConversionResult:
+def _onnx_adapter(
+    source: str, input_shape: tuple[int, ...] | None, sample: np.ndarray | None
+) -> ConversionAdapter:
     from bnfold.convert.errors import SourceError
-    from bnfold.convert.onnx.pipeline import convert_onnx_file
+    from bnfold.convert.onnx.io import load_onnx_source
+    from bnfold.convert.onnx.pipeline import OnnxAdapter
 
     path = Path(source)
     if not path.is_file():
         raise SourceError(f"cannot read {source}: no such file")
-    return convert_onnx_file(
-        path,
-        repository=repository,
-        name=name,
-        version=version,
-        sample=sample,
-        input_shape=input_shape,
-        step=step,
-    )
+    return OnnxAdapter(load_onnx_source(path), sample, input_shape)
 
 
 INSPECT_EPILOG = """

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 import numpy as np
 import orjson
@@ -238,25 +238,23 @@ def _validation_reason(exc: ValidationError) -> str:
     return f"{where}: {first['msg']}"
 
 
+_Parsed = TypeVar("_Parsed", bound=BaseModel)
+
+
+def _parse(model: type[_Parsed], raw: bytes, what: str, kind: str) -> _Parsed:
+    try:
+        return model.model_validate(orjson.loads(raw))
+    except orjson.JSONDecodeError as exc:
+        raise ManifestError(f"{what} is not valid JSON: {exc}") from None
+    except ValidationError as exc:
+        raise ManifestError(f"{what} {kind}: {_validation_reason(exc)}") from None
+
+
 def parse_manifest(raw: bytes) -> Manifest:
     """Parse manifest.json's bytes; raises `ManifestError` naming the first problem."""
-    try:
-        return Manifest.model_validate(orjson.loads(raw))
-    except orjson.JSONDecodeError as exc:
-        raise ManifestError(f"{MANIFEST} is not valid JSON: {exc}") from None
-    except ValidationError as exc:
-        raise ManifestError(
-            f"{MANIFEST} does not follow the package format: {_validation_reason(exc)}"
-        ) from None
+    return _parse(Manifest, raw, MANIFEST, "does not follow the package format")
 
 
 def parse_model_config(raw: bytes, where: str) -> ModelConfig:
     """Parse REPO/NAME/config.json; raises `ManifestError` naming `where` and the problem."""
-    try:
-        return ModelConfig.model_validate(orjson.loads(raw))
-    except orjson.JSONDecodeError as exc:
-        raise ManifestError(f"{where} is not valid JSON: {exc}") from None
-    except ValidationError as exc:
-        raise ManifestError(
-            f"{where} is not a model configuration: {_validation_reason(exc)}"
-        ) from None
+    return _parse(ModelConfig, raw, where, "is not a model configuration")
