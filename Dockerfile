@@ -42,6 +42,7 @@ RUN python deploy/runtime-requirements.py --extra convert > /tmp/convert-require
     && pip install --index-url "${TORCH_INDEX_URL}" -r /tmp/torch-requirement.txt \
     && pip install -r /tmp/convert-requirements.txt
 COPY README.md ./
+COPY core/ core/
 COPY convert/ convert/
 COPY models/ models/
 COPY service/ service/

@@ -345,7 +345,8 @@ def _exit_on_convert_error() -> Iterator[None]:
         if error.name in ("torch", "sklearn"):
             stderr.print(
                 f"[red]error:[/red] {error.name} is not installed: "
-                f"install the converter with {escape(CONVERTER_INSTALL)}"
+                f"install the converter with {escape(CONVERTER_INSTALL)}",
+                soft_wrap=True,
             )
             raise typer.Exit(2) from None
         raise

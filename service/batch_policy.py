@@ -17,21 +17,34 @@ from dataclasses import dataclass
 from typing import Any
 
 from bnfold.package_format import BatchingFields, ManifestTensor
+from bnfold.service.settings import Settings
+
+
+def _server_default(field: str) -> int:
+    """A field's default: the server's setting (`BNFOLD_MAX_BATCH_SIZE`...) in `Settings`."""
+    default: int = Settings.model_fields[field].default
+    return default
 
 
 @dataclass(frozen=True)
 class BatchPolicy:
     """Rows per merged run, how long the oldest request may wait for company, the queue bound.
 
-    The defaults measured best (BENCHMARKS.md): no wait, as Triton's default. A batch
-    forms from the requests that queued while the model's runs were busy, so it grows
-    with the load by itself; a wait only adds latency when the load is light.
+    The defaults are the server's settings' and measured best (BENCHMARKS.md): no wait,
+    as Triton's default. A batch forms from the requests that queued while the model's
+    runs were busy, so it grows with the load by itself; a wait only adds latency when
+    the load is light.
     """
 
-    max_batch_size: int = 32
-    max_queue_delay_us: int = 0
-    max_queue_size: int = 256
+    max_batch_size: int = _server_default("max_batch_size")
+    max_queue_delay_us: int = _server_default("max_queue_delay_us")
+    max_queue_size: int = _server_default("max_queue_size")
     disabled_reason: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BatchPolicy:
+        """The server's policy; a package or REPO/NAME/config.json may override each field."""
+        return cls(settings.max_batch_size, settings.max_queue_delay_us, settings.max_queue_size)
 
     @property
     def batching(self) -> bool:

@@ -1,6 +1,6 @@
 """Dynamic batching (Triton's idea): requests for one model version share session runs.
 
-    submit (event loop) ──► queue of (model, version) ──► run thread: a free run slot,
+    submit (event loop) ──► queue of (model, version) ──► run thread: its turn to run,
       │  (full: 503 + Retry-After,          the oldest request, then up to
       │   at once)                          max_queue_delay_us for more rows
       │                                                   │
@@ -15,8 +15,8 @@ the next batch is larger (as in Triton), and a busy thread never has to be
 woken. That matters for small models: handing each batch to a sleeping
 executor thread (a futex wake-up, a context switch, the GIL changing hands)
 measured as the largest single cost of a digits-MLP request (BENCHMARKS.md).
-Run slots are shared by every model (`slots` concurrent runs in all), so
-models never oversubscribe the cores between them.
+The concurrent runs (`Settings.concurrent_runs`) are shared by every model,
+so models never oversubscribe the cores between them.
 
 Only requests whose inputs agree on every dimension but the first are merged
 (the datatypes are fixed by the manifest); the run asks for the union of the
@@ -126,13 +126,13 @@ class ModelQueue:
         self,
         model: LoadedModel,
         metrics: ServiceMetrics,
-        slots: threading.Semaphore,
+        concurrent_runs: threading.Semaphore,
         threads: int,
     ) -> None:
         self.model = model
         self.policy = model.batching
         self._loop = asyncio.get_running_loop()
-        self._slots = slots
+        self._concurrent_runs = concurrent_runs
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         self._pending: deque[_Pending] = deque()
@@ -227,7 +227,7 @@ class ModelQueue:
                     if self._retired:
                         return
                     self._arrived.wait()
-            with self._slots:
+            with self._concurrent_runs:
                 batch = self._next_batch()
                 if not batch:
                     continue
@@ -300,14 +300,14 @@ class ModelQueue:
 class Batcher:
     """Every model version's queue, created on its first request; owned by the app.
 
-    `slots` concurrent runs in all, shared by the models; each queue has as many run
-    threads (a thread without a slot waits for one).
+    `concurrent_runs` runs at once in all, shared by the models; each queue has as many
+    run threads (a thread waits while `concurrent_runs` others run).
     """
 
-    def __init__(self, metrics: ServiceMetrics, slots: int) -> None:
+    def __init__(self, metrics: ServiceMetrics, concurrent_runs: int) -> None:
         self._metrics = metrics
-        self._threads = slots
-        self._slots = threading.BoundedSemaphore(slots)
+        self._threads = concurrent_runs
+        self._concurrent_runs = threading.BoundedSemaphore(concurrent_runs)
         self._queues: dict[tuple[str, int], ModelQueue] = {}
 
     def queue(self, model: LoadedModel) -> ModelQueue:
@@ -316,7 +316,7 @@ class Batcher:
         if queue is None or queue.model is not model:  # first request, or a reloaded model
             if queue is not None:
                 queue.retire()
-            queue = ModelQueue(model, self._metrics, self._slots, self._threads)
+            queue = ModelQueue(model, self._metrics, self._concurrent_runs, self._threads)
             self._queues[key] = queue
         return queue
 

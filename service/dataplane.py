@@ -5,7 +5,9 @@ the tensors against the manifest (`check_inputs`, 422 on a mismatch), then hand
 the validated feeds to the `Batcher`, which queues them per model version and
 runs them, merged with other requests' rows when the model's policy allows,
 on its run threads (onnxruntime releases the GIL, so runs overlap while the
-event loop keeps serving). Compare never batches: train.onnx normalises with
+event loop keeps serving), and encode the answer (codec): `infer` returns the
+finished V2 response, each output JSON or binary as the request asked, as
+`compare` returns its report. Compare never batches: train.onnx normalises with
 the statistics of the whole batch, so other requests' rows would change the
 answer; it runs through a plain `Runner`.
 """
@@ -16,7 +18,6 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from typing import Any
@@ -26,7 +27,13 @@ import numpy as np
 from bnfold.package_format import DATATYPE_OF_DTYPE, ManifestTensor
 from bnfold.service import compare
 from bnfold.service.batching import Batcher
-from bnfold.service.codec import DecodedRequest, RequestedOutput, tensor_json
+from bnfold.service.codec import (
+    DecodedRequest,
+    EncodedResponse,
+    RequestedOutput,
+    encode_response,
+    tensor_json,
+)
 from bnfold.service.errors import BadRequest, QueueFull, Unavailable, Unprocessable
 from bnfold.service.metrics import UNKNOWN_MODEL, ServiceMetrics
 from bnfold.service.protocol import BACKEND, PLATFORM
@@ -44,14 +51,6 @@ def server_version() -> str:
         return package_version("bnfold")
     except PackageNotFoundError:
         return "0+unknown"
-
-
-@dataclass(frozen=True)
-class InferenceResult:
-    model_name: str
-    model_version: str
-    id: str | None
-    outputs: list[tuple[str, np.ndarray]]
 
 
 def _shape_text(shape: Sequence[int]) -> str:
@@ -257,7 +256,8 @@ class DataPlane:
 
     async def infer(
         self, name: str, version: str | None, request: DecodedRequest
-    ) -> InferenceResult:
+    ) -> EncodedResponse:
+        """The finished V2 response: each output as JSON or binary, as the request asks."""
         self.check_ready()
         model = self.registry.get(name, version)
         feeds = check_inputs(model, request.inputs)
@@ -266,11 +266,15 @@ class DataPlane:
         self.metrics.batch_size.labels(model.name, "infer").observe(rows)
         arrays = await self.batcher.run(model, feeds, output_names)
         logger.debug("infer %s version %d, batch %d", model.name, model.version, rows)
-        return InferenceResult(
-            model.name,
-            str(model.version),
-            request.id,
-            list(zip(output_names, arrays, strict=True)),
+        header: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version)}
+        if request.id is not None:
+            header["id"] = request.id
+        return encode_response(
+            header,
+            [
+                (output_name, array, request.binary_for(output_name))
+                for output_name, array in zip(output_names, arrays, strict=True)
+            ],
         )
 
     async def compare(

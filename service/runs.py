@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
@@ -40,6 +40,12 @@ class Runner(Protocol):
         feeds: dict[str, np.ndarray],
         output_names: Sequence[str],
     ) -> list[np.ndarray]: ...
+
+
+def run_executor(concurrent_runs: int) -> ThreadPoolExecutor:
+    """The threads of `ExecutorRunner`: `concurrent_runs` of them (`Settings.concurrent_runs`),
+    named like the batcher's run threads (`bnfold-run-...`)."""
+    return ThreadPoolExecutor(concurrent_runs, thread_name_prefix="bnfold-run-compare")
 
 
 class ExecutorRunner:

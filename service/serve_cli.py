@@ -1,9 +1,12 @@
 """`bnfold serve`: parse options into `Settings`, make sure there is something to serve, run uvicorn.
 
-Every `Settings` field is an option here; an option left out falls back to its
-`BNFOLD_*` environment variable, then to the default. The serving process never
-imports torch: when the embedded default repository is still empty, the
-converter builds it in a child process (`bnfold models build`).
+The options are generated from the `Settings` fields (`_option_parameters`):
+names from the field (or its `OptionNames`), help from its description, and
+its environment variable and default appended, so nothing here repeats a
+setting. An option left out falls back to its `BNFOLD_*` environment
+variable, then to the default. The serving process never imports torch: when
+the embedded default repository is still empty, the converter builds it in a
+child process (`bnfold models build`).
 
 uvicorn runs on uvloop and httptools (when installed: uvicorn[standard] brings
 both on Linux and macOS), with a capped request head (`uvicorn_options`, shared
@@ -15,26 +18,36 @@ loads every model, so memory grows with N (README: Serving).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import stat
 import subprocess
 import sys
+from collections.abc import Callable, Mapping
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import typer
 import uvicorn
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
+from pydantic.fields import FieldInfo
 
-from bnfold.models import DEFAULT_REPOSITORY
-from bnfold.service.app import configure_logging, create_app
 from bnfold.service.errors import DeviceUnavailable
 from bnfold.service.providers import resolve_providers
 from bnfold.service.repository import scan_repository
+from bnfold.service.rest.app import configure_logging, create_app
 from bnfold.service.server_options import uvicorn_options
-from bnfold.service.sessions import ExecutionMode
-from bnfold.service.settings import Device, LogLevel, Settings
+from bnfold.service.settings import (
+    DEFAULT_REPOSITORY,
+    MIB,
+    RENAMED,
+    OptionNames,
+    Settings,
+    environment_variable,
+    settings_environment,
+)
 
 logger = logging.getLogger("bnfold.service")
 
@@ -44,7 +57,7 @@ EPILOG = """Examples:
 
   bnfold serve -r ./repo --port 9000    another repository, another port
 
-  bnfold serve --device cpu --threads 2 --executor-workers 1
+  bnfold serve --device cpu --threads 2 --concurrent-runs 1
 
   bnfold serve --workers 2              two server processes (each loads every model)
 
@@ -62,162 +75,29 @@ BUILD_HINT = (
 
 
 def register(app: typer.Typer) -> None:
-    app.command(epilog=EPILOG)(serve)
+    app.command(epilog=EPILOG)(_serve_command())
 
 
-def serve(
-    repository: Path | None = typer.Option(
-        None,
-        "--repository",
-        "-r",
-        help="Model repository (REPO/NAME/VERSION). (env BNFOLD_REPOSITORY; "
-        "default: the embedded repository, built on first use)",
-        show_default=False,
-    ),
-    host: str | None = typer.Option(
-        None, help="Interface to listen on. (env BNFOLD_HOST; default 127.0.0.1)"
-    ),
-    port: int | None = typer.Option(
-        None, help="TCP port, 0 for any free one. (env BNFOLD_PORT; default 8000)"
-    ),
-    device: Device | None = typer.Option(
-        None,
-        help="auto: CUDA when onnxruntime-gpu sees a GPU, else CPU; cuda: fail when it "
-        "cannot. (env BNFOLD_DEVICE; default auto)",
-    ),
-    intra_op_threads: int | None = typer.Option(
-        None,
-        "--threads",
-        "--intra-op-threads",
-        help="onnxruntime threads per session run; 0 = CPUs / executor workers. "
-        "(env BNFOLD_INTRA_OP_THREADS; default 0: one run on every CPU)",
-    ),
-    workers: int | None = typer.Option(
-        None,
-        "--workers",
-        help="uvicorn worker processes; each loads every model, so memory grows with it. "
-        "(env BNFOLD_WORKERS; default 1)",
-    ),
-    executor_workers: int | None = typer.Option(
-        None,
-        "--executor-workers",
-        help="Concurrent session runs per process; 0 = CPUs / threads. "
-        "(env BNFOLD_EXECUTOR_WORKERS; default 0)",
-    ),
-    inter_op_threads: int | None = typer.Option(
-        None,
-        "--inter-op-threads",
-        help="onnxruntime inter-op threads, parallel mode only. "
-        "(env BNFOLD_INTER_OP_THREADS; default 1)",
-    ),
-    execution_mode: ExecutionMode | None = typer.Option(
-        None,
-        "--execution-mode",
-        help="onnxruntime execution mode. (env BNFOLD_EXECUTION_MODE; default sequential)",
-    ),
-    memory_arena: bool | None = typer.Option(
-        None,
-        "--memory-arena/--no-memory-arena",
-        help="onnxruntime's CPU memory arena. (env BNFOLD_MEMORY_ARENA; default on)",
-        show_default=False,
-    ),
-    allow_spinning: bool | None = typer.Option(
-        None,
-        "--spinning/--no-spinning",
-        help="Idle onnxruntime threads busy-wait for work. (env BNFOLD_ALLOW_SPINNING; "
-        "default off)",
-        show_default=False,
-    ),
-    max_batch_size: int | None = typer.Option(
-        None,
-        "--max-batch-size",
-        help="Dynamic batching: rows per merged run, 0 = off; a package or "
-        "REPO/NAME/config.json overrides it. (env BNFOLD_MAX_BATCH_SIZE; default 32)",
-    ),
-    max_queue_delay_us: int | None = typer.Option(
-        None,
-        "--max-queue-delay-us",
-        help="Dynamic batching: longest wait (µs) of a request for others; 0 merges what "
-        "queued while the runs were busy. (env BNFOLD_MAX_QUEUE_DELAY_US; default 0)",
-    ),
-    max_queue_size: int | None = typer.Option(
-        None,
-        "--max-queue-size",
-        help="Requests queued per model version before 503 + Retry-After. "
-        "(env BNFOLD_MAX_QUEUE_SIZE; default 256)",
-    ),
-    max_body_bytes: int | None = typer.Option(
-        None,
-        "--max-body-bytes",
-        help="Largest request body, 413 above. (env BNFOLD_MAX_BODY_BYTES; default 64 MiB)",
-    ),
-    max_decode_bytes: int | None = typer.Option(
-        None,
-        "--max-decode-bytes",
-        help="Estimated memory decoding the requests in flight may take: 413 for one request "
-        "above it, 503 + Retry-After while others hold it. (env BNFOLD_MAX_DECODE_BYTES; "
-        "default 0: 8 x max body bytes)",
-    ),
-    max_header_bytes: int | None = typer.Option(
-        None,
-        "--max-header-bytes",
-        help="Largest request line plus header fields, 431 above; at most 1 MiB. "
-        "(env BNFOLD_MAX_HEADER_BYTES; default 64 KiB)",
-    ),
-    max_header_count: int | None = typer.Option(
-        None,
-        "--max-header-count",
-        help="Most header fields in a request, 431 above. (env BNFOLD_MAX_HEADER_COUNT; "
-        "default 100)",
-    ),
-    admin_token: str | None = typer.Option(
-        None,
-        "--admin-token",
-        help="Bearer token enabling load/unload; prefer the env variable, command lines "
-        "are visible to other users. (env BNFOLD_ADMIN_TOKEN; default: disabled)",
-        show_default=False,
-    ),
-    log_level: LogLevel | None = typer.Option(
-        None, help="debug also logs every request. (env BNFOLD_LOG_LEVEL; default info)"
-    ),
-    shutdown_grace_seconds: float | None = typer.Option(
-        None,
-        "--shutdown-grace",
-        help="Seconds in-flight requests get on shutdown. (env BNFOLD_SHUTDOWN_GRACE_SECONDS; "
-        "default 30)",
-    ),
-) -> None:
-    """Serve a model repository over the KServe V2 inference protocol (REST)."""
-    given: dict[str, Any] = {
-        "repository": repository,
-        "host": host,
-        "port": port,
-        "device": device,
-        "workers": workers,
-        "intra_op_threads": intra_op_threads,
-        "executor_workers": executor_workers,
-        "inter_op_threads": inter_op_threads,
-        "execution_mode": execution_mode,
-        "memory_arena": memory_arena,
-        "allow_spinning": allow_spinning,
-        "max_batch_size": max_batch_size,
-        "max_queue_delay_us": max_queue_delay_us,
-        "max_queue_size": max_queue_size,
-        "max_body_bytes": max_body_bytes,
-        "max_decode_bytes": max_decode_bytes,
-        "max_header_bytes": max_header_bytes,
-        "max_header_count": max_header_count,
-        "admin_token": admin_token,
-        "log_level": log_level,
-        "shutdown_grace_seconds": shutdown_grace_seconds,
-    }
-    try:
-        settings = Settings(**{key: value for key, value in given.items() if value is not None})
-    except ValidationError as exc:
-        for error in exc.errors():
-            field = ".".join(str(part) for part in error["loc"])
-            typer.echo(f"error: {field}: {error['msg']}", err=True)
-        raise typer.Exit(2) from None
+def _serve_command() -> Callable[..., None]:
+    """`serve`, whose signature (what Typer turns into options) is `_option_parameters()`."""
+
+    def serve(**options: Any) -> None:
+        """Serve a model repository over the KServe V2 inference protocol (REST)."""
+        try:
+            settings = settings_from_options(options)
+        except ValidationError as exc:
+            for error in exc.errors():
+                field = ".".join(str(part) for part in error["loc"])
+                typer.echo(f"error: {field}: {error['msg']}", err=True)
+            raise typer.Exit(2) from None
+        start_server(settings)
+
+    serve.__signature__ = inspect.Signature(_option_parameters())  # type: ignore[attr-defined]
+    return serve
+
+
+def start_server(settings: Settings) -> None:
+    """Check the device and the repository (exit 2 with one line when unusable), then serve."""
     configure_logging(settings.log_level)
     try:
         providers = resolve_providers(settings.device)
@@ -233,30 +113,112 @@ def serve(
     )
     options = uvicorn_options(settings)
     if settings.workers == 1:
-        uvicorn.run(create_app(settings), **options)
+        uvicorn.run(create_app(settings, providers), **options)
         return
     os.environ.update(settings_environment(settings))
+    for former in RENAMED:  # resolved above: the workers need not warn again
+        os.environ.pop(environment_variable(former), None)
     uvicorn.run(
-        "bnfold.service.app:create_app_from_env", factory=True, workers=settings.workers, **options
+        "bnfold.service.rest.app:create_app_from_env",
+        factory=True,
+        workers=settings.workers,
+        **options,
     )
+
+
+def settings_from_options(options: Mapping[str, Any]) -> Settings:
+    """`Settings` from the options given: one left out (None) leaves its field to the
+    environment, then the default. A former option name (`--executor-workers`) warns on
+    stderr and stands for the current one, unless that is given too."""
+    given = {field: value for field, value in options.items() if value is not None}
+    for former, current in RENAMED.items():
+        if former not in given:
+            continue
+        value = given.pop(former)
+        old, new = _option_names(former)[0], _option_names(current)[0]
+        outcome = f"ignored: {new} is given" if current in given else f"use {new}"
+        typer.echo(f"warning: {old} is deprecated, {outcome}", err=True)
+        given.setdefault(current, value)
+    return Settings(**given)
+
+
+def _option_names(field: str) -> tuple[str, ...]:
+    """A field's option names: its `OptionNames`, else the name in kebab case, with its
+    negation for a flag; a former name of `RENAMED` (no field) gets the kebab-case name."""
+    info = Settings.model_fields.get(field)
+    for metadata in info.metadata if info is not None else ():
+        if isinstance(metadata, OptionNames):
+            return metadata.names
+    name = field.replace("_", "-")
+    if info is not None and info.annotation is bool:
+        return (f"--{name}/--no-{name}",)
+    return (f"--{name}",)
+
+
+def _option_parameters() -> list[inspect.Parameter]:
+    """One option per `Settings` field, each former name (`RENAMED`) after its field's.
+
+    Every default is None, "not given", so the environment and the field's default
+    still apply; the help shows them instead.
+    """
+    former_names: dict[str, list[str]] = {}
+    for former, current in RENAMED.items():
+        former_names.setdefault(current, []).append(former)
+    parameters = []
+    for field, info in Settings.model_fields.items():
+        kind = _option_type(info)
+        parameters.append(_option(field, kind, _option_names(field), _help(field, info)))
+        for former in former_names.get(field, ()):
+            parameters.append(_option(former, kind, _option_names(former), _former_help(former)))
+    return parameters
+
+
+def _help(field: str, info: FieldInfo) -> str:
+    variable, default = environment_variable(field), _default_text(field, info)
+    return f"{info.description} (env {variable}; default {default})"
+
+
+def _former_help(former: str) -> str:
+    current = RENAMED[former]
+    use = f"{_option_names(current)[0]} (env {environment_variable(current)})"
+    return f"Deprecated, as is {environment_variable(former)}: use {use}."
+
+
+def _option(name: str, kind: Any, names: tuple[str, ...], help_text: str) -> inspect.Parameter:
+    option = typer.Option(None, *names, help=help_text, show_default=False)
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind | None
+    )
+
+
+def _option_type(info: FieldInfo) -> Any:
+    """The field's type on the command line: without None, and a secret as plain text."""
+    kind = next(
+        (arg for arg in get_args(info.annotation) if arg is not type(None)), info.annotation
+    )
+    return str if kind is SecretStr else kind
+
+
+def _default_text(field: str, info: FieldInfo) -> str:
+    """The field's default as the help shows it: on/off, 64 MiB, unset."""
+    default = info.default
+    if default is None:
+        return "unset"
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, Enum):
+        return str(default.value)
+    if isinstance(default, float):
+        return f"{default:g}"
+    if field.endswith("_bytes") and default:
+        for unit, size in (("MiB", MIB), ("KiB", 1 << 10)):
+            if default % size == 0:
+                return f"{default // size} {unit}"
+    return str(default)
 
 
 class RepositoryUnavailable(Exception):
     """Nothing to serve: a missing repository, or a default one that cannot be built."""
-
-
-def settings_environment(settings: Settings) -> dict[str, str]:
-    """`settings` as the `BNFOLD_*` variables that rebuild it in a worker process."""
-    environment = {}
-    for field, value in settings.model_dump(mode="json").items():
-        if field == "admin_token":
-            if settings.admin_token is not None:
-                environment["BNFOLD_ADMIN_TOKEN"] = settings.admin_token.get_secret_value()
-            continue
-        environment[f"BNFOLD_{field.upper()}"] = (
-            str(value).lower() if isinstance(value, bool) else str(value)
-        )
-    return environment
 
 
 def ensure_repository(repository: Path) -> None:
@@ -277,7 +239,7 @@ def ensure_repository(repository: Path) -> None:
     command = [
         sys.executable,
         "-m",
-        "bnfold.service.cli",
+        "bnfold",
         "models",
         "build",
         "--repository",

@@ -27,7 +27,6 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
 import onnxruntime as ort
@@ -44,15 +43,9 @@ from bnfold.service.batch_policy import BatchPolicy, resolve_policy
 from bnfold.service.errors import PackageError
 from bnfold.service.external_data import external_file_table
 from bnfold.service.repository import VerifiedPackage
+from bnfold.service.settings import ExecutionMode, Settings
 
 logger = logging.getLogger("bnfold.service")
-
-
-class ExecutionMode(str, Enum):
-    """onnxruntime's execution mode: nodes one after another, or independent branches at once."""
-
-    SEQUENTIAL = "sequential"
-    PARALLEL = "parallel"
 
 
 @dataclass(frozen=True)
@@ -67,6 +60,17 @@ class SessionConfig:
     inter_op_threads: int = 1
     memory_arena: bool = True
     spinning: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings, providers: tuple[str, ...]) -> SessionConfig:
+        return cls(
+            providers=providers,
+            intra_op_threads=settings.session_threads,
+            execution_mode=settings.execution_mode,
+            inter_op_threads=settings.inter_op_threads,
+            memory_arena=settings.memory_arena,
+            spinning=settings.allow_spinning,
+        )
 
 
 @dataclass(frozen=True)

@@ -2,25 +2,53 @@
 
 Each field is read from a `BNFOLD_`-prefixed environment variable
 (`BNFOLD_PORT=9000`) and is also a `bnfold serve` option (`--port 9000`); an
-option given on the command line wins over the environment.
+option given on the command line wins over the environment. The options are
+generated from the fields (serve_cli.py): a field's description is its help,
+its default the documented default, so a new setting is one field here.
+
+A renamed setting keeps its former name (`RENAMED`) as a deprecated alias: the
+environment variable, the option and the keyword argument still work and log
+a warning saying what to use instead.
+
+This module imports nothing else of the service, nor `bnfold.models` (numpy
+and the model registry, which serving does not need): the service imports it,
+and builds what it configures from it (`SessionConfig.from_settings`,
+`BatchPolicy.from_settings`).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import math
 import os
+from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
+from types import MappingProxyType
+from typing import Annotated, Any, Final
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from bnfold.models import DEFAULT_REPOSITORY
-from bnfold.service.batch_policy import BatchPolicy
-from bnfold.service.sessions import ExecutionMode, SessionConfig
+logger = logging.getLogger("bnfold.service")
 
 MIB = 1 << 20
-_BATCHING = BatchPolicy()
+ENV_PREFIX = "BNFOLD_"
+# Former field name -> current one; each former name is still read, with a warning.
+RENAMED: Final[Mapping[str, str]] = MappingProxyType({"executor_workers": "concurrent_runs"})
+
+
+def _embedded_repository() -> Path:
+    """`bnfold.models.DEFAULT_REPOSITORY`, found without running `bnfold.models`."""
+    spec = importlib.util.find_spec("bnfold.models")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("bnfold.models is missing from this installation")
+    return Path(next(iter(spec.submodule_search_locations))) / "repository"
+
+
+DEFAULT_REPOSITORY: Final = _embedded_repository()
 
 
 class Device(str, Enum):
@@ -31,12 +59,34 @@ class Device(str, Enum):
     CUDA = "cuda"
 
 
+class ExecutionMode(str, Enum):
+    """onnxruntime's execution mode: nodes one after another, or independent branches at once."""
+
+    SEQUENTIAL = "sequential"
+    PARALLEL = "parallel"
+
+
 class LogLevel(str, Enum):
     CRITICAL = "critical"
     ERROR = "error"
     WARNING = "warning"
     INFO = "info"
     DEBUG = "debug"
+
+
+class OptionNames:
+    """A setting's `bnfold serve` option names, when the field name in kebab case is not
+    them: `Annotated[int, OptionNames("--threads", "--intra-op-threads")]`."""
+
+    __slots__ = ("names",)
+
+    def __init__(self, *names: str) -> None:
+        self.names = names
+
+
+def environment_variable(field: str) -> str:
+    """The environment variable of a `Settings` field (or of a former name in `RENAMED`)."""
+    return f"{ENV_PREFIX}{field.upper()}"
 
 
 def _cgroup_cpu_limit() -> float | None:
@@ -67,91 +117,156 @@ def available_cpus() -> int:
     return max(1, cpus or 1)
 
 
+def _warn_deprecated(former: str, outcome: str) -> None:
+    logger.warning("%s is deprecated, %s", former, outcome)
+
+
+class _FormerEnvironmentNames(PydanticBaseSettingsSource):
+    """`BNFOLD_EXECUTOR_WORKERS` and the other former names of `RENAMED`, ranked below
+    the current names (`BNFOLD_CONCURRENT_RUNS` or a keyword argument wins)."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for former, current in RENAMED.items():
+            value = os.environ.get(environment_variable(former))
+            if value is None:
+                continue
+            variable = environment_variable(current)
+            if variable in os.environ:
+                _warn_deprecated(environment_variable(former), f"ignored: {variable} is set")
+            elif current in self.current_state:
+                _warn_deprecated(environment_variable(former), f"ignored: {current} is given")
+            else:
+                _warn_deprecated(environment_variable(former), f"use {variable}")
+                values[current] = value
+        return values
+
+
 class Settings(BaseSettings):
     """Configuration of one `bnfold serve` process."""
 
-    model_config = SettingsConfigDict(env_prefix="BNFOLD_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
 
-    repository: Path = Field(
+    repository: Annotated[Path, OptionNames("--repository", "-r")] = Field(
         DEFAULT_REPOSITORY,
-        description="Model repository to serve (REPO/NAME/VERSION packages); "
-        "default: the embedded repository of built-in digits models.",
+        description="Model repository to serve (REPO/NAME/VERSION packages); the default, "
+        "the embedded repository of built-in digits models, is built on first use.",
     )
     host: str = Field("127.0.0.1", description="Interface to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port; 0 picks a free one.")
-    device: Device = Field(Device.AUTO, description="Execution provider: auto, cpu or cuda.")
+    device: Device = Field(
+        Device.AUTO,
+        description="auto: CUDA when onnxruntime-gpu sees a GPU, else CPU; cuda: fail at "
+        "start when it cannot.",
+    )
     workers: int = Field(
         1,
         ge=1,
         le=64,
-        description="uvicorn worker processes; each loads every model (memory x workers).",
+        description="uvicorn worker processes; each loads every model, so memory grows with it.",
     )
-    intra_op_threads: int = Field(
+    intra_op_threads: Annotated[int, OptionNames("--threads", "--intra-op-threads")] = Field(
         0,
         ge=0,
         le=256,
-        description="onnxruntime intra-op threads per session run; 0: the CPUs / executor workers.",
+        description="onnxruntime threads per session run; 0: the CPUs / concurrent runs "
+        "(both 0: one run on every CPU).",
     )
-    executor_workers: int = Field(
+    concurrent_runs: int = Field(
         0,
         ge=0,
         le=256,
-        description="Concurrent session runs; 0: the CPUs / intra-op threads.",
+        description="Session runs at once per process, shared by every model; 0: the CPUs "
+        "/ threads.",
     )
     inter_op_threads: int = Field(
-        1, ge=1, le=256, description="onnxruntime inter-op threads (parallel execution mode)."
+        1, ge=1, le=256, description="onnxruntime inter-op threads, parallel mode only."
     )
     execution_mode: ExecutionMode = Field(
         ExecutionMode.SEQUENTIAL,
-        description="onnxruntime execution mode: sequential, or parallel branches.",
+        description="onnxruntime execution mode: sequential, or independent branches in parallel.",
     )
     memory_arena: bool = Field(True, description="onnxruntime's CPU memory arena.")
-    allow_spinning: bool = Field(
-        False, description="Let idle onnxruntime threads busy-wait for work (burns cores)."
+    allow_spinning: Annotated[bool, OptionNames("--spinning/--no-spinning")] = Field(
+        False, description="Idle onnxruntime threads busy-wait for work (burns cores)."
     )
+    # The batching defaults (BatchPolicy's too) measured best: batch_policy.py says why.
     max_batch_size: int = Field(
-        _BATCHING.max_batch_size,
+        32,
         ge=0,
-        description="Default rows per merged run; 0 or 1 turns dynamic batching off.",
+        description="Dynamic batching: rows per merged run, 0 or 1 turns it off; a package "
+        "or REPO/NAME/config.json overrides it.",
     )
     max_queue_delay_us: int = Field(
-        _BATCHING.max_queue_delay_us,
+        0,
         ge=0,
         le=1_000_000,
-        description="Default longest wait (µs) of a request for others to batch with.",
+        description="Dynamic batching: longest wait (µs) of a request for others; 0 merges "
+        "what queued while the runs were busy.",
     )
     max_queue_size: int = Field(
-        _BATCHING.max_queue_size,
-        ge=1,
-        description="Default requests waiting per model version before 503 + Retry-After.",
+        256, ge=1, description="Requests queued per model version before 503 + Retry-After."
     )
-    max_body_bytes: int = Field(64 * MIB, ge=1, description="Largest accepted request body.")
+    max_body_bytes: int = Field(64 * MIB, ge=1, description="Largest request body, 413 above.")
     max_decode_bytes: int = Field(
         0,
         ge=0,
-        description="Estimated memory that decoding the requests in flight may take: one "
-        "request above it gets 413, one that does not fit beside the others 503 + "
-        "Retry-After; 0: 8 x max_body_bytes (a body of full-precision JSON floats is "
-        "estimated at ~7x its size).",
+        description="Estimated memory decoding the requests in flight may take: 413 for one "
+        "request above it, 503 + Retry-After while others hold it; 0: 8 x max body bytes "
+        "(a body of full-precision JSON floats is estimated at ~7x its size).",
     )
+    # 64 KiB: above Envoy's 60 KiB, the proxy in front of KServe, so nothing it passes is
+    # refused; at 1 MiB (the cap) a head still parses in milliseconds.
     max_header_bytes: int = Field(
         64 * 1024,
         ge=1024,
         le=MIB,
-        description="Largest request head (request line and header fields), 431 above. "
-        "64 KiB: above Envoy's 60 KiB, the proxy in front of KServe, so nothing it passes "
-        "is refused; at 1 MiB (the cap) a head still parses in milliseconds.",
+        description="Largest request line plus header fields, 431 above; at most 1 MiB.",
     )
     max_header_count: int = Field(
-        100, ge=1, le=10_000, description="Most header fields in a request (Envoy's), 431 above."
+        100,
+        ge=1,
+        le=10_000,
+        description="Most header fields in a request (Envoy's limit), 431 above.",
     )
     admin_token: SecretStr | None = Field(
-        None, description="Bearer token for load/unload; unset disables those endpoints."
+        None,
+        description="Bearer token enabling load/unload; unset disables them. Prefer the "
+        "environment variable: command lines are visible to other users.",
     )
-    log_level: LogLevel = Field(LogLevel.INFO, description="Log level; debug logs every request.")
-    shutdown_grace_seconds: float = Field(
-        30.0, ge=0, description="How long in-flight requests may finish on shutdown."
+    log_level: LogLevel = Field(LogLevel.INFO, description="debug also logs every request.")
+    shutdown_grace_seconds: Annotated[float, OptionNames("--shutdown-grace")] = Field(
+        30.0, ge=0, description="Seconds in-flight requests get to finish on shutdown."
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        former_names = _FormerEnvironmentNames(settings_cls)
+        return init_settings, env_settings, former_names, dotenv_settings, file_secret_settings
+
+    @model_validator(mode="before")
+    @classmethod
+    def _former_keyword_names(cls, values: Any) -> Any:
+        """`Settings(executor_workers=2)`: a former name among the keyword arguments
+        (environment variables under former names are `_FormerEnvironmentNames`')."""
+        if not isinstance(values, dict) or not RENAMED.keys() & values.keys():
+            return values
+        values = dict(values)
+        for former, current in RENAMED.items():
+            if former in values:
+                _warn_deprecated(former, f"use {current}")
+                values[current] = values.pop(former)
+        return values
 
     @field_validator("admin_token", mode="before")
     @classmethod
@@ -168,13 +283,13 @@ class Settings(BaseSettings):
         thread, and under load the batcher fills that run with the queued rows."""
         if self.intra_op_threads:
             return self.intra_op_threads
-        return max(1, available_cpus() // (self.executor_workers or 1))
+        return max(1, available_cpus() // (self.concurrent_runs or 1))
 
     @property
-    def run_slots(self) -> int:
-        """Executor size: enough concurrent runs to fill the CPUs, each with its own threads."""
-        if self.executor_workers:
-            return self.executor_workers
+    def resolved_concurrent_runs(self) -> int:
+        """`concurrent_runs`, or as many runs as fill the CPUs, each with its own threads."""
+        if self.concurrent_runs:
+            return self.concurrent_runs
         return max(1, available_cpus() // self.session_threads)
 
     @property
@@ -182,17 +297,16 @@ class Settings(BaseSettings):
         """`max_decode_bytes`, or room for the largest body of JSON floats and then some."""
         return self.max_decode_bytes or 8 * self.max_body_bytes
 
-    @property
-    def batching(self) -> BatchPolicy:
-        """The batching defaults; a package or REPO/NAME/config.json may override each field."""
-        return BatchPolicy(self.max_batch_size, self.max_queue_delay_us, self.max_queue_size)
 
-    def session_config(self, providers: tuple[str, ...]) -> SessionConfig:
-        return SessionConfig(
-            providers=providers,
-            intra_op_threads=self.session_threads,
-            execution_mode=self.execution_mode,
-            inter_op_threads=self.inter_op_threads,
-            memory_arena=self.memory_arena,
-            spinning=self.allow_spinning,
-        )
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """`settings` as the `BNFOLD_*` variables that rebuild it in another process (the
+    `--workers` processes); secrets in clear, unset settings left out."""
+    environment = {}
+    for field, value in settings.model_dump(mode="json").items():
+        secret = getattr(settings, field)
+        if isinstance(secret, SecretStr):
+            value = secret.get_secret_value()
+        if value is not None:
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            environment[environment_variable(field)] = text
+    return environment

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import uvicorn
 from fastapi import FastAPI
 
-from bnfold.service.app import create_app
+from bnfold.service.rest.app import create_app
 from bnfold.service.server_options import uvicorn_options
 from bnfold.service.settings import Settings
 

@@ -19,8 +19,8 @@ from test_onnx_support import array, initializer, make_model
 from torch import nn
 from typer.testing import CliRunner
 
+from bnfold.cli import app
 from bnfold.package_format import sha256_file
-from bnfold.service.cli import app
 
 from convert_helpers import run_onnx, torch_eval, torch_train_mode_bn, within_float32_tolerance
 
@@ -352,7 +352,7 @@ def test_ctrl_c_during_conversion_writes_nothing(nets: Path, tmp_path: Path) -> 
         [
             sys.executable,
             "-m",
-            "bnfold.service.cli",
+            "bnfold",
             "convert",
             f"{nets}:slow",
             "--input-shape",

@@ -19,6 +19,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+import tomllib
 import yaml
 from deploy_files import (
     HEALTHCHECK_SCRIPT,
@@ -34,6 +35,7 @@ from bnfold.service.settings import Settings
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 KSERVE = ROOT / "deploy" / "kserve" / "inferenceservice.yaml"
 COMPOSE = ROOT / "docker-compose.yml"
+PYPROJECT = ROOT / "pyproject.toml"
 PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
 PORT = 8000
 LIVE, READY = "/v2/health/live", "/v2/health/ready"
@@ -171,6 +173,33 @@ def test_dependencies_install_before_the_code_is_copied() -> None:
     assert install < first_code_copy
     copies_before = [args for kw, args in lines[:install] if kw == "COPY"]
     assert copies_before == ["pyproject.toml ./", "deploy/runtime-requirements.py deploy/"]
+
+
+def test_every_package_folder_is_copied_into_the_build() -> None:
+    """The wheel is built from pyproject's package-dir folders: each one must be copied."""
+    folders = set(
+        tomllib.loads(PYPROJECT.read_text())["tool"]["setuptools"]["package-dir"].values()
+    )
+    copied = {
+        instruction.arguments.split()[0].rstrip("/")
+        for instruction in dockerfile().stage("build").all("COPY")
+    }
+    assert folders <= copied, folders - copied
+
+
+def test_every_python_package_is_in_the_wheel() -> None:
+    """pyproject lists packages one by one (a package-dir mapping needs it): a folder with an
+    __init__.py left off the list is missing from the wheel and the image, not from the
+    editable install the tests use."""
+    setuptools = tomllib.loads(PYPROJECT.read_text())["tool"]["setuptools"]
+    listed = set(setuptools["packages"])
+    found = set()
+    for package, folder in setuptools["package-dir"].items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            relative = init.parent.relative_to(ROOT / folder).parts
+            if "repository" not in relative:
+                found.add(".".join((package, *relative)))
+    assert found == listed, (found - listed, listed - found)
 
 
 def test_build_context_holds_what_is_copied_and_nothing_local() -> None:

@@ -19,6 +19,7 @@ tests/test_deploy_files.py checks those lines.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -37,6 +38,7 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 from deploy_files import HEALTHCHECK_SCRIPT, ROOT, dockerfile, in_build_context
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -341,3 +343,49 @@ def test_sigterm_stops_the_runtime_gracefully(runtime: RuntimeServer) -> None:
     log = runtime.text()
     assert "Application shutdown complete." in log
     assert "Finished server process" in log
+
+
+def test_runtime_converts_an_onnx_file_without_torch(
+    runtime: RuntimeServer, tmp_path: Path
+) -> None:
+    """The ONNX path of `bnfold convert` is torch-free: the serving install (no torch) folds,
+    verifies and packages an .onnx file, and the package serves the same answers."""
+    from test_onnx_pipeline import cnn
+    from test_onnx_support import export
+
+    model = cnn()
+    source = export(model, tmp_path / "cnn.onnx", (1, 2, 6, 6))
+    repository = tmp_path / "repo"
+    bnfold = str(runtime.venv / "bin" / "bnfold")
+    result = run(
+        [bnfold, "convert", str(source), "-r", str(repository), "--json"],
+        env=clean_environment(),
+    )
+    report = json.loads(result.stdout)
+    assert report["batchnorm"]["total"] == 2 and len(report["batchnorm"]["folded"]) == 1
+    x = np.random.default_rng(0).normal(size=(3, 2, 6, 6)).astype(np.float32)
+    session = ort.InferenceSession(str(repository / "cnn" / "1" / "model.onnx"))
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(session.run(None, {"input": x})[0], expected, atol=1e-5)
+
+
+def test_runtime_names_the_converter_extra_for_torch_sources(
+    runtime: RuntimeServer, tmp_path: Path
+) -> None:
+    """A torch source on the serving install: one line naming the extra to install, with
+    its `[convert]` intact (rich once swallowed it as markup)."""
+    bnfold = str(runtime.venv / "bin" / "bnfold")
+    result = subprocess.run(
+        [bnfold, "convert", "digits_mlp", "-r", str(tmp_path / "repo")],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=clean_environment(),
+    )
+    assert result.returncode == 2, result.stderr
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert lines == [
+        "error: torch is not installed: install the converter with pip install 'bnfold[convert]'"
+    ]
+    assert not (tmp_path / "repo").exists()

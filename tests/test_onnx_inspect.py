@@ -11,9 +11,9 @@ from onnx import helper
 from test_onnx_support import array, bn_initializers, bn_node, initializer, make_model
 from typer.testing import CliRunner
 
+from bnfold.cli import app
 from bnfold.convert.onnx.inspect import inspect_path
 from bnfold.convert.onnx.pipeline import convert_onnx_file
-from bnfold.service.cli import app
 
 runner = CliRunner()
 

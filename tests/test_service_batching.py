@@ -167,7 +167,7 @@ def server(repository: Path) -> Iterator[RunningServer]:
         device="cpu",
         max_batch_size=64,
         max_queue_delay_us=MERGE_DELAY_US,
-        executor_workers=2,
+        concurrent_runs=2,
     )
     with running_server(settings) as running:
         yield running

@@ -1,4 +1,4 @@
-"""Request bodies (service/bodies.py): compressed streams must end where they say they end, and
+"""Request bodies (service/rest/bodies.py): compressed streams must end where they say they end, and
 decoding stays within the memory budget, on a real server.
 
 What decoding costs in resident memory is measured on a `bnfold serve` process in
@@ -24,11 +24,12 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from bnfold.service import bodies, serve_cli
-from bnfold.service.bodies import DecodeBudget, decode_cost
-from bnfold.service.cli import app as cli_app
+from bnfold.cli import app as cli_app
+from bnfold.service import serve_cli
 from bnfold.service.errors import DecodeBudgetFull, PayloadTooLarge
 from bnfold.service.protocol import INFERENCE_HEADER, ErrorResponse
+from bnfold.service.rest import bodies
+from bnfold.service.rest.bodies import DecodeBudget, decode_cost
 from bnfold.service.settings import MIB, Settings
 
 from service_packages import MLP_SEEDS, mlp_reference, mlp_weights, write_mlp

@@ -14,11 +14,12 @@ from typing import Any
 import httpx
 import onnxruntime as ort
 import pytest
+import typer
 from typer.testing import CliRunner
 
+from bnfold.cli import app
 from bnfold.service import serve_cli
-from bnfold.service.cli import app
-from bnfold.service.settings import Device, Settings
+from bnfold.service.settings import Device, Settings, environment_variable
 
 from service_packages import write_mlp
 
@@ -29,12 +30,16 @@ SETTING_OPTIONS = (
     "--port",
     "--device",
     "--threads",
+    "--intra-op-threads",
     "--workers",
-    "--executor-workers",
+    "--concurrent-runs",
+    "--executor-workers",  # the former name of --concurrent-runs
     "--inter-op-threads",
     "--execution-mode",
     "--memory-arena",
+    "--no-memory-arena",
     "--spinning",
+    "--no-spinning",
     "--max-batch-size",
     "--max-queue-delay-us",
     "--max-queue-size",
@@ -77,7 +82,7 @@ def test_help_lists_every_setting_with_examples() -> None:
         "device",
         "workers",
         "intra_op_threads",
-        "executor_workers",
+        "concurrent_runs",
         "inter_op_threads",
         "execution_mode",
         "memory_arena",
@@ -93,6 +98,105 @@ def test_help_lists_every_setting_with_examples() -> None:
         "log_level",
         "shutdown_grace_seconds",
     }
+
+
+def serve_options() -> dict[str, Any]:
+    """The click parameters `bnfold serve` was generated with, by name."""
+    group = typer.main.get_command(app)
+    assert isinstance(group, typer.core.TyperGroup)
+    return {parameter.name: parameter for parameter in group.commands["serve"].params}
+
+
+def test_every_setting_is_an_option_whose_help_says_its_variable_and_default() -> None:
+    """The options are generated from the fields: each field's description, environment
+    variable and default, computed from the field, so none can drift from `Settings`."""
+    options = serve_options()
+    for field, info in Settings.model_fields.items():
+        help_text = options[field].help
+        assert help_text is not None and help_text.startswith(info.description or "-"), field
+        assert f"(env {environment_variable(field)}; default " in help_text, field
+    assert options["max_body_bytes"].help.endswith("(env BNFOLD_MAX_BODY_BYTES; default 64 MiB)")
+    assert options["max_header_bytes"].help.endswith("default 64 KiB)")
+    assert options["memory_arena"].help.endswith("default on)")
+    assert options["allow_spinning"].help.endswith("(env BNFOLD_ALLOW_SPINNING; default off)")
+    assert options["shutdown_grace_seconds"].help.endswith("default 30)")
+    assert options["execution_mode"].help.endswith("default sequential)")
+    assert options["admin_token"].help.endswith("(env BNFOLD_ADMIN_TOKEN; default unset)")
+    assert options["repository"].opts == ["--repository", "-r"]
+    assert options["intra_op_threads"].opts == ["--threads", "--intra-op-threads"]
+    assert options["allow_spinning"].secondary_opts == ["--no-spinning"]
+    assert options["executor_workers"].help.startswith("Deprecated")
+    assert "--concurrent-runs" in options["executor_workers"].help
+
+
+def test_help_never_shows_the_admin_token() -> None:
+    result = runner.invoke(
+        app, ["serve", "--help"], env={"COLUMNS": "200", "BNFOLD_ADMIN_TOKEN": "s3cret-token"}
+    )
+    assert result.exit_code == 0 and "s3cret-token" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("arguments", "runs", "warning"),
+    [
+        (["--executor-workers", "3"], 3, "--executor-workers is deprecated, use --concurrent-runs"),
+        (
+            ["--executor-workers", "3", "--concurrent-runs", "2"],
+            2,
+            "--executor-workers is deprecated, ignored: --concurrent-runs is given",
+        ),
+        (["--concurrent-runs", "2"], 2, None),
+    ],
+)
+def test_the_former_concurrent_runs_option_still_works_with_a_warning(
+    captured_run: dict[str, Any],
+    tmp_path: Path,
+    arguments: list[str],
+    runs: int,
+    warning: str | None,
+) -> None:
+    write_mlp(tmp_path, "mlp", 1, seed=1)
+    result = runner.invoke(app, ["serve", "-r", str(tmp_path), *arguments])
+    assert result.exit_code == 0, result.output
+    assert captured_run["settings"].concurrent_runs == runs
+    if warning is None:
+        assert "deprecated" not in result.stderr
+    else:
+        assert result.stderr.splitlines()[0] == f"warning: {warning}"
+
+
+@pytest.mark.parametrize(
+    ("environment", "arguments", "runs", "outcome"),
+    [
+        ({}, [], 3, "use BNFOLD_CONCURRENT_RUNS"),
+        ({"BNFOLD_CONCURRENT_RUNS": "2"}, [], 2, "ignored: BNFOLD_CONCURRENT_RUNS is set"),
+        ({}, ["--concurrent-runs", "5"], 5, "ignored: concurrent_runs is given"),
+    ],
+)
+def test_the_former_concurrent_runs_variable_still_works_with_a_warning(
+    captured_run: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    environment: dict[str, str],
+    arguments: list[str],
+    runs: int,
+    outcome: str,
+) -> None:
+    """`BNFOLD_EXECUTOR_WORKERS` ranks below `BNFOLD_CONCURRENT_RUNS` and the option."""
+    write_mlp(tmp_path, "mlp", 1, seed=1)
+    for name, value in {"BNFOLD_EXECUTOR_WORKERS": "3", **environment}.items():
+        monkeypatch.setenv(name, value)
+    result = runner.invoke(app, ["serve", "-r", str(tmp_path), *arguments])
+    assert result.exit_code == 0, result.output
+    assert captured_run["settings"].concurrent_runs == runs
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert warnings == [f"BNFOLD_EXECUTOR_WORKERS is deprecated, {outcome}"]
+
+
+def test_the_former_keyword_still_works_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    assert Settings(executor_workers=2) == Settings(concurrent_runs=2)
+    assert "executor_workers is deprecated, use concurrent_runs" in caplog.messages
 
 
 def test_options_win_over_the_environment(
@@ -138,7 +242,7 @@ def test_defaults(
     settings: Settings = captured_run["settings"]
     assert (settings.host, settings.port, settings.device) == ("127.0.0.1", 8000, Device.AUTO)
     assert settings.max_body_bytes == 64 * 2**20 and settings.admin_token is None
-    assert settings.shutdown_grace_seconds == 30 and settings.run_slots >= 1
+    assert settings.shutdown_grace_seconds == 30 and settings.resolved_concurrent_runs >= 1
     assert (settings.max_header_bytes, settings.max_header_count) == (64 * 2**10, 100)
     assert captured_run["h11_max_incomplete_event_size"] == 64 * 2**10
 
@@ -215,7 +319,7 @@ def test_empty_default_repository_is_built_in_a_child_process(
         [
             sys.executable,
             "-m",
-            "bnfold.service.cli",
+            "bnfold",
             "models",
             "build",
             "--repository",
@@ -240,13 +344,13 @@ def test_failed_default_build_says_how_to_fix_it(
 
 
 def test_the_real_command_serves_within_seconds(service_repository: Path) -> None:
-    """`python -m bnfold.service.cli serve` as a user runs it; SIGINT stops it cleanly."""
+    """`python -m bnfold serve` as a user runs it; SIGINT stops it cleanly."""
     started = time.monotonic()
     process = subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "bnfold.service.cli",
+            "bnfold",
             "serve",
             "-r",
             str(service_repository),
@@ -280,3 +384,30 @@ def test_the_real_command_serves_within_seconds(service_repository: Path) -> Non
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=20) == 0
+
+
+def test_settings_import_nothing_else_of_the_service_nor_the_models() -> None:
+    """settings.py is the leaf the service builds on, and finds the embedded repository
+    without running `bnfold.models` (numpy and the model registry)."""
+    check = "import sys, bnfold.service.settings; print(' '.join(sorted(sys.modules)))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert [name for name in loaded if name.startswith("bnfold.service.")] == [
+        "bnfold.service.settings"
+    ]
+    assert [name for name in loaded if name.startswith("bnfold.models")] == []
+
+
+def test_the_default_repository_is_the_models_one() -> None:
+    from bnfold.models import DEFAULT_REPOSITORY
+
+    assert serve_cli.DEFAULT_REPOSITORY == DEFAULT_REPOSITORY
+    assert Settings.model_fields["repository"].default == DEFAULT_REPOSITORY
+
+
+def test_the_readme_table_lists_every_setting() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    serving = readme.split("\n## Serving\n", 1)[1].split("\n### ", 1)[0]
+    for field in Settings.model_fields:
+        assert f"`{environment_variable(field)}`" in serving, field

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-import bnfold.service.cli  # the `bnfold` entry point, converter commands registered
+import bnfold.cli  # the `bnfold` entry point, converter commands registered
 from bnfold.service.settings import Settings
 from service_server import running_server
 

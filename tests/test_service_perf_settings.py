@@ -4,6 +4,7 @@ event loop, HTTP parser and worker processes, the batching defaults."""
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,15 +13,16 @@ import pytest
 from typer.testing import CliRunner
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from bnfold.cli import app
 from bnfold.service import serve_cli
 from bnfold.service import settings as settings_module
-from bnfold.service.app import create_app_from_env
 from bnfold.service.batch_policy import BatchPolicy
-from bnfold.service.cli import app
 from bnfold.service.http_protocol import HeadLimitedProtocol
 from bnfold.service.repository import PackageLocation, read_package
-from bnfold.service.sessions import ExecutionMode, SessionConfig, load_model
-from bnfold.service.settings import Settings, available_cpus
+from bnfold.service.rest.app import create_app_from_env
+from bnfold.service.runs import run_executor
+from bnfold.service.sessions import SessionConfig, load_model
+from bnfold.service.settings import ExecutionMode, Settings, available_cpus, settings_environment
 
 from service_packages import write_mlp
 
@@ -78,7 +80,7 @@ def test_session_options_reach_onnxruntime(tmp_path: Path) -> None:
 def test_default_session_options(tmp_path: Path) -> None:
     model = load_model(
         read_package(_package(tmp_path)),
-        Settings(device="cpu").session_config(("CPUExecutionProvider",)),
+        SessionConfig.from_settings(Settings(device="cpu"), ("CPUExecutionProvider",)),
     )
     options = model.eval_session.get_session_options()
     assert options.intra_op_num_threads == available_cpus()
@@ -100,7 +102,7 @@ def test_one_worker_serves_the_app_on_uvloop_and_httptools(
     assert issubclass(protocol, HttpToolsProtocol) and protocol is HeadLimitedProtocol
     assert "workers" not in captured_run
     settings: Settings = captured_run["app"].state.settings
-    assert settings.batching == BatchPolicy(max_batch_size=8)
+    assert BatchPolicy.from_settings(settings) == BatchPolicy(max_batch_size=8)
 
 
 def test_workers_run_the_app_factory_with_the_settings_in_the_environment(
@@ -129,7 +131,7 @@ def test_workers_run_the_app_factory_with_the_settings_in_the_environment(
         ],
     )
     assert result.exit_code == 0, result.output
-    assert captured_run["app"] == "bnfold.service.app:create_app_from_env"
+    assert captured_run["app"] == "bnfold.service.rest.app:create_app_from_env"
     assert captured_run["factory"] is True and captured_run["workers"] == 2
     # what each worker process does: build its app from the exported environment
     worker_app = create_app_from_env()
@@ -141,18 +143,35 @@ def test_workers_run_the_app_factory_with_the_settings_in_the_environment(
     assert settings.admin_token is not None and settings.admin_token.get_secret_value() == "s3cret"
 
 
+def test_workers_get_the_current_names_of_former_settings(
+    captured_run: dict[str, Any], tmp_path: Path
+) -> None:
+    """`BNFOLD_EXECUTOR_WORKERS` is resolved once: each worker reads the current name."""
+    write_mlp(tmp_path, "mlp", 1, seed=1)
+    os.environ["BNFOLD_EXECUTOR_WORKERS"] = "3"
+    result = runner.invoke(app, ["serve", "-r", str(tmp_path), "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    assert os.environ["BNFOLD_CONCURRENT_RUNS"] == "3"
+    assert "BNFOLD_EXECUTOR_WORKERS" not in os.environ
+
+
 def test_settings_survive_the_environment(clean_environment: pytest.MonkeyPatch) -> None:
     settings = Settings(
         port=9100,
         device="cpu",
+        concurrent_runs=3,
         allow_spinning=True,
         max_batch_size=0,
         max_queue_size=4,
+        admin_token="s3cret",
         log_level="debug",
     )
-    for name, value in serve_cli.settings_environment(settings).items():
+    environment = settings_environment(settings)
+    assert environment["BNFOLD_ADMIN_TOKEN"] == "s3cret"
+    for name, value in environment.items():
         clean_environment.setenv(name, value)
     assert Settings() == settings
+    assert "BNFOLD_ADMIN_TOKEN" not in settings_environment(Settings(admin_token=""))
 
 
 @pytest.mark.parametrize(
@@ -165,8 +184,22 @@ def test_threads_and_runs_fill_the_cpus(
     """(intra-op threads, concurrent runs) from the settings on a 4-CPU machine; 0 means
     what fills the CPUs given the other, both 0 one run on every CPU."""
     monkeypatch.setattr(settings_module, "available_cpus", lambda: 4)
-    chosen = Settings(intra_op_threads=threads, executor_workers=runs)
-    assert (chosen.session_threads, chosen.run_slots) == expected
+    chosen = Settings(intra_op_threads=threads, concurrent_runs=runs)
+    assert (chosen.session_threads, chosen.resolved_concurrent_runs) == expected
+
+
+def test_concurrent_runs_size_the_compare_executor() -> None:
+    """Two runs at once on `run_executor(2)` (both reach the barrier), on threads named
+    like the batcher's run threads."""
+    arrived = threading.Barrier(2)
+
+    def run() -> str:
+        arrived.wait(timeout=10)
+        return threading.current_thread().name
+
+    with run_executor(2) as executor:
+        names = [future.result() for future in [executor.submit(run) for _ in range(2)]]
+    assert all(name.startswith("bnfold-run-compare") for name in names), names
 
 
 def test_a_cgroup_cpu_quota_caps_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:

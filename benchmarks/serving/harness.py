@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent.parent
 WORK = ROOT / "benchmarks" / "out" / "serve"
 PYTHON = sys.executable
-BNFOLD = [PYTHON, "-m", "bnfold.service.cli"]
+BNFOLD = [PYTHON, "-m", "bnfold"]
 START_TIMEOUT_SECONDS = 120.0
 
 

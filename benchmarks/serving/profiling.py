@@ -33,7 +33,7 @@ SPECIFIC_PARTS = (
 GENERIC_PARTS = (
     (
         "bnfold: other request code",
-        ("(service/app.py", "(service/bodies.py", "(service/codec.py", "(service/errors.py"),
+        ("(service/rest/", "(service/codec.py", "(service/errors.py"),
     ),
     ("Starlette/FastAPI: middleware, routing, responses", ("(starlette/", "(fastapi/")),
     ("uvicorn: HTTP protocol", ("(uvicorn/protocols/", "(uvicorn/middleware/")),

@@ -122,8 +122,8 @@ def bench_workers(repository: Path) -> dict[str, float]:
         }
 
 
-ONE_BY_TWO = ("--threads", "1", "--executor-workers", "2")
-TWO_BY_ONE = ("--threads", "2", "--executor-workers", "1")
+ONE_BY_TWO = ("--threads", "1", "--concurrent-runs", "2")
+TWO_BY_ONE = ("--threads", "2", "--concurrent-runs", "1")
 TUNING: tuple[tuple[str, str, tuple[str, ...], str, str, tuple[int, ...]], ...] = (
     # (label, server, options, model, encoding, concurrency levels); every row spells out
     # the setting it varies, so the table keeps its meaning whatever the defaults are
@@ -132,7 +132,7 @@ TUNING: tuple[tuple[str, str, tuple[str, ...], str, str, tuple[int, ...]], ...] 
     (
         "2 runs x 2 threads",
         "bnfold",
-        ("--threads", "2", "--executor-workers", "2"),
+        ("--threads", "2", "--concurrent-runs", "2"),
         "resnet18",
         "binary",
         (1, 8),

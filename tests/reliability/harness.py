@@ -1,7 +1,7 @@
 """What the reliability tests drive the service with: a real `bnfold serve` process, its
 memory, and a bounded asynchronous load generator.
 
-The server runs as its own process (`python -m bnfold.service.cli serve`), as
+The server runs as its own process (`python -m bnfold serve`), as
 in production: it has its own cores and GIL, its resident memory can be read
 from /proc, and it can be sent SIGTERM. Every wait here has a deadline and every
 process is killed on the way out, so a failing test cannot leave a server behind
@@ -67,7 +67,7 @@ def serve_command(repository: Path, *options: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "bnfold.service.cli",
+        "bnfold",
         "serve",
         "-r",
         str(repository),
@@ -93,6 +93,9 @@ def server_process(
         stderr=subprocess.PIPE,
         text=True,
         env={**clean_env, **(env or {})},
+        # its own process group: on the way out the whole group goes, uvicorn's
+        # --workers processes included (killing the parent alone left them running)
+        start_new_session=True,
     )
     log: list[str] = []
     found = threading.Event()
@@ -122,8 +125,8 @@ def server_process(
             time.sleep(0.01)
         yield server
     finally:
-        if process.poll() is None:
-            process.kill()
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
 
 

@@ -1,5 +1,5 @@
 """What decoding costs a real `bnfold serve` process: compressed and dense bodies stay within
-the decode budget, and the memory goes back afterwards (service/bodies.py).
+the decode budget, and the memory goes back afterwards (service/rest/bodies.py).
 
 The finding: 64 MiB of JSON zeros gzips to 65 KB. One such request took the
 server's RSS from 136 MiB to 1.1 GiB (596 MiB afterwards), four at once to

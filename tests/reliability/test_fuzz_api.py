@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from bnfold.service.app import create_app
+from bnfold.service.rest.app import create_app
 from bnfold.service.settings import Settings
 
 from .packages import SERVING

@@ -250,7 +250,7 @@ def test_a_conversion_killed_midway_leaves_no_package(tmp_path: Path) -> None:
     net = tmp_path / "sleepy.py"
     net.write_text(SLOW_NET)
     repository = tmp_path / "repo"
-    command = [sys.executable, "-m", "bnfold.service.cli", "convert", f"{net}:build",
+    command = [sys.executable, "-m", "bnfold", "convert", f"{net}:build",
                "--name", "sleepy", "--input-shape", "1,6", "--repository", str(repository)]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

@@ -1,9 +1,10 @@
 """The `bnfold` command line: one Typer app, thin commands.
 
-This module is the console-script entry point and lives in the serving package
-because the base install is the serving stack: it must import without torch.
-Converter commands are registered from `bnfold.convert.cli`, which imports
-torch only inside the commands that need it.
+The console-script entry point, in the root package because it belongs to
+neither half: it registers the converter's commands (`bnfold.convert.cli`,
+which imports torch only inside the commands that need it) and the service's
+(`bnfold.service.serve_cli`). It must import without torch: the base install
+is the serving stack. `python -m bnfold` runs it too.
 """
 
 from __future__ import annotations

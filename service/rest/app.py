@@ -1,0 +1,124 @@
+"""The app: `create_app(settings)` builds it and includes the routers; its lifespan loads models.
+
+`bnfold serve` resolves the execution providers before it starts uvicorn (a
+`--device cuda` without a GPU fails there, with one line) and hands them to
+`create_app`; an app built without them (the test server, each `--workers`
+process) resolves them in its lifespan. Either way they are resolved once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+from fastapi import FastAPI
+
+from bnfold.service.batch_policy import BatchPolicy
+from bnfold.service.batching import Batcher
+from bnfold.service.dataplane import DataPlane, server_version
+from bnfold.service.metrics import ServiceMetrics
+from bnfold.service.providers import resolve_providers
+from bnfold.service.registry import ModelRegistry, ModelState
+from bnfold.service.rest import errors, openapi
+from bnfold.service.rest.bodies import DecodeBudget, fix_malloc_thresholds
+from bnfold.service.rest.routes import (
+    health_routes,
+    inference_routes,
+    model_routes,
+    repository_routes,
+)
+from bnfold.service.runs import ExecutorRunner, run_executor
+from bnfold.service.sessions import SessionConfig
+from bnfold.service.settings import LogLevel, Settings
+
+logger = logging.getLogger("bnfold.service")
+
+
+def _lifespan(
+    settings: Settings, providers: tuple[str, ...] | None
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """Start-up: load the repository (in a thread) and build the data plane; shut-down: drain runs."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        started = time.perf_counter()
+        chosen = (
+            providers
+            if providers is not None
+            else await asyncio.to_thread(resolve_providers, settings.device)
+        )
+        registry = ModelRegistry(
+            settings.repository,
+            SessionConfig.from_settings(settings, chosen),
+            BatchPolicy.from_settings(settings),
+        )
+        runs = settings.resolved_concurrent_runs
+        executor = run_executor(runs)
+        metrics: ServiceMetrics = app.state.metrics
+        batcher = Batcher(metrics, runs)
+        dataplane = DataPlane(registry, ExecutorRunner(executor, metrics), batcher, metrics)
+        app.state.dataplane = dataplane
+        index = await asyncio.to_thread(registry.load_all)
+        ready = sum(entry.state is ModelState.READY for entry in index)
+        logger.info(
+            "serving %s: %d of %d package versions ready, providers %s, %d concurrent run(s) x "
+            "%d thread(s), started in %.2f s",
+            settings.repository,
+            ready,
+            len(index),
+            ", ".join(chosen),
+            runs,
+            settings.session_threads,
+            time.perf_counter() - started,
+        )
+        dataplane.ready = True
+        try:
+            yield
+        finally:
+            dataplane.ready = False
+            batcher.close()
+            await asyncio.to_thread(executor.shutdown, wait=True)
+
+    return lifespan
+
+
+def create_app(settings: Settings, providers: tuple[str, ...] | None = None) -> FastAPI:
+    """The service for `settings`; models load when the app starts (its lifespan).
+
+    `providers`: the execution providers `resolve_providers(settings.device)`
+    chose; None resolves them at start-up.
+    """
+    app = FastAPI(
+        title=openapi.TITLE,
+        version=server_version(),
+        description=openapi.DESCRIPTION,
+        lifespan=_lifespan(settings, providers),
+    )
+    app.state.settings = settings
+    app.state.metrics = ServiceMetrics()
+    fix_malloc_thresholds()
+    app.state.decode_budget = DecodeBudget(settings.decode_budget)
+    errors.install(app)
+    for router in (inference_routes(), health_routes(), model_routes(), repository_routes()):
+        app.include_router(router)
+    openapi.install_openapi(app)
+    return app
+
+
+def configure_logging(level: LogLevel) -> None:
+    logging.basicConfig(
+        level=level.value.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        force=True,
+    )
+
+
+def create_app_from_env() -> FastAPI:
+    """The app for `BNFOLD_*` environment variables alone: uvicorn's factory for `--workers` > 1,
+    where every worker process builds its own app (and loads every model itself)."""
+    settings = Settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)

@@ -1,0 +1,228 @@
+"""The OpenAPI document: the prose, examples and error responses of each route, and the schema.
+
+The routes take raw bodies (`routes`), so FastAPI cannot derive their request
+schemas: each route's entry here names its pydantic model from `protocol` and
+`install_openapi` adds every wire model to the components. Only documentation
+lives here; nothing in it runs per request.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from bnfold.service.protocol import (
+    WIRE_MODELS,
+    CompareRequest,
+    CompareResponse,
+    ErrorResponse,
+    InferenceRequest,
+    InferenceResponse,
+    ModelConfigResponse,
+    ModelMetadataResponse,
+    ModelReadyResponse,
+    RepositoryIndexRequest,
+    RepositoryLoadRequest,
+)
+from bnfold.service.rest.responses import JSON
+
+TITLE = "bnfold"
+DESCRIPTION = (
+    "KServe V2 / Open Inference Protocol inference on BatchNorm-folded ONNX packages, with "
+    "Triton's binary tensor, model configuration and repository extensions, and a "
+    "train-vs-eval comparison endpoint."
+)
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "Malformed JSON, tensor or parameter.",
+        404: "Unknown model or version.",
+        413: "Body over the size limit.",
+        422: "Tensors do not fit the model (names, datatypes, shapes; the expected shape is in "
+        "the message) or, for compare, a batch without statistics.",
+        503: "Model or server not ready.",
+    }.items()
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The documented error responses for these statuses."""
+    return {status: _ERRORS[status] for status in statuses}
+
+
+_MLP_EXAMPLE = {
+    "id": "request-1",
+    "inputs": [
+        {
+            "name": "input",
+            "shape": [2, 64],
+            "datatype": "FP32",
+            "data": [[0.0] * 64, [0.5] * 64],
+        }
+    ],
+    "outputs": [{"name": "output"}],
+}
+
+
+def _request_body(model: type[BaseModel], examples: dict[str, Any]) -> dict[str, Any]:
+    """A required body: `model` as JSON, or Triton's binary tensor form."""
+    content: dict[str, Any] = {
+        JSON: {
+            "schema": {"$ref": f"#/components/schemas/{model.__name__}"},
+            "examples": {name: {"value": value} for name, value in examples.items()},
+        },
+        "application/octet-stream": {
+            "schema": {"type": "string", "format": "binary"},
+            "description": "Triton binary tensor data extension: a JSON header of "
+            "`Inference-Header-Content-Length` bytes, then each input with "
+            "`parameters.binary_data_size` as raw little-endian bytes, in input order.",
+        },
+    }
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def _optional_body(model: type[BaseModel], example: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": False,
+            "content": {
+                JSON: {
+                    "schema": {"$ref": f"#/components/schemas/{model.__name__}"},
+                    "example": example,
+                }
+            },
+        }
+    }
+
+
+MODEL_METADATA: dict[str, Any] = {
+    "response_model": ModelMetadataResponse,
+    "responses": errors(404, 503),
+    "description": "Inputs and outputs with datatypes and shapes (-1: dynamic), the "
+    "platform, the ready versions and the execution providers in use. Without a "
+    "version the highest ready version answers.",
+}
+
+MODEL_READY: dict[str, Any] = {
+    "response_model": ModelReadyResponse,
+    "responses": errors(404, 503),
+    "description": "200 when the model (version) can serve; 503 with the reason if not.",
+}
+
+MODEL_CONFIG: dict[str, Any] = {
+    "response_model": ModelConfigResponse,
+    "responses": errors(404, 503),
+    "description": "Triton's model configuration for this onnxruntime model "
+    "(max_batch_size 0: dims include the -1 batch axis).",
+}
+
+INFER: dict[str, Any] = {
+    "response_model": InferenceResponse,
+    "responses": {
+        200: {
+            "content": {
+                "application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"},
+                    "description": "When an output asks for binary_data: the JSON header "
+                    "(Inference-Header-Content-Length bytes), then the outputs' raw bytes.",
+                }
+            }
+        },
+        **errors(400, 404, 413, 422, 503),
+    },
+    "openapi_extra": _request_body(
+        InferenceRequest,
+        {
+            "json": _MLP_EXAMPLE,
+            "binary outputs": {
+                **_MLP_EXAMPLE,
+                "outputs": [{"name": "output", "parameters": {"binary_data": True}}],
+            },
+        },
+    ),
+    "description": "KServe V2 inference on model.onnx (eval mode, BatchNorm folded). "
+    "Tensors as JSON (`data` flat or nested, row-major) or as Triton binary tensor data.",
+}
+
+COMPARE: dict[str, Any] = {
+    "response_model": CompareResponse,
+    "responses": errors(400, 404, 413, 422, 503),
+    "openapi_extra": _request_body(
+        CompareRequest,
+        {
+            "compare": {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "shape": [2, 64],
+                        "datatype": "FP32",
+                        "data": [[0.1] * 64, [0.6] * 64],
+                    }
+                ],
+                "return_outputs": False,
+            }
+        },
+    ),
+    "description": "Runs model.onnx (eval: running statistics) and train.onnx (train: "
+    "batch statistics) on the same batch. Per output: max/mean absolute difference, "
+    "relative L2, cosine similarity, argmax agreement. Per BatchNorm layer, worst "
+    "first: batch mean vs running mean in running standard deviations, batch/running "
+    "variance ratio, KL divergence. The batch needs more than one value per BN "
+    "channel (422 otherwise). Stateless: eval results never change.",
+}
+
+REPOSITORY_INDEX: dict[str, Any] = {
+    "responses": errors(400),
+    "openapi_extra": _optional_body(RepositoryIndexRequest, {"ready": False}),
+    "description": "Every package version with its state; unavailable ones carry the reason "
+    "(a hash mismatch, a missing file, an admin unload...).",
+}
+
+_ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing or wrong bearer token."},
+    403: {"model": ErrorResponse, "description": "Admin endpoints disabled (no token set)."},
+    **errors(400, 404, 503),
+}
+
+REPOSITORY_LOAD: dict[str, Any] = {
+    "responses": _ADMIN_RESPONSES,
+    "openapi_extra": _optional_body(RepositoryLoadRequest, {}),
+    "description": "Re-reads every version of the model from the repository, checking the "
+    "manifest and hashes again. Needs `Authorization: Bearer <BNFOLD_ADMIN_TOKEN>`.",
+}
+
+REPOSITORY_UNLOAD: dict[str, Any] = {
+    "responses": _ADMIN_RESPONSES,
+    "openapi_extra": _optional_body(RepositoryLoadRequest, {}),
+    "description": "Stops serving every version of the model (in-flight requests finish). "
+    "Needs `Authorization: Bearer <BNFOLD_ADMIN_TOKEN>`.",
+}
+
+
+def install_openapi(app: FastAPI) -> None:
+    """Build `app`'s schema once, on first request, with every wire model in its components."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            _, definitions = models_json_schema(
+                [(model, "validation") for model in WIRE_MODELS],
+                ref_template="#/components/schemas/{model}",
+            )
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name, definition in definitions.get("$defs", {}).items():
+                components.setdefault(name, definition)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,49 @@
+"""Responses as orjson bytes, and the route class that lets an endpoint return them directly."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import Request
+from fastapi.routing import APIRoute
+from starlette.responses import Response
+
+from bnfold.service.codec import EncodedResponse, dumps
+from bnfold.service.protocol import INFERENCE_HEADER
+
+JSON = "application/json"
+
+
+def json_response(payload: Any, status_code: int = 200) -> Response:
+    return Response(content=dumps(payload), status_code=status_code, media_type=JSON)
+
+
+def inference_response(encoded: EncodedResponse) -> Response:
+    """JSON alone, or (binary outputs) the JSON header and the raw bytes with its length."""
+    if encoded.header_length is None:
+        return Response(content=encoded.body, media_type=JSON)
+    return Response(
+        content=encoded.body,
+        media_type="application/octet-stream",
+        headers={INFERENCE_HEADER: str(encoded.header_length)},
+    )
+
+
+class DirectRoute(APIRoute):
+    """A route whose endpoint takes the `Request` (and path parameters) and returns a `Response`.
+
+    For the inference and compare endpoints: FastAPI's dependency solving and
+    response handling cost more per request than everything bnfold does for a
+    small model (measured: BENCHMARKS.md). The endpoint's signature still
+    documents the route in OpenAPI; errors still reach the one exception
+    handler. Endpoints on this route class may not declare dependencies.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        endpoint = self.endpoint
+
+        async def handler(request: Request) -> Response:
+            return await endpoint(request=request, **request.path_params)
+
+        return handler

@@ -1,0 +1,186 @@
+"""The routes, in four groups; each reads its request and hands it to the `DataPlane`.
+
+No route validates, looks up or runs anything itself, and no route lets
+FastAPI validate a tensor body: the pydantic models in `protocol` only document
+the wire format (`openapi`). Inference and compare sit on `DirectRoute`: no
+dependency solving on the fast path. Their request is admitted (server and
+model ready, room in the queue) before its body is read, and the body's decode
+budget is held until the data plane's answer is built.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from bnfold.service.metrics import CONTENT_TYPE
+from bnfold.service.protocol import (
+    LiveResponse,
+    ReadyResponse,
+    RepositoryModel,
+    ServerMetadataResponse,
+)
+from bnfold.service.rest import openapi
+from bnfold.service.rest.requests import (
+    DataPlaneDep,
+    check_load_body,
+    dataplane_of,
+    decoded_body,
+    index_ready_only,
+    json_body,
+    require_admin,
+)
+from bnfold.service.rest.responses import DirectRoute, inference_response, json_response
+
+MODEL_PATH = "/v2/models/{model_name}"
+VERSION_PATH = "/v2/models/{model_name}/versions/{model_version}"
+
+
+def health_routes() -> APIRouter:
+    router = APIRouter(tags=["health and metadata"])
+
+    @router.get("/v2", response_model=ServerMetadataResponse, summary="Server metadata")
+    async def server_metadata(dataplane: DataPlaneDep) -> Response:
+        return json_response(dataplane.server_metadata())
+
+    @router.get("/v2/health/live", response_model=LiveResponse, summary="Liveness")
+    async def live() -> Response:
+        return json_response({"live": True})
+
+    @router.get(
+        "/v2/health/ready",
+        response_model=ReadyResponse,
+        summary="Readiness: 200 once the repository is loaded, 503 before and while shutting down",
+        responses=openapi.errors(503),
+    )
+    async def ready(dataplane: DataPlaneDep) -> Response:
+        dataplane.check_ready()
+        return json_response({"ready": True})
+
+    @router.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE: {}}}},
+    )
+    async def metrics(request: Request) -> Response:
+        return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
+
+    return router
+
+
+def model_routes() -> APIRouter:
+    router = APIRouter(tags=["models"])
+
+    @router.get(MODEL_PATH, summary="Model metadata", **openapi.MODEL_METADATA)
+    async def metadata(model_name: str, dataplane: DataPlaneDep) -> Response:
+        return json_response(dataplane.model_metadata(model_name, None))
+
+    @router.get(VERSION_PATH, summary="Model version metadata", **openapi.MODEL_METADATA)
+    async def version_metadata(
+        model_name: str, model_version: str, dataplane: DataPlaneDep
+    ) -> Response:
+        return json_response(dataplane.model_metadata(model_name, model_version))
+
+    @router.get(f"{MODEL_PATH}/ready", summary="Model readiness", **openapi.MODEL_READY)
+    async def model_ready(model_name: str, dataplane: DataPlaneDep) -> Response:
+        return json_response(dataplane.model_ready(model_name, None))
+
+    @router.get(f"{VERSION_PATH}/ready", summary="Model version readiness", **openapi.MODEL_READY)
+    async def version_ready(
+        model_name: str, model_version: str, dataplane: DataPlaneDep
+    ) -> Response:
+        return json_response(dataplane.model_ready(model_name, model_version))
+
+    @router.get(
+        f"{MODEL_PATH}/config", summary="Model configuration (Triton)", **openapi.MODEL_CONFIG
+    )
+    async def config(model_name: str, dataplane: DataPlaneDep) -> Response:
+        return json_response(dataplane.model_config(model_name, None))
+
+    @router.get(
+        f"{VERSION_PATH}/config", summary="Model version configuration", **openapi.MODEL_CONFIG
+    )
+    async def version_config(
+        model_name: str, model_version: str, dataplane: DataPlaneDep
+    ) -> Response:
+        return json_response(dataplane.model_config(model_name, model_version))
+
+    return router
+
+
+async def _infer(request: Request, name: str, version: str | None) -> Response:
+    dataplane = dataplane_of(request)
+    with dataplane.metrics.track(dataplane.model_label(name), "infer"):
+        dataplane.admit_infer(name, version)
+        async with decoded_body(request) as decoded:
+            encoded = await dataplane.infer(name, version, decoded)
+    return inference_response(encoded)
+
+
+async def _compare(request: Request, name: str, version: str | None) -> Response:
+    dataplane = dataplane_of(request)
+    with dataplane.metrics.track(dataplane.model_label(name), "compare"):
+        dataplane.admit_compare(name, version)
+        async with decoded_body(request) as decoded:
+            report = await dataplane.compare(name, version, decoded)
+    return json_response(report)
+
+
+def inference_routes() -> APIRouter:
+    router = APIRouter(tags=["inference"], route_class=DirectRoute)
+
+    @router.post(f"{MODEL_PATH}/infer", summary="Inference", **openapi.INFER)
+    async def infer(model_name: str, request: Request) -> Response:
+        return await _infer(request, model_name, None)
+
+    @router.post(f"{VERSION_PATH}/infer", summary="Inference on a version", **openapi.INFER)
+    async def version_infer(model_name: str, model_version: str, request: Request) -> Response:
+        return await _infer(request, model_name, model_version)
+
+    @router.post(f"{MODEL_PATH}/compare", summary="Train vs eval comparison", **openapi.COMPARE)
+    async def compare(model_name: str, request: Request) -> Response:
+        return await _compare(request, model_name, None)
+
+    @router.post(f"{VERSION_PATH}/compare", summary="Train vs eval on a version", **openapi.COMPARE)
+    async def version_compare(model_name: str, model_version: str, request: Request) -> Response:
+        return await _compare(request, model_name, model_version)
+
+    return router
+
+
+def repository_routes() -> APIRouter:
+    router = APIRouter(tags=["model repository"])
+
+    @router.post(
+        "/v2/repository/index",
+        summary="Repository index",
+        response_model=list[RepositoryModel],
+        **openapi.REPOSITORY_INDEX,
+    )
+    async def index(request: Request, dataplane: DataPlaneDep) -> Response:
+        return json_response(dataplane.repository_index(await index_ready_only(request)))
+
+    @router.post(
+        "/v2/repository/models/{model_name}/load",
+        summary="Load or reload a model (admin)",
+        dependencies=[Depends(require_admin)],
+        **openapi.REPOSITORY_LOAD,
+    )
+    async def load(model_name: str, request: Request, dataplane: DataPlaneDep) -> Response:
+        await check_load_body(request)
+        await dataplane.load(model_name)
+        return json_response({})
+
+    @router.post(
+        "/v2/repository/models/{model_name}/unload",
+        summary="Unload a model (admin)",
+        dependencies=[Depends(require_admin)],
+        **openapi.REPOSITORY_UNLOAD,
+    )
+    async def unload(model_name: str, request: Request, dataplane: DataPlaneDep) -> Response:
+        await json_body(request)
+        await dataplane.unload(model_name)
+        return json_response({})
+
+    return router
