@@ -10,7 +10,7 @@ import pytest
 from bnfold.service.settings import Settings
 
 from service_packages import build_test_repository
-from service_server import ADMIN_TOKEN, RunningServer, running_server
+from service_server import RunningServer, admin_server, running_server
 
 # ---------------------------------------------------------------- service fixtures
 
@@ -29,8 +29,7 @@ def service_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def service(service_repository: Path) -> Iterator[RunningServer]:
     """One server on the test packages for the read-only tests, admin token set."""
-    settings = Settings(repository=service_repository, device="cpu", admin_token=ADMIN_TOKEN)
-    with running_server(settings) as server:
+    with admin_server(service_repository) as server:
         yield server
 
 

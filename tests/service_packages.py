@@ -412,3 +412,33 @@ def build_test_repository(repository: Path) -> Path:
 def copy_repository(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
     return target
+
+
+#: The `lookup` package: a Gather from a fixed table, so every row of an answer names the
+#: index it came from (batching tests check rows land with their request).
+LOOKUP_ROWS, LOOKUP_WIDTH = 10, 4
+
+
+def lookup_table() -> np.ndarray:
+    return np.arange(LOOKUP_ROWS * LOOKUP_WIDTH, dtype=np.float32).reshape(LOOKUP_ROWS, -1)
+
+
+def write_lookup(repository: Path, name: str = "lookup", version: int = 1) -> Path:
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "index"], ["row"], axis=0)],
+        "lookup",
+        [helper.make_tensor_value_info("index", TensorProto.INT64, ["batch"])],
+        [helper.make_tensor_value_info("row", TensorProto.FLOAT, ["batch", LOOKUP_WIDTH])],
+        [numpy_helper.from_array(lookup_table(), "table")],
+    )
+    model = _model(graph)
+    return write_package(
+        repository,
+        name,
+        version,
+        model,
+        model,
+        inputs=[{"name": "index", "datatype": "INT64", "shape": [-1]}],
+        outputs=[{"name": "row", "datatype": "FP32", "shape": [-1, LOOKUP_WIDTH]}],
+        layers=[],
+    )

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
@@ -64,3 +65,11 @@ def running_server(settings: Settings) -> Iterator[RunningServer]:
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+
+
+@contextmanager
+def admin_server(repository: Path) -> Iterator[RunningServer]:
+    """A CPU server on `repository` with the test admin token: what the session fixtures share."""
+    settings = Settings(repository=repository, device="cpu", admin_token=ADMIN_TOKEN)
+    with running_server(settings) as server:
+        yield server

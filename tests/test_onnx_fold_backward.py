@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from onnx import helper
+from onnx import TensorProto, helper
 from test_onnx_support import (
     add_output,
     array,
@@ -277,3 +277,110 @@ def test_two_chained_bns_before_a_conv_both_fold_backward() -> None:
     folded, report = check_fold(model, folded=2)
     assert {item.direction for item in report.folded} == {"backward"}
     assert op_counts(folded.graph) == {"Relu": 1, "Conv": 1}
+
+
+# ---- a DAG of value-copying nodes: torch's circular padding ------------------------------
+
+
+def slice_node(x: str, y: str, axis: int, start: int, end: int) -> list:
+    """Slice one axis with Constant starts/ends/axes, as the torch exporter writes it."""
+    constants = {"starts": start, "ends": end, "axes": axis}
+    nodes = [
+        helper.make_node(
+            "Constant",
+            [],
+            [f"{y}.{part}"],
+            name=f"{y}.{part}",
+            value=helper.make_tensor(f"{y}.{part}", TensorProto.INT64, [1], [value]),
+        )
+        for part, value in constants.items()
+    ]
+    inputs = [x, *(f"{y}.{part}" for part in constants)]
+    return [*nodes, helper.make_node("Slice", inputs, [y], name=y)]
+
+
+def circular_pad(x: str, y: str, axis: int, width: int = 1) -> list:
+    """torch's export of circular padding on one axis: Concat(x[-width:], x, x[:width])."""
+    return [
+        *slice_node(x, f"{y}.tail", axis, -width, 2**62),
+        *slice_node(x, f"{y}.head", axis, 0, width),
+        helper.make_node("Concat", [f"{y}.tail", x, f"{y}.head"], [y], name=y, axis=axis),
+    ]
+
+
+def bn_region_then_conv(
+    between: list,
+    conv_input: str,
+    *,
+    conv_channels: int = C,
+    kernel: tuple[int, int] = (3, 3),
+    extra_inputs: tuple = (),
+):
+    """X ─► Relu ─► BN ─► n ─► [between: any DAG] ─► Conv(conv_input; no padding) ─► Y"""
+    inits = [
+        *bn_initializers("bn", C),
+        initializer("W", array(5, 4, conv_channels, *kernel)),
+        initializer("b", array(6, 4)),
+    ]
+    nodes = [
+        helper.make_node("Relu", ["X"], ["r"], name="relu"),
+        bn_node("r", "n", "bn"),
+        *between,
+        helper.make_node("Conv", [conv_input, "W", "b"], ["Y"], name="layer"),
+    ]
+    return make_model(nodes, [("X", ["N", C, 6, 6]), *extra_inputs], ["Y"], inits)
+
+
+def test_circular_padding_slices_and_concats_are_crossed() -> None:
+    """Conv2d(padding_mode="circular") exports as Slice/Concat per axis, then an unpadded Conv."""
+    model = bn_region_then_conv([*circular_pad("n", "p2", 2), *circular_pad("p2", "p3", 3)], "p3")
+    folded, report = check_fold(model, folded=1)
+    assert report.folded[0].direction == "backward" and report.folded[0].into == "layer"
+    assert op_counts(folded.graph) == {
+        "Relu": 1,
+        "Constant": 12,
+        "Slice": 4,
+        "Concat": 2,
+        "Conv": 1,
+    }
+
+
+def test_circular_padding_of_a_wide_kernel_is_crossed() -> None:
+    """Two columns each side, on the last axis only (a 1×5 kernel's circular padding)."""
+    model = bn_region_then_conv(circular_pad("n", "p3", 3, width=2), "p3", kernel=(1, 5))
+    check_fold(model, folded=1)
+
+
+def test_concat_with_values_from_elsewhere_keeps_the_bn() -> None:
+    model = bn_region_then_conv(
+        [helper.make_node("Concat", ["n", "Z"], ["joined"], name="join", axis=2)],
+        "joined",
+        extra_inputs=(("Z", ["N", C, 2, 6]),),
+    )
+    assert kept_reason(model).endswith(
+        "backward: Concat joins the BN's values with values that did not go through it"
+    )
+
+
+def test_concat_along_the_channel_axis_keeps_the_bn() -> None:
+    model = bn_region_then_conv(
+        [helper.make_node("Concat", ["n", "n"], ["joined"], name="join", axis=1)],
+        "joined",
+        conv_channels=2 * C,
+    )
+    assert kept_reason(model).endswith("backward: Concat joins along the batch or channel axis")
+
+
+def test_slice_of_the_channel_axis_keeps_the_bn() -> None:
+    model = bn_region_then_conv(slice_node("n", "half", 1, 0, 2), "half", conv_channels=2)
+    assert kept_reason(model).endswith("backward: Slice cuts the batch or channel axis")
+
+
+def test_bn_values_reaching_two_layers_keep_the_bn() -> None:
+    """Each Slice feeds its own Conv: one fold cannot serve both."""
+    model = bn_region_then_conv(
+        [*slice_node("n", "top", 2, 0, 3), *slice_node("n", "bottom", 2, 3, 6)], "top"
+    )
+    model.graph.node.append(helper.make_node("Conv", ["bottom", "W", "b"], ["Y2"], name="other"))
+    add_output(model, "Y2")
+    assert kept_reason(model).endswith("backward: the BN's values reach more than one layer")

@@ -42,9 +42,11 @@ from service_packages import (
     MLP_OUTPUTS,
     MLP_SEEDS,
     _model,
+    lookup_table,
     mlp_models,
     mlp_weights,
     write_dtypes,
+    write_lookup,
     write_mlp,
     write_package,
     write_pixels,
@@ -52,7 +54,6 @@ from service_packages import (
 from service_server import RunningServer, running_server
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
-LOOKUP_ROWS, LOOKUP_WIDTH = 10, 4
 FIXED_ROWS = 2
 MERGE_DELAY_US = 20_000
 
@@ -83,31 +84,6 @@ def write_widths(repository: Path) -> Path:
         model,
         inputs=[{"name": "x", "datatype": "FP32", "shape": [-1, -1]}],
         outputs=[{"name": "total", "datatype": "FP32", "shape": [-1, 1]}],
-        layers=[],
-    )
-
-
-def lookup_table() -> np.ndarray:
-    return np.arange(LOOKUP_ROWS * LOOKUP_WIDTH, dtype=np.float32).reshape(LOOKUP_ROWS, -1)
-
-
-def write_lookup(repository: Path) -> Path:
-    graph = helper.make_graph(
-        [helper.make_node("Gather", ["table", "index"], ["row"], axis=0)],
-        "lookup",
-        [helper.make_tensor_value_info("index", TensorProto.INT64, ["batch"])],
-        [helper.make_tensor_value_info("row", TensorProto.FLOAT, ["batch", LOOKUP_WIDTH])],
-        [numpy_helper.from_array(lookup_table(), "table")],
-    )
-    model = _model(graph)
-    return write_package(
-        repository,
-        "lookup",
-        1,
-        model,
-        model,
-        inputs=[{"name": "index", "datatype": "INT64", "shape": [-1]}],
-        outputs=[{"name": "row", "datatype": "FP32", "shape": [-1, LOOKUP_WIDTH]}],
         layers=[],
     )
 

@@ -5,6 +5,15 @@ on module order: a BN folds into the layer that really produces (forward) or
 really consumes (backward) its tensor. The decisions are pure: this module
 reads the graph and returns a `FoldPlan`; `torch_fold` applies it.
 
+A BN call is a BatchNorm module's, or a functional one
+(`torch.nn.functional.batch_norm`, `torch.batch_norm`) with training=False
+whose running statistics (and weight and bias, if any) are module tensors
+(`get_attr` nodes: buffers, parameters, traced constants), so constant in
+eval: the same affine map, folded the same way and reported under the path of
+its running mean. Such a call is never a manifest layer: its training flag is
+part of the call, so the model's train mode does not switch it to batch
+statistics, and train.onnx keeps it as traced.
+
 Patterns (→ data flow, [..] optional eval-mode no-ops: Dropout, Identity):
 
     forward:   Conv/ConvTranspose ─[..]→ BN
@@ -17,8 +26,9 @@ Patterns (→ data flow, [..] optional eval-mode no-ops: Dropout, Identity):
 
 Guards (a BN matching none of these is kept, with the reason):
     the layer's output or the BN's output has other users (residual branch),
-    a non-linear op sits in between, track_running_stats=False, the channel
-    axis does not line up, the BN or the layer is applied in several places or
+    a non-linear op sits in between, track_running_stats=False (functional:
+    training=True, or statistics computed in the graph), the channel axis does
+    not line up, the BN module or the layer is applied in several places or
     its parameters are tied to another module's.
 """
 
@@ -31,6 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
+from torch.nn import functional
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.convert.report import NOT_A_LAYER, KeptBatchNorm, running_statistics_problem
@@ -48,17 +59,23 @@ EVAL_NO_OP_TYPES = (
     nn.AlphaDropout,
     nn.FeatureAlphaDropout,
 )
+FUNCTIONAL_BATCH_NORMS = (functional.batch_norm, torch.batch_norm)
+REASON_NO_RUNNING_STATISTICS = (
+    "track_running_stats=False: eval mode normalises with batch statistics; "
+    "there is no fixed affine map to fold and no running statistics"
+)
 
 
 @dataclass(frozen=True)
 class FoldStep:
-    """Fold BN module `bn` into layer module `layer`.
+    """Fold the BN call at fx node `node_name`, reported as `bn`, into layer module `layer`.
 
     `repeats` > 1 when a Flatten sits between a backward-folded BN and a
     Linear: each BN channel then covers `repeats` consecutive input features.
     """
 
     bn: str
+    node_name: str
     layer: str
     direction: str  # "forward" | "backward"
     repeats: int = 1
@@ -66,17 +83,31 @@ class FoldStep:
 
 @dataclass(frozen=True)
 class BatchNormSite:
-    """One application of a BN module in the graph.
+    """One BN call in the graph: a BN module's application, or a functional batch_norm.
 
-    `is_layer`: the BN has running statistics for the manifest's
-    `batchnorm.layers` (and train.onnx's statistics outputs).
+    `name` is unique: the module path (functional: its running mean's path),
+    suffixed `@<node>` when several calls share it. `module_path` is None for a
+    functional call. `is_layer`: the BN has running statistics for the
+    manifest's `batchnorm.layers` (and train.onnx's statistics outputs); never
+    true for a functional call.
     """
 
-    name: str  # unique layer name: the module path, suffixed when applied twice
-    module_path: str
+    name: str
+    module_path: str | None
     node_name: str
     input_rank: int
     is_layer: bool
+
+
+@dataclass(frozen=True)
+class BatchNormTensors:
+    """What one BN call normalises with in eval mode; weight and bias None without affine."""
+
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
 
 
 @dataclass
@@ -99,32 +130,97 @@ def plan_folds(graph_module: fx.GraphModule) -> FoldPlan:
     analysis = _GraphAnalysis(graph_module)
     plan = FoldPlan()
     for node in analysis.batchnorm_nodes:
-        module_path = str(node.target)
-        calls = analysis.call_counts[module_path]
-        site_name = module_path if calls == 1 else f"{module_path}@{node.name}"
-        bn = analysis.modules[module_path]
-        assert isinstance(bn, _BatchNorm)
-        is_layer = running_statistics_reason(bn) is None
-        plan.sites.append(
-            BatchNormSite(site_name, module_path, node.name, _rank(node.args[0]), is_layer)
-        )
-        step_or_reason = analysis.decide(node)
+        owner = analysis.owner(node)
+        module_path = str(node.target) if node.op == "call_module" else None
+        name = owner if analysis.call_counts[owner] == 1 else f"{owner}@{node.name}"
+        tensors = batchnorm_tensors(graph_module, node)
+        is_layer = module_path is not None and _statistics_reason(tensors) is None
+        rank = _rank(batchnorm_input(node))
+        plan.sites.append(BatchNormSite(name, module_path, node.name, rank, is_layer))
+        step_or_reason = analysis.decide(node, name, tensors)
         if isinstance(step_or_reason, FoldStep):
             plan.steps.append(step_or_reason)
         else:
-            plan.kept.append(KeptBatchNorm(site_name, step_or_reason))
+            plan.kept.append(KeptBatchNorm(name, step_or_reason))
     return plan
 
 
-def running_statistics_reason(bn: _BatchNorm) -> str | None:
-    """Why `bn` has no running statistics to fold and record as a manifest layer, or None."""
-    if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
-        return (
-            "track_running_stats=False: eval mode normalises with batch statistics; "
-            "there is no fixed affine map to fold and no running statistics"
+def is_functional_batchnorm(node: fx.Node) -> bool:
+    return node.op == "call_function" and any(
+        node.target is function for function in FUNCTIONAL_BATCH_NORMS
+    )
+
+
+def batchnorm_input(node: fx.Node) -> object:
+    """The tensor a BN call normalises (module call or functional batch_norm)."""
+    return node.args[0] if node.args else node.kwargs["input"]
+
+
+def batchnorm_tensors(graph_module: fx.GraphModule, node: fx.Node) -> BatchNormTensors | str:
+    """The constant tensors of a BN call, or why it normalises with something else."""
+    if not is_functional_batchnorm(node):
+        bn = graph_module.get_submodule(str(node.target))
+        assert isinstance(bn, _BatchNorm)
+        if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
+            return REASON_NO_RUNNING_STATISTICS
+        affine = bool(bn.affine)
+        return BatchNormTensors(
+            bn.running_mean,
+            bn.running_var,
+            bn.weight if affine else None,
+            bn.bias if affine else None,
+            float(bn.eps),
         )
+    arguments = _functional_arguments(graph_module, node)
+    if arguments is None:
+        return "the arguments of the functional batch_norm cannot be read"
+    training = arguments.get("training", False)
+    if training is True:
+        return (
+            "training=True: the functional batch_norm normalises with batch statistics; "
+            "there is no fixed affine map to fold"
+        )
+    if training is not False:
+        return "the functional batch_norm's training flag is not a constant False"
+    tensors: dict[str, torch.Tensor | None] = {}
+    for role in ("running_mean", "running_var", "weight", "bias"):
+        value = arguments.get(role)
+        tensor = _attribute_tensor(graph_module, value)
+        if tensor is None and (value is not None or role.startswith("running")):
+            return (
+                f"the functional batch_norm's {role} is computed in the graph, "
+                "not a module buffer or parameter, so it is not constant"
+            )
+        tensors[role] = tensor
+    eps = arguments.get("eps", 1e-5)
+    if not isinstance(eps, (int, float)):
+        return "the functional batch_norm's eps is not a constant number"
+    running_mean, running_var = tensors["running_mean"], tensors["running_var"]
+    assert running_mean is not None and running_var is not None
+    return BatchNormTensors(running_mean, running_var, tensors["weight"], tensors["bias"], eps)
+
+
+def _functional_arguments(graph_module: fx.GraphModule, node: fx.Node) -> dict[str, object] | None:
+    """A functional batch_norm call's arguments by name, defaults filled in (None if unreadable)."""
+    normalized = node.normalized_arguments(graph_module, normalize_to_only_use_kwargs=True)
+    return None if normalized is None else dict(normalized.kwargs)
+
+
+def _attribute_tensor(graph_module: fx.GraphModule, value: object) -> torch.Tensor | None:
+    """The module tensor a `get_attr` node reads, or None for anything computed in the graph."""
+    if not isinstance(value, fx.Node) or value.op != "get_attr":
+        return None
+    owner_path, _, attribute = str(value.target).rpartition(".")
+    tensor = getattr(graph_module.get_submodule(owner_path), attribute, None)
+    return tensor if isinstance(tensor, torch.Tensor) else None
+
+
+def _statistics_reason(tensors: BatchNormTensors | str) -> str | None:
+    """Why a BN call has no running statistics to fold and record, or None."""
+    if isinstance(tensors, str):
+        return tensors
     return running_statistics_problem(
-        bn.running_mean.detach().cpu().numpy(), bn.running_var.detach().cpu().numpy()
+        tensors.running_mean.detach().cpu().numpy(), tensors.running_var.detach().cpu().numpy()
     )
 
 
@@ -132,46 +228,58 @@ class _GraphAnalysis:
     def __init__(self, graph_module: fx.GraphModule) -> None:
         self.graph_module = graph_module
         self.modules = dict(graph_module.named_modules())
+        self.batchnorm_nodes = [
+            node
+            for node in graph_module.graph.nodes
+            if isinstance(self._module(node), _BatchNorm) or is_functional_batchnorm(node)
+        ]
         self.call_counts: Counter[str] = Counter(
             str(node.target) for node in graph_module.graph.nodes if node.op == "call_module"
         )
-        self.batchnorm_nodes = [
-            node for node in graph_module.graph.nodes if isinstance(self._module(node), _BatchNorm)
-        ]
+        self.call_counts.update(
+            self.owner(node) for node in self.batchnorm_nodes if is_functional_batchnorm(node)
+        )
         self._parameter_owners = _parameter_owners(graph_module)
-        self._claimed_layers: Counter[tuple[str, str]] = Counter()
+
+    def owner(self, bn_node: fx.Node) -> str:
+        """What a BN call is named after: its module's path, or its running mean's path."""
+        if not is_functional_batchnorm(bn_node):
+            return str(bn_node.target)
+        arguments = _functional_arguments(self.graph_module, bn_node) or {}
+        running_mean = arguments.get("running_mean")
+        if isinstance(running_mean, fx.Node) and running_mean.op == "get_attr":
+            return str(running_mean.target)
+        return bn_node.name
 
     def _module(self, node: fx.Node) -> nn.Module | None:
         if node.op != "call_module":
             return None
         return self.modules.get(str(node.target))
 
-    def decide(self, bn_node: fx.Node) -> FoldStep | str:
-        bn_path = str(bn_node.target)
-        bn = self.modules[bn_path]
-        assert isinstance(bn, _BatchNorm)
-        no_statistics = running_statistics_reason(bn)
+    def decide(
+        self, bn_node: fx.Node, name: str, tensors: BatchNormTensors | str
+    ) -> FoldStep | str:
+        """A functional call is never a layer, and folding it changes none of the tensors it
+        reads, so the module guards on sharing do not apply to it."""
+        no_statistics = _statistics_reason(tensors)
+        functional_call = is_functional_batchnorm(bn_node)
         if no_statistics is not None:
-            return f"{no_statistics}, {NOT_A_LAYER}"
-        if self.call_counts[bn_path] > 1:
-            return (
-                f"parameters are shared: the BN module is applied at "
-                f"{self.call_counts[bn_path]} places"
-            )
-        shared = self._shared_with(bn_path)
-        if shared:
-            return f"parameters are shared with `{shared}`"
-        forward = self._forward(bn_node, bn_path)
+            return no_statistics if functional_call else f"{no_statistics}, {NOT_A_LAYER}"
+        if not functional_call:
+            shared = self._bn_unshareable(str(bn_node.target))
+            if shared:
+                return shared
+        forward = self._forward(bn_node, name)
         if isinstance(forward, FoldStep):
             return forward
-        backward = self._backward(bn_node, bn_path)
+        backward = self._backward(bn_node, name)
         if isinstance(backward, FoldStep):
             return backward
         return f"{forward}; {backward}"
 
     # ---- forward: layer → BN -------------------------------------------------
-    def _forward(self, bn_node: fx.Node, bn_path: str) -> FoldStep | str:
-        source = bn_node.args[0]
+    def _forward(self, bn_node: fx.Node, name: str) -> FoldStep | str:
+        source = batchnorm_input(bn_node)
         if not isinstance(source, fx.Node):
             return "its input is not a tensor produced in the graph"
         chain: list[fx.Node] = []
@@ -216,10 +324,10 @@ class _GraphAnalysis:
                 )
         elif channel_moved:
             return f"channel axis does not line up: a transpose sits between `{layer_path}` and it"
-        return FoldStep(bn_path, layer_path, "forward")
+        return FoldStep(name, bn_node.name, layer_path, "forward")
 
     # ---- backward: BN → layer ------------------------------------------------
-    def _backward(self, bn_node: fx.Node, bn_path: str) -> FoldStep | str:
+    def _backward(self, bn_node: fx.Node, name: str) -> FoldStep | str:
         target = bn_node
         flatten_repeats: int | None = None
         while True:
@@ -237,7 +345,7 @@ class _GraphAnalysis:
             if isinstance(module, EVAL_NO_OP_TYPES):
                 continue
             if _is_flatten_from_1(target, module) and flatten_repeats is None:
-                flatten_repeats = math.prod(_shape(bn_node.args[0])[2:])
+                flatten_repeats = math.prod(_shape(batchnorm_input(bn_node))[2:])
                 continue
             if isinstance(module, (*CONV_TYPES, nn.Linear)):
                 break
@@ -252,14 +360,14 @@ class _GraphAnalysis:
         reason = self._layer_unshareable(layer_path)
         if reason:
             return reason
-        input_rank = _rank(bn_node.args[0])
+        input_rank = _rank(batchnorm_input(bn_node))
         if isinstance(layer, nn.Linear):
             if flatten_repeats is None and input_rank != 2:
                 return (
                     f"channel axis does not line up: BN channels are axis 1 of a rank-{input_rank} "
                     f"tensor, `{layer_path}` reads the last axis"
                 )
-            return FoldStep(bn_path, layer_path, "backward", flatten_repeats or 1)
+            return FoldStep(name, bn_node.name, layer_path, "backward", flatten_repeats or 1)
         if flatten_repeats is not None:
             return f"channel axis does not line up: a Flatten sits between it and `{layer_path}`"
         assert isinstance(layer, CONV_TYPES)
@@ -268,7 +376,18 @@ class _GraphAnalysis:
                 f"`{layer_path}` zero-pads its input: a padded zero is not BN(0), "
                 "so the fold would not be exact"
             )
-        return FoldStep(bn_path, layer_path, "backward")
+        return FoldStep(name, bn_node.name, layer_path, "backward")
+
+    def _bn_unshareable(self, bn_path: str) -> str | None:
+        if self.call_counts[bn_path] > 1:
+            return (
+                f"parameters are shared: the BN module is applied at "
+                f"{self.call_counts[bn_path]} places"
+            )
+        shared = self._shared_with(bn_path)
+        if shared:
+            return f"parameters are shared with `{shared}`"
+        return None
 
     def _layer_unshareable(self, layer_path: str) -> str | None:
         if self.call_counts[layer_path] > 1:

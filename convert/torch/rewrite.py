@@ -1,7 +1,8 @@
 """Apply a `FoldPlan` to a traced copy of the model: thin torch adapter over `fold`.
 
 Every parameter rewrite goes through `bnfold.convert.fold`; this module only
-moves tensors in and out of numpy and removes the folded BN nodes.
+moves tensors in and out of numpy and removes the folded BN calls (with the
+`get_attr` nodes only a functional batch_norm read).
 """
 
 from __future__ import annotations
@@ -9,47 +10,54 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import fx, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.convert.fold import BatchNormParams, fold_after_layer, fold_before_layer
-from bnfold.convert.torch.graph import CONV_TRANSPOSE_TYPES, FoldPlan, FoldStep
+from bnfold.convert.torch.graph import (
+    CONV_TRANSPOSE_TYPES,
+    BatchNormTensors,
+    FoldPlan,
+    FoldStep,
+    batchnorm_input,
+    batchnorm_tensors,
+)
 
 
-def batchnorm_params(bn: _BatchNorm) -> BatchNormParams:
-    assert bn.running_mean is not None and bn.running_var is not None
+def batchnorm_params(tensors: BatchNormTensors) -> BatchNormParams:
     return BatchNormParams(
-        running_mean=_numpy(bn.running_mean),
-        running_var=_numpy(bn.running_var),
-        eps=float(bn.eps),
-        gamma=_numpy(bn.weight) if bn.affine else None,
-        beta=_numpy(bn.bias) if bn.affine else None,
+        running_mean=_numpy(tensors.running_mean),
+        running_var=_numpy(tensors.running_var),
+        eps=tensors.eps,
+        gamma=None if tensors.weight is None else _numpy(tensors.weight),
+        beta=None if tensors.bias is None else _numpy(tensors.bias),
     )
 
 
 def apply_plan(graph_module: fx.GraphModule, plan: FoldPlan) -> fx.GraphModule:
     """Rewrite `graph_module` in place (it must be the caller's own copy)."""
     modules = dict(graph_module.named_modules())
-    bn_nodes = {
-        str(node.target): node for node in graph_module.graph.nodes if node.op == "call_module"
-    }
+    nodes = {node.name: node for node in graph_module.graph.nodes}
     for step in plan.steps:
-        bn = modules[step.bn]
-        layer = modules[step.layer]
-        assert isinstance(bn, _BatchNorm)
-        _fold_step(layer, bn, step)
-        node = bn_nodes[step.bn]
-        node.replace_all_uses_with(node.args[0])
+        node = nodes[step.node_name]
+        tensors = batchnorm_tensors(graph_module, node)
+        assert isinstance(tensors, BatchNormTensors), tensors
+        _fold_step(modules[step.layer], batchnorm_params(tensors), step)
+        source = batchnorm_input(node)
+        assert isinstance(source, fx.Node)
+        node.replace_all_uses_with(source)
+        read = node.all_input_nodes
         graph_module.graph.erase_node(node)
+        for attribute in read:
+            if attribute.op == "get_attr" and not attribute.users:
+                graph_module.graph.erase_node(attribute)
     graph_module.graph.lint()
     graph_module.delete_all_unused_submodules()
     graph_module.recompile()
     return graph_module
 
 
-def _fold_step(layer: nn.Module, bn: _BatchNorm, step: FoldStep) -> None:
+def _fold_step(layer: nn.Module, params: BatchNormParams, step: FoldStep) -> None:
     weight = layer.weight
     bias = layer.bias
-    params = batchnorm_params(bn)
     groups = int(getattr(layer, "groups", 1))
     current_bias = None if bias is None else _numpy(bias)
     if step.direction == "forward":

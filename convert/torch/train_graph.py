@@ -1,7 +1,7 @@
 """The train-mode graph: every BN normalises with its batch statistics.
 
-Built on a traced copy of the *original* (unfolded) model. Each BN call is
-replaced by `BatchStatisticsNorm`, which computes the batch mean and the biased
+Built on a traced copy of the *original* (unfolded) model. Each BN module call
+is replaced by `BatchStatisticsNorm`, which computes the batch mean and the biased
 batch variance over N and the spatial axes exactly as torch's train mode does,
 from plain ops (ReduceMean, Sub, Mul, Sqrt, Div, Add once exported), because
 onnxruntime's inference build does not run BatchNormalization with
@@ -62,15 +62,18 @@ def build_train_graph(
 ) -> tuple[fx.GraphModule, list[str]]:
     """Rewrite a traced copy so it returns (*outputs, mean_0, var_0, mean_1, ...).
 
-    Every BN site normalises with batch statistics; only the sites that are
-    manifest layers (`is_layer`) add their mean and variance to the outputs.
-    Returns the module and the names of the extra outputs, in order.
+    Every BN module site normalises with batch statistics; only the sites that
+    are manifest layers (`is_layer`) add their mean and variance to the
+    outputs. Functional batch_norm sites are left alone. Returns the module and
+    the names of the extra outputs, in order.
     """
     graph = graph_module.graph
     nodes = {node.name: node for node in graph.nodes}
     stat_nodes: list[fx.Node] = []
     stat_names: list[str] = []
     for index, site in enumerate(sites):
+        if site.module_path is None:
+            continue
         node = nodes[site.node_name]
         bn = graph_module.get_submodule(site.module_path)
         assert isinstance(bn, _BatchNorm)

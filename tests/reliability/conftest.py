@@ -15,11 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bnfold.service.settings import Settings
-
 from .harness import ServerProcess, server_process
 from .packages import build_reliability_repository
-from service_server import ADMIN_TOKEN, RunningServer, running_server
+from service_server import RunningServer, admin_server
 
 
 @pytest.fixture(scope="session")
@@ -30,8 +28,7 @@ def reliability_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def reliability_service(reliability_repository: Path) -> Iterator[RunningServer]:
-    settings = Settings(repository=reliability_repository, device="cpu", admin_token=ADMIN_TOKEN)
-    with running_server(settings) as server:
+    with admin_server(reliability_repository) as server:
         yield server
 
 

@@ -32,10 +32,15 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from service_packages import _model, build_test_repository, write_mlp, write_package
+from service_packages import (
+    _model,
+    build_test_repository,
+    write_lookup,
+    write_mlp,
+    write_package,
+)
 
 SLOW_WIDTH, SLOW_LAYERS, SLOW_WEIGHTS = 256, 128, 8
-LOOKUP_ROWS, LOOKUP_WIDTH = 10, 4
 HUGE_WIDTH = 10**12
 
 FAULTS = {
@@ -89,31 +94,6 @@ def write_slow(repository: Path, name: str = "slow", version: int = 1) -> Path:
         model,
         inputs=[{"name": "x", "datatype": "FP32", "shape": [-1, SLOW_WIDTH]}],
         outputs=[{"name": "y", "datatype": "FP32", "shape": [-1, SLOW_WIDTH]}],
-        layers=[],
-    )
-
-
-def lookup_table() -> np.ndarray:
-    return np.arange(LOOKUP_ROWS * LOOKUP_WIDTH, dtype=np.float32).reshape(LOOKUP_ROWS, -1)
-
-
-def write_lookup(repository: Path, name: str = "lookup", version: int = 1) -> Path:
-    graph = helper.make_graph(
-        [helper.make_node("Gather", ["table", "index"], ["row"], axis=0)],
-        "lookup",
-        [helper.make_tensor_value_info("index", TensorProto.INT64, ["batch"])],
-        [helper.make_tensor_value_info("row", TensorProto.FLOAT, ["batch", LOOKUP_WIDTH])],
-        [numpy_helper.from_array(lookup_table(), "table")],
-    )
-    model = _model(graph)
-    return write_package(
-        repository,
-        name,
-        version,
-        model,
-        model,
-        inputs=[{"name": "index", "datatype": "INT64", "shape": [-1]}],
-        outputs=[{"name": "row", "datatype": "FP32", "shape": [-1, LOOKUP_WIDTH]}],
         layers=[],
     )
 

@@ -37,9 +37,9 @@ from .harness import (
     server_process,
     wait_for_metric,
 )
-from .packages import FAULTS, LOOKUP_ROWS, SERVING, lookup_table
+from .packages import FAULTS, SERVING
 from .traffic import PlannedRequest, mismatches, plan_request
-from service_packages import copy_repository
+from service_packages import LOOKUP_ROWS, copy_repository, lookup_table
 from service_server import ADMIN_TOKEN
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

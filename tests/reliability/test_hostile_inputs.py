@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 from bnfold.service.protocol import INFERENCE_HEADER, ErrorResponse
 
 from .harness import Connection, Outcome, ServerProcess, raw_request, run_load
-from .packages import HUGE_WIDTH, LOOKUP_ROWS, lookup_table
-from service_packages import MLP_SEEDS, mlp_reference, mlp_weights
+from .packages import HUGE_WIDTH
+from service_packages import LOOKUP_ROWS, MLP_SEEDS, lookup_table, mlp_reference, mlp_weights
 
 MLP = "/v2/models/mlp/infer"
 

@@ -22,7 +22,8 @@ import orjson
 from bnfold.package_format import DATATYPES
 from bnfold.service.protocol import INFERENCE_HEADER
 
-from .packages import LOOKUP_ROWS, SLOW_WIDTH
+from .packages import SLOW_WIDTH
+from service_packages import LOOKUP_ROWS
 
 # model -> {input name: (trailing shape, datatype)}
 INPUTS: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {

@@ -6,7 +6,8 @@
       |                               |
    [Identity | Dropout | Flatten |    [same nodes, now reading X]
     Reshape | Transpose | Pad(edge,   |
-    reflect, wrap)]*        ==>       |
+    reflect, wrap) | Slice |  ==>     |
+    Concat]*                          |
       |                               |
    Conv | Gemm | MatMul(W, b)       Conv | Gemm | MatMul(W', b')   W', b' = fold_before_layer(...)
 
@@ -21,16 +22,29 @@ tracks where the BN's channel ends up:
     consecutive features (`repeats`), when the spatial size S is static;
   * Transpose perm=[0, 2, 1] moves a rank-3 channel axis last, for a MatMul;
   * Pad in edge/reflect/wrap mode copies existing values, so it commutes with
-    the per-channel map, when it pads neither the batch nor the channel axis.
+    the per-channel map, when it pads neither the batch nor the channel axis;
+  * Slice and Concat along neither the batch nor the channel axis copy values
+    within their channel. torch exports a conv's circular padding this way:
+
+        BN ─┬─► Slice(tail) ─┐
+            ├────────────────┼─► Concat(axis 2) ─► [same on axis 3] ─► Conv(pads 0)
+            └─► Slice(head) ─┘
+
+The walk is therefore over a small DAG, not a chain: every tensor on the way
+may have several readers as long as each one is such a node, and a node joins
+only when every value it reads (every Concat input) comes from the BN; the
+walk must end in exactly one layer, which reads it as its data input. Nodes
+are visited in graph order, so a Concat is judged after all of its inputs.
 
 Zero padding does not commute (a padded 0 is not scale·0 + shift): a Conv that
-pads, and Pad in constant mode, end the walk with that reason. Every tensor on
-the way must have exactly one reader. ConvTranspose is not a target: at its
-borders fewer inputs contribute, so the shift is not one constant per output.
+pads, and Pad in constant mode, end the walk with that reason. ConvTranspose
+is not a target: at its borders fewer inputs contribute, so the shift is not
+one constant per output.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 
@@ -54,10 +68,19 @@ from bnfold.convert.onnx.patterns.dense_forward import (
 )
 from bnfold.convert.report import FoldedBatchNorm
 
-PASS_THROUGH_OPS = ("Identity", "Dropout", "Flatten", "Reshape", "Transpose", "Pad")
+PASS_THROUGH_OPS = (
+    "Identity",
+    "Dropout",
+    "Flatten",
+    "Reshape",
+    "Transpose",
+    "Pad",
+    "Slice",
+    "Concat",
+)
 TARGET_OPS = ("Conv", "Gemm", "MatMul")
 VALUE_COPYING_PAD_MODES = ("edge", "reflect", "wrap")
-_MAX_WALK = 16
+_MAX_WALK = 32
 
 
 @dataclass(frozen=True)
@@ -71,8 +94,11 @@ class Layout:
 
 @dataclass(frozen=True)
 class BackwardMatch:
+    """`readers`: the pass-through nodes reading the BN output, to be rewired to its input
+    (empty when the layer reads the BN output itself)."""
+
     bn: BatchNormNode
-    path: tuple[int, ...]
+    readers: tuple[int, ...]
     layer: ConvLayer | DenseLayer
     repeats: int
 
@@ -84,7 +110,7 @@ class BackwardMatch:
 def find_backward(
     index: GraphIndex, batchnorms: list[BatchNormNode]
 ) -> tuple[list[BackwardMatch], dict[str, str]]:
-    """Match every BN whose reader chain ends in a layer; a reason for each other BN."""
+    """Match every BN whose readers lead to one layer; a reason for each other BN."""
     return collect_matches(batchnorms, lambda bn: _match(index, bn))
 
 
@@ -93,36 +119,88 @@ def _match(index: GraphIndex, bn: BatchNormNode) -> BackwardMatch | str:
     rank = index.rank(bn.input)
     if rank is None:
         return "rank of the BN input is unknown"
-    layout, tensor, path = Layout(rank), bn.output, []
-    for _ in range(_MAX_WALK):
-        what = "BN" if not path else index.nodes[path[-1]].op_type
-        fanout = index.fanout_reason(tensor, what)
-        if fanout:
-            return fanout
-        use = index.sole_use(tensor)
-        assert use is not None
-        node = index.nodes[use.index]
-        if use.slot != 0:
-            return f"the {what} output is not the data input of {node.op_type}"
-        if node.op_type in TARGET_OPS:
-            return _target(index, bn, tuple(path), use.index, layout)
-        if node.op_type not in PASS_THROUGH_OPS:
-            return f"the {what} output feeds {node.op_type}, not Conv/Gemm/MatMul"
-        moved = _pass_through(index, use.index, tensor, layout)
+    reached = _walk(index, bn.output, Layout(rank))
+    if isinstance(reached, str):
+        return reached
+    position, layout = reached
+    readers = {use.index for use in index.uses[bn.output]} - {position}
+    return _target(index, bn, tuple(sorted(readers)), position, layout)
+
+
+def _walk(index: GraphIndex, start: str, layout: Layout) -> tuple[int, Layout] | str:
+    """The position of the one layer the values of `start` reach, and their layout there.
+
+    Pass-through nodes are visited in graph order (a heap of positions), so a
+    Concat is judged only once every region tensor before it is known.
+    """
+    layouts = {start: layout}
+    pending: list[int] = []
+    target: tuple[int, Layout] | None = None
+    tensor, what = start, "BN"
+    visited = 0
+    while True:
+        reached = _readers(index, tensor, what)
+        if isinstance(reached, str):
+            return reached
+        if isinstance(reached, int):
+            if target is not None:
+                return "the BN's values reach more than one layer"
+            target = (reached, layouts[tensor])
+        else:
+            for position in reached:
+                if position not in pending:
+                    heapq.heappush(pending, position)
+        if not pending:
+            break
+        visited += 1
+        if visited > _MAX_WALK:
+            return "too many nodes between the BN and a layer"
+        node = index.nodes[heapq.heappop(pending)]
+        moved = _pass_through(index, node, layouts)
         if isinstance(moved, str):
             return moved
-        layout, tensor = moved, node.output[0]
-        path.append(use.index)
-    return "too many nodes between the BN and a layer"
+        tensor, what = node.output[0], node.op_type
+        layouts[tensor] = moved
+    assert target is not None  # every region tensor is read; the last readers are layers
+    return target
 
 
-def _pass_through(index: GraphIndex, position: int, tensor: str, layout: Layout) -> Layout | str:
-    """The layout after the node at `position`, or why values or channels do not survive it."""
-    node = index.nodes[position]
+def _readers(index: GraphIndex, tensor: str, what: str) -> int | list[int] | str:
+    """Where the values in `tensor` go: the layer reading it (its position), the pass-through
+    nodes reading it, or why the BN cannot fold backward through it."""
+    if tensor in index.graph_outputs:
+        return f"the {what} output is a graph output"
+    uses = index.uses.get(tensor, [])
+    if not uses:
+        return f"the {what} output is unused"
+    nodes = [index.nodes[use.index] for use in uses]
+    if len(uses) > 1 and any(node.op_type not in PASS_THROUGH_OPS for node in nodes):
+        return f"the {what} output also feeds {len(uses) - 1} other node(s)"
+    for use, node in zip(uses, nodes, strict=True):
+        if use.slot != 0 and (node.op_type != "Concat" or use.slot < 0):
+            return f"the {what} output is not the data input of {node.op_type}"
+    if nodes[0].op_type in TARGET_OPS:
+        return uses[0].index
+    if nodes[0].op_type not in PASS_THROUGH_OPS:
+        return f"the {what} output feeds {nodes[0].op_type}, not Conv/Gemm/MatMul"
+    return [use.index for use in uses]
+
+
+def _pass_through(index: GraphIndex, node: NodeProto, layouts: dict[str, Layout]) -> Layout | str:
+    """The layout of the node's output, or why values or channels do not survive it.
+
+    `layouts` holds every tensor known to carry only BN output values; all
+    nodes before this one in graph order have been visited.
+    """
     extra_outputs = [name for name in node.output[1:] if name and index.is_used(name)]
     if extra_outputs:
         return f"the {node.op_type} node's extra outputs are read"
     op = node.op_type
+    if op == "Concat":
+        return _through_concat(node, layouts)
+    layout = layouts.get(node.input[0])
+    if layout is None:
+        return f"the {op} node's data input did not go through the BN"
     if op == "Identity":
         return layout
     if op == "Dropout":
@@ -137,20 +215,20 @@ def _pass_through(index: GraphIndex, position: int, tensor: str, layout: Layout)
         return REASON_CHANNEL_AXIS
     if op == "Pad":
         return _through_pad(index, node, layout)
-    return _through_flatten(index, node, tensor, layout)
+    if op == "Slice":
+        return _through_slice(index, node, layout)
+    return _through_flatten(index, node, layout)
 
 
 def _is_false(value: np.ndarray | None) -> bool:
     return value is not None and not bool(np.asarray(value).reshape(-1).any())
 
 
-def _through_flatten(
-    index: GraphIndex, node: NodeProto, tensor: str, layout: Layout
-) -> Layout | str:
+def _through_flatten(index: GraphIndex, node: NodeProto, layout: Layout) -> Layout | str:
     """Flatten(axis=1) or Reshape to (N, C·S): channel c becomes S consecutive features."""
     if layout.channel_axis != 1:
         return REASON_CHANNEL_AXIS
-    shape = index.shape(tensor)
+    shape = index.shape(node.input[0])
     spatial = [dim for dim in shape[2:] if isinstance(dim, int)] if shape else None
     if shape is None or spatial is None or len(spatial) != len(shape) - 2:
         return f"the spatial size before {node.op_type} is not static"
@@ -193,8 +271,47 @@ def _through_pad(index: GraphIndex, node: NodeProto, layout: Layout) -> Layout |
     return layout
 
 
+def _through_slice(index: GraphIndex, node: NodeProto, layout: Layout) -> Layout | str:
+    """A Slice keeps each value in its channel unless it cuts the channel (or batch) axis."""
+    if index.opset < 10:
+        axes = node_attribute(node, "axes")
+        if axes is None:
+            axes = range(len(node_attribute(node, "starts") or []))
+    else:
+        axes_input = node.input[3] if len(node.input) > 3 else ""
+        if axes_input:
+            axes = index.constant(axes_input)
+        else:
+            starts = index.constant(node.input[1])
+            axes = None if starts is None else range(np.asarray(starts).size)
+    if axes is None:
+        return "Slice axes are not constant"
+    for axis in np.asarray(list(axes), dtype=np.int64).reshape(-1):
+        if int(axis) % layout.rank in (0, layout.channel_axis):
+            return "Slice cuts the batch or channel axis"
+    return layout
+
+
+def _through_concat(node: NodeProto, layouts: dict[str, Layout]) -> Layout | str:
+    """A Concat of BN values only, all laid out alike, along neither the batch nor the channel axis."""
+    found = [layouts.get(name) for name in node.input]
+    if any(layout is None for layout in found):
+        return "Concat joins the BN's values with values that did not go through it"
+    if len(set(found)) != 1:
+        return REASON_CHANNEL_AXIS
+    layout = found[0]
+    assert layout is not None
+    if int(node_attribute(node, "axis", 0)) % layout.rank in (0, layout.channel_axis):
+        return "Concat joins along the batch or channel axis"
+    return layout
+
+
 def _target(
-    index: GraphIndex, bn: BatchNormNode, path: tuple[int, ...], position: int, layout: Layout
+    index: GraphIndex,
+    bn: BatchNormNode,
+    readers: tuple[int, ...],
+    position: int,
+    layout: Layout,
 ) -> BackwardMatch | str:
     assert bn.params is not None
     node = index.nodes[position]
@@ -219,7 +336,7 @@ def _target(
         in_channels = layer.in_features
     if in_channels != bn.params.channels * layout.repeats:
         return REASON_CHANNEL_AXIS
-    return BackwardMatch(bn, path, layer, layout.repeats)
+    return BackwardMatch(bn, readers, layer, layout.repeats)
 
 
 def _conv_pads(layer: ConvLayer) -> bool:
@@ -235,18 +352,15 @@ def _conv_pads(layer: ConvLayer) -> bool:
 
 
 def apply_backward(index: GraphIndex, matches: list[BackwardMatch]) -> GraphEdit:
-    """One edit for all matches: each BN removed, its first reader rewired to X, layers rewritten."""
+    """One edit for all matches: each BN removed, its readers rewired to X, layers rewritten."""
     edit = GraphEdit()
     for match in matches:
         assert match.bn.params is not None
         bn, layer = match.bn, match.layer
         remove_batchnorm(edit, bn)
-        rewire = None
-        if match.path:
-            first = match.path[0]
-            edit.replace(first, [renamed_input(index.nodes[first], bn.output, bn.input)])
-        else:
-            rewire = bn.input
+        for reader in match.readers:
+            edit.replace(reader, [renamed_input(index.nodes[reader], bn.output, bn.input)])
+        rewire = None if match.readers else bn.input
         if isinstance(layer, ConvLayer):
             folded = fold_before_layer(layer.weight, layer.bias, bn.params, groups=layer.groups)
             write_conv(index, edit, layer, folded, data_input=rewire)
