@@ -211,6 +211,11 @@ def batchnorm_table(subject: str, report: BatchNormReport, verb: str) -> Table:
         table.add_row(escape(folded.name), f"{verb} {folded.direction}", escape(folded.into))
     for kept in report.kept:
         table.add_row(escape(kept.name), "[yellow]kept[/yellow]", escape(kept.reason))
+    if report.by_pattern:
+        table.caption = "by pattern: " + ", ".join(
+            f"{family} {count}" for family, count in report.by_pattern.items()
+        )
+        table.caption_justify = "left"
     return table
 
 

@@ -53,9 +53,13 @@ class BatchNormLayer:
 
 @dataclass
 class BatchNormReport:
+    """Every BN of the source, folded or kept; `by_pattern` counts the folds per ONNX pattern
+    family (`convert/onnx/fold.py`; empty for torch sources, whose plan has no families)."""
+
     folded: list[FoldedBatchNorm] = field(default_factory=list)
     kept: list[KeptBatchNorm] = field(default_factory=list)
     layers: list[BatchNormLayer] = field(default_factory=list)
+    by_pattern: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -67,6 +71,7 @@ class BatchNormReport:
             "folded": [asdict(item) for item in self.folded],
             "kept": [asdict(item) for item in self.kept],
             "layers": [asdict(item) for item in self.layers],
+            **({"by_pattern": dict(self.by_pattern)} if self.by_pattern else {}),
         }
 
 

@@ -116,8 +116,9 @@ class BuiltinModel:
 
 
 def _digits_model(
-    name: str, architecture: str, input_shape: tuple[int, ...], description: str, recipe: Recipe
+    name: str, architecture: str, input_shape: tuple[int, ...], description: str, epochs: int
 ) -> BuiltinModel:
+    """A digits model, trained with the hyperparameters they all share but the epochs."""
     return BuiltinModel(
         name=name,
         architecture=f"bnfold.models.digits:{architecture}",
@@ -125,8 +126,41 @@ def _digits_model(
         input_range=_DIGITS_RANGE,
         description=description,
         in_default_repository=True,
-        recipe=recipe,
+        recipe=DigitsTraining(epochs=epochs, batch_size=64, learning_rate=1e-2, weight_decay=1e-4),
     )
+
+
+#: (name, architecture in bnfold.models.digits, input shape, description, training epochs)
+_DIGITS_MODELS: Final = (
+    (
+        "digits_mlp",
+        "DigitsMLP",
+        (1, 64),
+        "MLP on flattened 8x8 digits; BatchNorm1d after Linear and before Dropout+Linear",
+        30,
+    ),
+    (
+        "digits_resnet",
+        "DigitsResNet",
+        (1, 1, 8, 8),
+        "small ResNet on 8x8 digits; identity and 1x1-conv-bn shortcuts",
+        20,
+    ),
+    (
+        "digits_mobilenet",
+        "DigitsMobileNet",
+        (1, 1, 8, 8),
+        "depthwise-separable CNN on 8x8 digits; conv-bn-relu6 units",
+        20,
+    ),
+    (
+        "digits_conv1d",
+        "DigitsConv1d",
+        (1, 8, 8),
+        "Conv1d over the 8 rows as steps of 8 features; BatchNorm before a replicate-padded Conv1d",
+        20,
+    ),
+)
 
 
 def _imagenet_model(name: str, architecture: str, description: str) -> BuiltinModel:
@@ -145,35 +179,7 @@ BUILTIN_MODELS: Final[Mapping[str, BuiltinModel]] = MappingProxyType(
     {
         model.name: model
         for model in (
-            _digits_model(
-                "digits_mlp",
-                "DigitsMLP",
-                (1, 64),
-                "MLP on flattened 8x8 digits; BatchNorm1d after Linear and before Dropout+Linear",
-                DigitsTraining(epochs=30, batch_size=64, learning_rate=1e-2, weight_decay=1e-4),
-            ),
-            _digits_model(
-                "digits_resnet",
-                "DigitsResNet",
-                (1, 1, 8, 8),
-                "small ResNet on 8x8 digits; identity and 1x1-conv-bn shortcuts",
-                DigitsTraining(epochs=20, batch_size=64, learning_rate=1e-2, weight_decay=1e-4),
-            ),
-            _digits_model(
-                "digits_mobilenet",
-                "DigitsMobileNet",
-                (1, 1, 8, 8),
-                "depthwise-separable CNN on 8x8 digits; conv-bn-relu6 units",
-                DigitsTraining(epochs=20, batch_size=64, learning_rate=1e-2, weight_decay=1e-4),
-            ),
-            _digits_model(
-                "digits_conv1d",
-                "DigitsConv1d",
-                (1, 8, 8),
-                "Conv1d over the 8 rows as steps of 8 features; BatchNorm before a "
-                "replicate-padded Conv1d",
-                DigitsTraining(epochs=20, batch_size=64, learning_rate=1e-2, weight_decay=1e-4),
-            ),
+            *(_digits_model(*row) for row in _DIGITS_MODELS),
             _imagenet_model(
                 "resnet18", "ResNet18", "ResNet-18, random weights, calibrated BatchNorm"
             ),

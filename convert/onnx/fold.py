@@ -3,9 +3,9 @@
 Three pattern families run in order, each on a fresh index of the graph the
 previous one left complete:
 
-  1. forward into Conv/ConvTranspose   (onnx_fold_conv)
-  2. forward into Gemm/MatMul(+Add)    (onnx_fold_dense)
-  3. backward into Conv/Gemm/MatMul    (onnx_fold_backward)
+  1. forward into Conv/ConvTranspose   (patterns/conv_forward.py)
+  2. forward into Gemm/MatMul(+Add)    (patterns/dense_forward.py)
+  3. backward into Conv/Gemm/MatMul    (patterns/backward.py)
 
 Within a family every match is collected first and applied as one edit, so no
 match ever sees a half-rewritten graph. Forward goes first: a BN sitting
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final, Generic, Literal, Protocol, TypeVar
 
 from onnx import ModelProto
 
@@ -32,25 +32,43 @@ from bnfold.convert.onnx.graph import GraphEdit, GraphIndex, TensorInfo, apply_e
 from bnfold.convert.onnx.patterns.backward import apply_backward, find_backward
 from bnfold.convert.onnx.patterns.conv_forward import apply_conv_forward, find_conv_forward
 from bnfold.convert.onnx.patterns.dense_forward import apply_dense_forward, find_dense_forward
-from bnfold.convert.report import BatchNormReport, KeptBatchNorm
+from bnfold.convert.report import BatchNormReport, FoldedBatchNorm, KeptBatchNorm
 
 FORWARD_LAYERS = "Conv/ConvTranspose/Gemm/MatMul"
 
 
+class FoldMatch(Protocol):
+    """One BN a family will fold, and how (what the report records)."""
+
+    @property
+    def folded(self) -> FoldedBatchNorm: ...
+
+
+MatchT = TypeVar("MatchT", bound=FoldMatch)
+
+
 @dataclass(frozen=True)
-class FoldFamily:
-    """One pattern family: `find` collects (matches, reasons), `apply` turns matches into an edit."""
+class FoldFamily(Generic[MatchT]):
+    """One pattern family, onnxruntime's `Fusion` shape without its mutable state.
 
-    direction: str
-    find: Callable[[GraphIndex, list[BatchNormNode]], tuple[Sequence[Any], dict[str, str]]]
-    apply: Callable[[GraphIndex, Any], GraphEdit]
+    `find` collects every match in the graph at once (and why each other BN it
+    looked at cannot fold); `apply` turns all of them into one `GraphEdit`, so no
+    match ever sees a half-rewritten graph. `name` keys the report's per-family
+    counts.
+    """
+
+    name: str
+    direction: Literal["forward", "backward"]
+    find: Callable[[GraphIndex, list[BatchNormNode]], tuple[Sequence[MatchT], dict[str, str]]]
+    apply: Callable[[GraphIndex, list[MatchT]], GraphEdit]
 
 
-FAMILIES = (
-    FoldFamily("forward", find_conv_forward, apply_conv_forward),
-    FoldFamily("forward", find_dense_forward, apply_dense_forward),
-    FoldFamily("backward", find_backward, apply_backward),
+CONV_FORWARD: Final = FoldFamily("conv_forward", "forward", find_conv_forward, apply_conv_forward)
+DENSE_FORWARD: Final = FoldFamily(
+    "dense_forward", "forward", find_dense_forward, apply_dense_forward
 )
+BACKWARD: Final = FoldFamily("backward", "backward", find_backward, apply_backward)
+FAMILIES: Final[tuple[FoldFamily[Any], ...]] = (CONV_FORWARD, DENSE_FORWARD, BACKWARD)
 
 
 def fold_batchnorms(model: ModelProto, tensor_info: dict[str, TensorInfo]) -> BatchNormReport:
@@ -72,8 +90,9 @@ def fold_batchnorms(model: ModelProto, tensor_info: dict[str, TensorInfo]) -> Ba
             candidates = [bn for bn in read_batchnorms(index) if bn.blocked is None]
             matches, found_reasons = family.find(index, candidates)
             reasons[family.direction].update(found_reasons)
-            apply_edit(model, family.apply(index, matches))
+            apply_edit(model, family.apply(index, list(matches)))
             report.folded.extend(match.folded for match in matches)
+            report.by_pattern[family.name] = report.by_pattern.get(family.name, 0) + len(matches)
             folded_this_round += len(matches)
         if not folded_this_round:
             break

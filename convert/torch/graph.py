@@ -266,7 +266,7 @@ class _GraphAnalysis:
         if no_statistics is not None:
             return no_statistics if functional_call else f"{no_statistics}, {NOT_A_LAYER}"
         if not functional_call:
-            shared = self._bn_unshareable(str(bn_node.target))
+            shared = self._unshareable(str(bn_node.target), "the BN module")
             if shared:
                 return shared
         forward = self._forward(bn_node, name)
@@ -307,7 +307,7 @@ class _GraphAnalysis:
             return f"a non-linear or unsupported op `{_describe(source)}` sits between it and the layer before"
         layer_path = str(source.target)
         layer = self.modules[layer_path]
-        reason = self._layer_unshareable(layer_path)
+        reason = self._unshareable(layer_path, f"`{layer_path}`")
         if reason:
             return reason
         output_rank = _rank(source)
@@ -357,7 +357,7 @@ class _GraphAnalysis:
             return f"a non-linear or unsupported op `{_describe(target)}` sits between it and the next layer"
         layer_path = str(target.target)
         layer = self.modules[layer_path]
-        reason = self._layer_unshareable(layer_path)
+        reason = self._unshareable(layer_path, f"`{layer_path}`")
         if reason:
             return reason
         input_rank = _rank(batchnorm_input(bn_node))
@@ -378,26 +378,15 @@ class _GraphAnalysis:
             )
         return FoldStep(name, bn_node.name, layer_path, "backward")
 
-    def _bn_unshareable(self, bn_path: str) -> str | None:
-        if self.call_counts[bn_path] > 1:
-            return (
-                f"parameters are shared: the BN module is applied at "
-                f"{self.call_counts[bn_path]} places"
-            )
-        shared = self._shared_with(bn_path)
+    def _unshareable(self, module_path: str, subject: str) -> str | None:
+        """Why the parameters of the module at `module_path` may not be rewritten: it is
+        applied at several places, or its tensors are tied to another module's."""
+        calls = self.call_counts[module_path]
+        if calls > 1:
+            return f"parameters are shared: {subject} is applied at {calls} places"
+        shared = self._shared_with(module_path)
         if shared:
-            return f"parameters are shared with `{shared}`"
-        return None
-
-    def _layer_unshareable(self, layer_path: str) -> str | None:
-        if self.call_counts[layer_path] > 1:
-            return (
-                f"parameters are shared: `{layer_path}` is applied at "
-                f"{self.call_counts[layer_path]} places"
-            )
-        shared = self._shared_with(layer_path)
-        if shared:
-            return f"parameters are shared: `{layer_path}` ties parameters with `{shared}`"
+            return f"parameters are shared: {subject} ties parameters with `{shared}`"
         return None
 
     def _shared_with(self, module_path: str) -> str | None:

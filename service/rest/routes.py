@@ -10,6 +10,9 @@ budget is held until the data plane's answer is built.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
@@ -161,26 +164,34 @@ def repository_routes() -> APIRouter:
     async def index(request: Request, dataplane: DataPlaneDep) -> Response:
         return json_response(dataplane.repository_index(await index_ready_only(request)))
 
-    @router.post(
-        "/v2/repository/models/{model_name}/load",
-        summary="Load or reload a model (admin)",
-        dependencies=[Depends(require_admin)],
-        **openapi.REPOSITORY_LOAD,
+    admin_actions = (
+        ("load", "Load or reload a model (admin)", openapi.REPOSITORY_LOAD, check_load_body),
+        ("unload", "Unload a model (admin)", openapi.REPOSITORY_UNLOAD, json_body),
     )
-    async def load(model_name: str, request: Request, dataplane: DataPlaneDep) -> Response:
-        await check_load_body(request)
-        await dataplane.load(model_name)
-        return json_response({})
-
-    @router.post(
-        "/v2/repository/models/{model_name}/unload",
-        summary="Unload a model (admin)",
-        dependencies=[Depends(require_admin)],
-        **openapi.REPOSITORY_UNLOAD,
-    )
-    async def unload(model_name: str, request: Request, dataplane: DataPlaneDep) -> Response:
-        await json_body(request)
-        await dataplane.unload(model_name)
-        return json_response({})
+    for action, summary, documentation, check_body in admin_actions:
+        _admin_route(router, action, summary, documentation, check_body)
 
     return router
+
+
+def _admin_route(
+    router: APIRouter,
+    action: Literal["load", "unload"],
+    summary: str,
+    documentation: dict[str, Any],
+    check_body: Callable[[Request], Awaitable[object]],
+) -> None:
+    """POST /v2/repository/models/{model_name}/<action>, behind the admin token."""
+
+    async def endpoint(model_name: str, request: Request, dataplane: DataPlaneDep) -> Response:
+        await check_body(request)
+        await getattr(dataplane, action)(model_name)
+        return json_response({})
+
+    router.post(
+        f"/v2/repository/models/{{model_name}}/{action}",
+        summary=summary,
+        name=action,
+        dependencies=[Depends(require_admin)],
+        **documentation,
+    )(endpoint)
