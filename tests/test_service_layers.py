@@ -1,5 +1,6 @@
 """The service's layers: the errors and the data plane know no web framework, the modules of
-service/ import each other without a cycle, and `bnfold serve` resolves providers once."""
+service/ (and of convert/, core/, models/) import each other without a cycle, and `bnfold
+serve` resolves providers once."""
 
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ def test_the_domain_imports_no_web_framework(module: str) -> None:
     assert result.stdout.strip() == "[]"
 
 
-def _module_name(path: Path) -> str:
-    parts = ["bnfold", "service", *path.relative_to(SERVICE).with_suffix("").parts]
+def _module_name(path: Path, folder: Path, package: str) -> str:
+    parts = [*package.split("."), *path.relative_to(folder).with_suffix("").parts]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -70,10 +71,14 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
     return found & modules
 
 
-def service_imports() -> dict[str, set[str]]:
-    """Each module of service/ (rest/ included) and the service modules it imports."""
-    paths = {_module_name(path): path for path in SERVICE.rglob("*.py")}
+def package_imports(folder: Path, package: str) -> dict[str, set[str]]:
+    """Each module below `folder` (the package `package`) and the modules of it it imports."""
+    paths = {_module_name(path, folder, package): path for path in folder.rglob("*.py")}
     return {name: _imports(path, set(paths)) - {name} for name, path in paths.items()}
+
+
+def service_imports() -> dict[str, set[str]]:
+    return package_imports(SERVICE, "bnfold.service")
 
 
 def first_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -105,6 +110,16 @@ def test_service_modules_import_no_cycle() -> None:
     assert "bnfold.service.dataplane" in graph["bnfold.service.rest.routes"] | set().union(
         *(graph[name] for name in graph["bnfold.service.rest.routes"])
     )
+    assert first_cycle(graph) is None
+
+
+@pytest.mark.parametrize(
+    ("folder", "package"),
+    [("convert", "bnfold.convert"), ("core", "bnfold"), ("models", "bnfold.models")],
+)
+def test_the_other_packages_import_no_cycle(folder: str, package: str) -> None:
+    graph = package_imports(SERVICE.parent / folder, package)
+    assert len(graph) > 1
     assert first_cycle(graph) is None
 
 
