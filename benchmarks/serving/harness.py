@@ -3,7 +3,6 @@ ready, stopping it, and reading its process (memory, CPU time, metrics) from out
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -18,6 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from bnfold.package_format import MANIFEST, parse_manifest
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 WORK = ROOT / "benchmarks" / "out" / "serve"
 PYTHON = sys.executable
@@ -29,12 +30,12 @@ def ensure_repository() -> Path:
     """benchmarks/out/serve/repository: the digits MLP and ResNet-18, converted once."""
     repository = WORK / "repository"
     default = ROOT / "models" / "repository"
-    if not (default / "digits_mlp" / "1" / "manifest.json").is_file():
+    if not (default / "digits_mlp" / "1" / MANIFEST).is_file():
         subprocess.run([*BNFOLD, "models", "build"], check=True, cwd=ROOT)
-    if not (repository / "digits_mlp" / "1" / "manifest.json").is_file():
+    if not (repository / "digits_mlp" / "1" / MANIFEST).is_file():
         repository.mkdir(parents=True, exist_ok=True)
         shutil.copytree(default / "digits_mlp", repository / "digits_mlp", dirs_exist_ok=True)
-    if not (repository / "resnet18" / "1" / "manifest.json").is_file():
+    if not (repository / "resnet18" / "1" / MANIFEST).is_file():
         subprocess.run(
             [*BNFOLD, "convert", "resnet18", "--repository", str(repository)],
             check=True,
@@ -45,9 +46,9 @@ def ensure_repository() -> Path:
 
 
 def input_shape(repository: Path, model: str) -> tuple[int, ...]:
-    manifest = json.loads((repository / model / "1" / "manifest.json").read_text())
-    [tensor] = manifest["inputs"]
-    return tuple(1 if dim == -1 else dim for dim in tensor["shape"])
+    manifest = parse_manifest((repository / model / "1" / MANIFEST).read_bytes())
+    [tensor] = manifest.inputs
+    return tuple(1 if dim == -1 else dim for dim in tensor.shape)
 
 
 def free_port() -> int:
