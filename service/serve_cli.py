@@ -236,15 +236,7 @@ def ensure_repository(repository: Path) -> None:
     if exists and scan_repository(repository):
         return
     logger.info("the embedded repository %s is empty: building it (once)", repository)
-    command = [
-        sys.executable,
-        "-m",
-        "bnfold",
-        "models",
-        "build",
-        "--repository",
-        str(repository),
-    ]
+    command = [sys.executable, "-m", "bnfold", "models", "build", "--repository", str(repository)]
     if subprocess.run(command, check=False).returncode != 0:
         raise RepositoryUnavailable(f"building the embedded repository failed; {BUILD_HINT}")
     if not scan_repository(repository):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -271,22 +272,49 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+#: The V2 datatype of each ONNX element type the test packages use.
+_DATATYPES = {
+    TensorProto.FLOAT: "FP32",
+    TensorProto.DOUBLE: "FP64",
+    TensorProto.FLOAT16: "FP16",
+    TensorProto.INT32: "INT32",
+    TensorProto.INT64: "INT64",
+    TensorProto.BOOL: "BOOL",
+}
+
+
+def _manifest_tensors(values: Sequence[onnx.ValueInfoProto]) -> list[dict[str, object]]:
+    """The manifest's inputs or outputs for these graph values; a symbolic axis is -1."""
+    return [
+        {
+            "name": value.name,
+            "datatype": _DATATYPES[value.type.tensor_type.elem_type],
+            "shape": [
+                -1 if dim.dim_param else dim.dim_value for dim in value.type.tensor_type.shape.dim
+            ],
+        }
+        for value in values
+    ]
+
+
 def write_package(
     repository: Path,
     name: str,
     version: int,
     eval_model: onnx.ModelProto,
-    train_model: onnx.ModelProto,
+    train_model: onnx.ModelProto | None = None,
     *,
-    inputs: list[dict[str, object]],
-    outputs: list[dict[str, object]],
-    layers: list[dict[str, object]],
+    layers: Sequence[dict[str, object]] = (),
 ) -> Path:
-    """Write REPO/NAME/VERSION with the two graphs and a manifest per docs/package-format.md."""
+    """Write REPO/NAME/VERSION with the two graphs and a manifest per docs/package-format.md.
+
+    The manifest declares the eval graph's inputs and outputs. Without a train graph (a
+    package without BatchNorm layers) the eval graph is train.onnx too.
+    """
     package = repository / name / str(version)
     package.mkdir(parents=True)
     onnx.save(eval_model, package / "model.onnx")
-    onnx.save(train_model, package / "train.onnx")
+    onnx.save(eval_model if train_model is None else train_model, package / "train.onnx")
     manifest = {
         "schema_version": 1,
         "name": name,
@@ -294,13 +322,13 @@ def write_package(
         "created": "2026-11-23T18:00:00+00:00",
         "source": {"kind": "onnx", "ref": "tests/service_packages.py", "sha256": "0" * 64},
         "tool_versions": {"bnfold": "0.1.0", "onnx": onnx.__version__, "opset": OPSET},
-        "inputs": inputs,
-        "outputs": outputs,
+        "inputs": _manifest_tensors(eval_model.graph.input),
+        "outputs": _manifest_tensors(eval_model.graph.output),
         "batchnorm": {
             "total": len(layers),
             "folded": [],
             "kept": [],
-            "layers": layers,
+            "layers": list(layers),
         },
         "verification": {"passed": True},
         "files": {
@@ -328,10 +356,6 @@ def _layer(
     }
 
 
-MLP_INPUTS = [{"name": "input", "datatype": "FP32", "shape": [-1, MLP_IN]}]
-MLP_OUTPUTS = [{"name": "output", "datatype": "FP32", "shape": [-1, MLP_OUT]}]
-
-
 def write_mlp(repository: Path, name: str, version: int, seed: int) -> Path:
     weights = mlp_weights(seed)
     eval_model, train_model = mlp_models(weights)
@@ -339,56 +363,18 @@ def write_mlp(repository: Path, name: str, version: int, seed: int) -> Path:
         "running_mean": weights.running_mean.tolist(),
         "running_var": weights.running_var.tolist(),
     }
-    return write_package(
-        repository,
-        name,
-        version,
-        eval_model,
-        train_model,
-        inputs=MLP_INPUTS,
-        outputs=MLP_OUTPUTS,
-        layers=[_layer("bn1", MLP_HIDDEN, stats, input_rank=2)],
-    )
+    layer = _layer("bn1", MLP_HIDDEN, stats, input_rank=2)
+    return write_package(repository, name, version, eval_model, train_model, layers=[layer])
 
 
 def write_pixels(repository: Path, name: str = "pixels", version: int = 1) -> Path:
     eval_model, train_model, stats = pixels_models(seed=7)
-    return write_package(
-        repository,
-        name,
-        version,
-        eval_model,
-        train_model,
-        inputs=[
-            {"name": "image", "datatype": "FP32", "shape": [-1, PIXEL_CHANNELS, 3, 3]},
-        ],
-        outputs=[{"name": "logits", "datatype": "FP32", "shape": [-1, PIXEL_CLASSES]}],
-        layers=[_layer("bn", PIXEL_CHANNELS, stats, input_rank=4)],
-    )
+    layer = _layer("bn", PIXEL_CHANNELS, stats, input_rank=4)
+    return write_package(repository, name, version, eval_model, train_model, layers=[layer])
 
 
 def write_dtypes(repository: Path, name: str = "dtypes", version: int = 1) -> Path:
-    model = dtypes_model()
-    return write_package(
-        repository,
-        name,
-        version,
-        model,
-        model,
-        inputs=[
-            {"name": "a", "datatype": "FP64", "shape": [-1, 3]},
-            {"name": "b", "datatype": "INT32", "shape": [-1, 3]},
-            {"name": "c", "datatype": "BOOL", "shape": [-1, 3]},
-            {"name": "d", "datatype": "FP16", "shape": [-1, 3]},
-        ],
-        outputs=[
-            {"name": "sum", "datatype": "FP64", "shape": [-1, 3]},
-            {"name": "mask", "datatype": "BOOL", "shape": [-1, 3]},
-            {"name": "half", "datatype": "FP16", "shape": [-1, 3]},
-            {"name": "wide", "datatype": "INT64", "shape": [-1, 3]},
-        ],
-        layers=[],
-    )
+    return write_package(repository, name, version, dtypes_model())
 
 
 MLP_SEEDS = {1: 1, 2: 2}
@@ -431,14 +417,4 @@ def write_lookup(repository: Path, name: str = "lookup", version: int = 1) -> Pa
         [helper.make_tensor_value_info("row", TensorProto.FLOAT, ["batch", LOOKUP_WIDTH])],
         [numpy_helper.from_array(lookup_table(), "table")],
     )
-    model = _model(graph)
-    return write_package(
-        repository,
-        name,
-        version,
-        model,
-        model,
-        inputs=[{"name": "index", "datatype": "INT64", "shape": [-1]}],
-        outputs=[{"name": "row", "datatype": "FP32", "shape": [-1, LOOKUP_WIDTH]}],
-        layers=[],
-    )
+    return write_package(repository, name, version, _model(graph))

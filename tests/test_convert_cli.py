@@ -15,7 +15,6 @@ import onnx
 import pytest
 import torch
 from onnx import helper
-from test_onnx_support import array, initializer, make_model
 from torch import nn
 from typer.testing import CliRunner
 
@@ -23,6 +22,7 @@ from bnfold.cli import app
 from bnfold.package_format import sha256_file
 
 from convert_helpers import run_onnx, torch_eval, torch_train_mode_bn, within_float32_tolerance
+from onnx_helpers import array, initializer, make_model
 
 runner = CliRunner()
 

@@ -19,7 +19,7 @@ its optimizer off (so onnxruntime's own Conv+BN fusion is not the reference).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,13 +29,12 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from onnx import ModelProto, helper
-from test_convert_patterns import CONV_CASES, KEPT_CASES, LinearOnSequence
+from onnx import ModelProto
+from test_convert_patterns import torch_pattern_suite
 from test_onnx_fold_backward import C, bn_then
 from test_onnx_fold_conv import conv_bn
 from test_onnx_fold_dense import gemm_bn, matmul_bn
 from test_onnx_pipeline import cnn, mlp
-from test_onnx_support import bn_initializers, bn_node, export, initializer
 from test_onnx_train_graph import conv_relu_bn_gemm
 from torch import nn
 
@@ -46,7 +45,15 @@ from bnfold.service.repository import PackageLocation, read_package
 from bnfold.service.sessions import LoadedModel, SessionConfig, load_model
 from bnfold.service.settings import Settings
 
-from convert_helpers import calibrated, convert_module
+from convert_helpers import convert_module
+from onnx_helpers import (
+    bn_initializers,
+    bn_node,
+    export,
+    initializer,
+    list_as_input,
+    save_with_external_data,
+)
 from service_server import running_server
 
 CPU = SessionConfig(providers=("CPUExecutionProvider",))
@@ -101,70 +108,6 @@ def assert_serves_like(model: LoadedModel, feed: dict, expected: list[np.ndarray
 # ---- the torch pattern suite ---------------------------------------------------------
 
 
-class HeadThenBackward(nn.Sequential):
-    """Linear ─► ReLU ─► BN ─► Dropout ─► Linear: BN folds backward."""
-
-    def __init__(self) -> None:
-        super().__init__(
-            nn.Linear(8, 6), nn.ReLU(), nn.BatchNorm1d(6), nn.Dropout(0.2), nn.Linear(6, 3)
-        )
-
-
-def _torch_cases() -> Iterator[object]:
-    for case in CONV_CASES:
-        layer, bn, shape = case.values
-
-        def forward(layer: nn.Module = layer, bn: nn.Module = bn) -> nn.Module:
-            return nn.Sequential(copy.deepcopy(layer), copy.deepcopy(bn), nn.ReLU())
-
-        yield pytest.param(forward, shape, id=f"forward-{case.id}")
-    for case in KEPT_CASES:
-        factory, shape, _bn_name, _reason = case.values
-        yield pytest.param(factory, shape, id=f"kept-{case.id}")
-    for permute in (False, True):
-        yield pytest.param(
-            lambda permute=permute: LinearOnSequence(permute),
-            (2, 7, 5),
-            id=f"linear-on-sequence-{'permute' if permute else 'transpose'}",
-        )
-    yield pytest.param(
-        lambda: nn.Sequential(
-            nn.Conv2d(3, 4, 3), nn.Dropout2d(0.5), nn.Identity(), nn.BatchNorm2d(4)
-        ),
-        (2, 3, 6, 6),
-        id="forward-through-eval-no-ops",
-    )
-    yield pytest.param(HeadThenBackward, (2, 8), id="backward-head")
-    yield pytest.param(
-        lambda: nn.Sequential(
-            nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(36, 2)
-        ),
-        (2, 3, 5, 5),
-        id="backward-through-flatten",
-    )
-    for conv_id, conv in (
-        ("padding0-groups", lambda: nn.Conv2d(4, 6, 3, groups=2)),
-        ("reflect", lambda: nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect")),
-        ("replicate", lambda: nn.Conv2d(4, 6, 3, padding=1, padding_mode="replicate")),
-        ("circular", lambda: nn.Conv2d(4, 6, 3, padding=1, padding_mode="circular")),
-    ):
-        yield pytest.param(
-            lambda conv=conv: nn.Sequential(nn.ReLU(), nn.BatchNorm2d(4), conv()),
-            (2, 4, 7, 7),
-            id=f"backward-into-conv-{conv_id}",
-        )
-    yield pytest.param(
-        lambda: nn.Sequential(
-            nn.Conv2d(3, 4, 3),
-            nn.BatchNorm2d(4, track_running_stats=False),
-            nn.Conv2d(4, 4, 1),
-            nn.BatchNorm2d(4),
-        ),
-        (2, 3, 6, 6),
-        id="no-running-stats-beside-a-layer",
-    )
-
-
 def torch_reference(module: nn.Module, x: np.ndarray) -> list[np.ndarray]:
     """The source model in eval mode, float64: the exact map the package must reproduce."""
     reference = copy.deepcopy(module).double().eval()
@@ -174,11 +117,11 @@ def torch_reference(module: nn.Module, x: np.ndarray) -> list[np.ndarray]:
     return [output.numpy() for output in outputs]
 
 
-@pytest.mark.parametrize(("factory", "shape"), list(_torch_cases()))
+@pytest.mark.parametrize(("build", "shape"), torch_pattern_suite())
 def test_torch_pattern_package_is_served(
-    factory: Callable[[], nn.Module], shape: tuple[int, ...], repository: Path, request
+    build: Callable[[], nn.Module], shape: tuple[int, ...], repository: Path, request
 ) -> None:
-    module = calibrated(factory(), shape)
+    module = build()
     name = request.node.callspec.id
     result = convert_module(module, shape, repository, name=name)
     model = load_served(Path(result.package_path))
@@ -216,19 +159,10 @@ def exported(factory: Callable[[], nn.Module], shape: tuple[int, ...]) -> Callab
     return lambda directory: export(factory(), directory / "source.onnx", shape)
 
 
-def to_graph_input(model: ModelProto, name: str, *, keep_initializer: bool) -> ModelProto:
-    """List initializer `name` among the graph inputs: overridable, or (removed) a plain input."""
-    tensor = next(t for t in model.graph.initializer if t.name == name)
-    if not keep_initializer:
-        model.graph.initializer.remove(tensor)
-    model.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, tensor.dims))
-    return model
-
-
 def statistics_as_graph_inputs() -> ModelProto:
     model = conv_bn()
     for name in ("bn.mean", "bn.var"):
-        to_graph_input(model, name, keep_initializer=False)
+        list_as_input(model, name, keep_initializer=False)
     return model
 
 
@@ -236,23 +170,14 @@ def every_initializer_an_input_ir3() -> ModelProto:
     """IR 3 requires initializers among the inputs; they are constants there, and fold."""
     model = conv_bn(opset=9)
     for tensor in list(model.graph.initializer):
-        to_graph_input(model, tensor.name, keep_initializer=True)
+        list_as_input(model, tensor.name, keep_initializer=True)
     model.ir_version = 3
     return model
 
 
 def external_data(directory: Path) -> Path:
     plain = export(cnn(width=16), directory / "plain.onnx", (2, 2, 6, 6))
-    source = directory / "source.onnx"
-    onnx.save_model(
-        onnx.load(str(plain)),
-        str(source),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location="source.onnx.data",
-        size_threshold=0,
-    )
-    return source
+    return save_with_external_data(plain, directory / "source.onnx")
 
 
 def two_bns_into_one_conv() -> ModelProto:
@@ -345,13 +270,13 @@ ONNX_CASES = {
         saved(statistics_as_graph_inputs), positive=frozenset({"bn.var"})
     ),
     "scale-as-graph-input": OnnxCase(
-        saved(lambda: to_graph_input(conv_bn(), "bn.scale", keep_initializer=False))
+        saved(lambda: list_as_input(conv_bn(), "bn.scale", keep_initializer=False))
     ),
     "overridable-bn-parameters": OnnxCase(
-        saved(lambda: to_graph_input(conv_bn(), "bn.var", keep_initializer=True))
+        saved(lambda: list_as_input(conv_bn(), "bn.var", keep_initializer=True))
     ),
     "overridable-conv-weight": OnnxCase(
-        saved(lambda: to_graph_input(conv_bn(), "W", keep_initializer=True))
+        saved(lambda: list_as_input(conv_bn(), "W", keep_initializer=True))
     ),
     "ir3-initializers-as-inputs": OnnxCase(saved(every_initializer_an_input_ir3)),
     "largest-version": OnnxCase(saved(lambda: gemm_bn()), version=MAX_VERSION),
@@ -396,7 +321,7 @@ def test_largest_version_is_served_over_http(tmp_path: Path) -> None:
     source = export(module, tmp_path / "mlp.onnx", (4, 6))
     convert_onnx_file(source, repository=repository, name="mlp", version=MAX_VERSION, sample=None)
     overridable = tmp_path / "overridable.onnx"
-    onnx.save(to_graph_input(conv_bn(), "W", keep_initializer=True), str(overridable))
+    onnx.save(list_as_input(conv_bn(), "W", keep_initializer=True), str(overridable))
     convert_onnx_file(overridable, repository=repository, name="conv", version=None, sample=None)
     x = np.random.default_rng(3).standard_normal((3, 6)).astype(np.float32)
     request = {

@@ -351,7 +351,8 @@ def test_runtime_converts_an_onnx_file_without_torch(
     """The ONNX path of `bnfold convert` is torch-free: the serving install (no torch) folds,
     verifies and packages an .onnx file, and the package serves the same answers."""
     from test_onnx_pipeline import cnn
-    from test_onnx_support import export
+
+    from onnx_helpers import export
 
     model = cnn()
     source = export(model, tmp_path / "cnn.onnx", (1, 2, 6, 6))

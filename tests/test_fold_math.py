@@ -76,79 +76,59 @@ shapes = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=40, deadline=None)
-@given(shapes)
-def test_forward_fold_into_conv_matches_conv_then_bn(case: dict) -> None:
-    in_channels, out_channels = (
-        case["groups"] * case["per_group_in"],
-        case["groups"] * case["per_group_out"],
-    )
-    torch.manual_seed(case["seed"])
-    conv = CONV[case["dims"]](
-        in_channels, out_channels, case["kernel"], groups=case["groups"], bias=case["bias"]
-    ).double()
-    bn = random_bn(out_channels, case["dims"], case["eps"], case["affine"], case["seed"])
-    x = torch.randn(2, in_channels, *([5] * case["dims"]), dtype=torch.float64)
-    expected = bn(conv(x))
-    folded = fold_after_layer(
-        conv.weight.detach().numpy(),
-        None if conv.bias is None else conv.bias.detach().numpy(),
-        params_of(bn),
-        groups=case["groups"],
-    )
-    assert_close(rewritten(conv, folded.weight, folded.bias)(x), expected)
-
-
-@settings(max_examples=40, deadline=None)
-@given(shapes)
-def test_forward_fold_into_conv_transpose_matches(case: dict) -> None:
-    in_channels, out_channels = (
-        case["groups"] * case["per_group_in"],
-        case["groups"] * case["per_group_out"],
-    )
-    torch.manual_seed(case["seed"])
-    layer = CONV_TRANSPOSE[case["dims"]](
-        in_channels,
-        out_channels,
-        case["kernel"],
-        stride=2,
-        groups=case["groups"],
-        bias=case["bias"],
-    ).double()
-    bn = random_bn(out_channels, case["dims"], case["eps"], case["affine"], case["seed"])
-    x = torch.randn(2, in_channels, *([4] * case["dims"]), dtype=torch.float64)
-    expected = bn(layer(x))
-    folded = fold_after_layer(
+def weight_and_bias(layer: nn.Module) -> tuple[np.ndarray, np.ndarray | None]:
+    return (
         layer.weight.detach().numpy(),
         None if layer.bias is None else layer.bias.detach().numpy(),
-        params_of(bn),
-        transposed=True,
-        groups=case["groups"],
     )
+
+
+def assert_conv_fold_matches(
+    case: dict, *, transposed: bool = False, bn_first: bool = False
+) -> None:
+    """Fold a random BatchNorm into the float64 conv ``case`` describes (a stride-2 transposed
+    conv when ``transposed``) — on its input side when ``bn_first``, else on its output side —
+    and check the rewritten layer against the unfolded pair."""
+    in_channels = case["groups"] * case["per_group_in"]
+    out_channels = case["groups"] * case["per_group_out"]
+    torch.manual_seed(case["seed"])
+    common = {"groups": case["groups"], "bias": case["bias"]}
+    if transposed:
+        layer = CONV_TRANSPOSE[case["dims"]](
+            in_channels, out_channels, case["kernel"], stride=2, **common
+        ).double()
+    else:
+        layer = CONV[case["dims"]](in_channels, out_channels, case["kernel"], **common).double()
+    bn_channels = in_channels if bn_first else out_channels
+    bn = random_bn(bn_channels, case["dims"], case["eps"], case["affine"], case["seed"])
+    x = torch.randn(2, in_channels, *([4 if transposed else 5] * case["dims"]), dtype=torch.float64)
+    if bn_first:
+        expected = layer(bn(x))
+        folded = fold_before_layer(*weight_and_bias(layer), params_of(bn), groups=case["groups"])
+    else:
+        expected = bn(layer(x))
+        folded = fold_after_layer(
+            *weight_and_bias(layer), params_of(bn), transposed=transposed, groups=case["groups"]
+        )
     assert_close(rewritten(layer, folded.weight, folded.bias)(x), expected)
 
 
 @settings(max_examples=40, deadline=None)
 @given(shapes)
+def test_forward_fold_into_conv_matches_conv_then_bn(case: dict) -> None:
+    assert_conv_fold_matches(case)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes)
+def test_forward_fold_into_conv_transpose_matches(case: dict) -> None:
+    assert_conv_fold_matches(case, transposed=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes)
 def test_backward_fold_into_conv_matches_bn_then_conv(case: dict) -> None:
-    in_channels, out_channels = (
-        case["groups"] * case["per_group_in"],
-        case["groups"] * case["per_group_out"],
-    )
-    torch.manual_seed(case["seed"])
-    conv = CONV[case["dims"]](
-        in_channels, out_channels, case["kernel"], groups=case["groups"], bias=case["bias"]
-    ).double()
-    bn = random_bn(in_channels, case["dims"], case["eps"], case["affine"], case["seed"])
-    x = torch.randn(2, in_channels, *([5] * case["dims"]), dtype=torch.float64)
-    expected = conv(bn(x))
-    folded = fold_before_layer(
-        conv.weight.detach().numpy(),
-        None if conv.bias is None else conv.bias.detach().numpy(),
-        params_of(bn),
-        groups=case["groups"],
-    )
-    assert_close(rewritten(conv, folded.weight, folded.bias)(x), expected)
+    assert_conv_fold_matches(case, bn_first=True)
 
 
 @settings(max_examples=40, deadline=None)
@@ -168,22 +148,13 @@ def test_linear_folds_both_ways(channels, spatial, out_features, bias, affine, e
     bn_before = random_bn(channels, len(spatial), eps, affine, seed)
     x = torch.randn(3, channels, *spatial, dtype=torch.float64)
     expected = linear(bn_before(x).flatten(1))
-    folded = fold_before_layer(
-        linear.weight.detach().numpy(),
-        None if linear.bias is None else linear.bias.detach().numpy(),
-        params_of(bn_before),
-        repeats=repeats,
-    )
+    folded = fold_before_layer(*weight_and_bias(linear), params_of(bn_before), repeats=repeats)
     after_backward = rewritten(linear, folded.weight, folded.bias)
     assert_close(after_backward(x.flatten(1)), expected)
 
     bn_after = random_bn(out_features, 0, eps, affine, seed + 1)
     expected_forward = bn_after(after_backward(x.flatten(1)))
-    folded_forward = fold_after_layer(
-        after_backward.weight.detach().numpy(),
-        after_backward.bias.detach().numpy(),
-        params_of(bn_after),
-    )
+    folded_forward = fold_after_layer(*weight_and_bias(after_backward), params_of(bn_after))
     assert_close(
         rewritten(after_backward, folded_forward.weight, folded_forward.bias)(x.flatten(1)),
         expected_forward,

@@ -2,7 +2,7 @@
 
 Every model of the torch pattern suite (`torch_pattern_suite` in
 tests/test_convert_patterns.py) is exported the plain way (`export` in
-tests/test_onnx_support.py): TorchScript, `do_constant_folding=False`, eval
+tests/onnx_helpers.py): TorchScript, `do_constant_folding=False`, eval
 mode (the exporter's default, TrainingMode.EVAL), opset 17, a dynamic batch
 axis. Each BN call then stays a BatchNormalization node: the exporter fuses
 none of them (checked by count below, so an exporter that did would fail
@@ -39,7 +39,6 @@ import onnx
 import pytest
 import torch
 from test_convert_patterns import torch_pattern_suite
-from test_onnx_support import export
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -49,6 +48,7 @@ from bnfold.convert.torch.graph import CONV_TRANSPOSE_TYPES, CONV_TYPES, FoldPla
 from bnfold.convert.torch.pipeline import trace
 
 from convert_helpers import run_onnx, torch_eval, within_float32_tolerance
+from onnx_helpers import export
 
 #: Cases where the ONNX path folds a BN the torch path keeps, and why both are right.
 ONNX_ONLY_FOLDS = {

@@ -9,7 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from onnx import TensorProto, helper
-from test_onnx_support import (
+
+from bnfold.convert.onnx.graph import op_counts
+
+from onnx_helpers import (
     add_output,
     array,
     bn_initializers,
@@ -19,8 +22,6 @@ from test_onnx_support import (
     kept_reason,
     make_model,
 )
-
-from bnfold.convert.onnx.graph import op_counts
 
 C = 4
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 from onnx import helper, numpy_helper
-from test_onnx_support import (
+
+from bnfold.convert.onnx.graph import op_counts
+from bnfold.convert.report import BatchNormReport
+
+from onnx_helpers import (
     LATEST_OPSET,
     add_output,
     array,
@@ -12,13 +16,11 @@ from test_onnx_support import (
     bn_initializers,
     bn_node,
     check_fold,
-    fold,
     initializer,
     kept_reason,
+    list_as_input,
     make_model,
 )
-
-from bnfold.convert.onnx.graph import op_counts
 
 
 def conv_bn(
@@ -92,22 +94,13 @@ def test_conv_output_that_is_a_graph_output_keeps_the_bn() -> None:
     assert "the Conv output is a graph output" in kept_reason(model)
 
 
-def _initializer_to_input(model, name: str) -> None:
-    """Turn initializer `name` into a graph input: the value is no longer a constant."""
-    tensor = next(t for t in model.graph.initializer if t.name == name)
-    model.graph.initializer.remove(tensor)
-    model.graph.input.append(helper.make_tensor_value_info(name, 1, list(tensor.dims)))
-
-
 def test_non_constant_conv_weight_keeps_the_bn() -> None:
-    model = conv_bn()
-    _initializer_to_input(model, "W")
+    model = list_as_input(conv_bn(), "W", keep_initializer=False)
     assert kept_reason(model).startswith("forward: Conv weight is not constant;")
 
 
 def test_non_constant_bn_parameters_keep_the_bn() -> None:
-    model = conv_bn()
-    _initializer_to_input(model, "bn.scale")
+    model = list_as_input(conv_bn(), "bn.scale", keep_initializer=False)
     assert kept_reason(model) == "BN parameters are not constant initializers"
 
 
@@ -185,34 +178,31 @@ def test_assert_same_outputs_catches_a_wrong_fold() -> None:
 # ---- overridable initializers, and BNs without running statistics ------------------------
 
 
-def _list_as_input(model, name: str) -> None:
-    """Keep initializer `name` and list it in graph.input too: an overridable default (IR ≥ 4)."""
-    tensor = next(t for t in model.graph.initializer if t.name == name)
-    model.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, tensor.dims))
+def kept_as_overridable(name: str) -> BatchNormReport:
+    """conv_bn() with initializer `name` also listed in graph.input: the BN must be kept, and
+    `name` must stay both an input and an initializer (a default a caller may override)."""
+    model = list_as_input(conv_bn(), name, keep_initializer=True)
+    folded, report = check_fold(model, folded=0, kept=1)
+    assert name in {value.name for value in folded.graph.input}
+    assert name in {tensor.name for tensor in folded.graph.initializer}
+    return report
 
 
 def test_overridable_bn_parameter_keeps_the_bn_and_the_input() -> None:
-    model = conv_bn()
-    _list_as_input(model, "bn.var")
-    folded, report = check_fold(model, folded=0, kept=1)
+    report = kept_as_overridable("bn.var")
     assert report.kept[0].reason.startswith(
         "BN parameters bn.var are overridable graph inputs (initializers also listed in "
         "graph.input), so they are not constant;"
     )
-    assert "bn.var" in {value.name for value in folded.graph.input}
-    assert "bn.var" in {tensor.name for tensor in folded.graph.initializer}
     assert report.layers == []  # its running variance is not a constant either
 
 
 def test_overridable_conv_weight_keeps_the_bn_and_the_input() -> None:
-    model = conv_bn()
-    _list_as_input(model, "W")
-    folded, report = check_fold(model, folded=0, kept=1)
+    report = kept_as_overridable("W")
     assert report.kept[0].reason.startswith(
         "forward: Conv weight 'W' is an overridable graph input (an initializer also listed "
         "in graph.input), so it is not a constant;"
     )
-    assert "W" in {value.name for value in folded.graph.input}
     assert [layer.name for layer in report.layers] == ["bn"]
 
 
@@ -220,7 +210,7 @@ def test_before_ir_4_initializers_listed_as_inputs_are_constants() -> None:
     """IR 3 requires every initializer among the inputs: they fold, and new ones are listed too."""
     model = conv_bn(opset=9)
     for tensor in list(model.graph.initializer):
-        _list_as_input(model, tensor.name)
+        list_as_input(model, tensor.name, keep_initializer=True)
     model.ir_version = 3
     folded, _report = check_fold(model, folded=1)
     inputs = {value.name for value in folded.graph.input}
@@ -231,8 +221,8 @@ def test_before_ir_4_initializers_listed_as_inputs_are_constants() -> None:
 def test_running_statistics_as_graph_inputs_keep_the_bn_out_of_the_layers() -> None:
     model = conv_bn()
     for name in ("bn.mean", "bn.var"):
-        _initializer_to_input(model, name)
-    _folded, report = fold(model)
+        list_as_input(model, name, keep_initializer=False)
+    _folded, report = check_fold(model, folded=0, kept=1)
     assert report.kept[0].reason == (
         "BN parameters are not constant initializers; its running mean or variance is not "
         "constant (no running statistics), so it is not in batchnorm.layers (compare skips it)"

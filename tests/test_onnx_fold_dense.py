@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from test_onnx_support import (
+
+from bnfold.convert.onnx.graph import op_counts
+
+from onnx_helpers import (
     LATEST_OPSET,
     add_output,
     array,
@@ -18,8 +21,6 @@ from test_onnx_support import (
     make_model,
     run,
 )
-
-from bnfold.convert.onnx.graph import op_counts
 
 IN, OUT = 5, 4
 

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 from test_onnx_pipeline import cnn, mlp
-from test_onnx_support import export
 from typer.testing import CliRunner
 
 from bnfold.cli import app
@@ -14,6 +13,8 @@ from bnfold.convert.onnx.fold import BACKWARD, CONV_FORWARD, DENSE_FORWARD, FAMI
 from bnfold.convert.onnx.inspect import inspect_path
 from bnfold.convert.onnx.io import load_onnx_source
 from bnfold.convert.onnx.pipeline import convert_onnx_file
+
+from onnx_helpers import export
 
 
 def test_families_run_forward_first_then_backward() -> None:

@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import helper
-from test_onnx_support import array, bn_initializers, bn_node, initializer, make_model
 from typer.testing import CliRunner
 
 from bnfold.cli import app
 from bnfold.convert.onnx.inspect import inspect_path
 from bnfold.convert.onnx.pipeline import convert_onnx_file
+
+from onnx_helpers import array, bn_initializers, bn_node, initializer, make_model
 
 runner = CliRunner()
 

@@ -19,7 +19,7 @@ import onnxruntime
 import pytest
 import torch
 from onnx import helper, numpy_helper
-from test_onnx_support import array, bn_initializers, bn_node, export, initializer, make_model
+from test_onnx_fold_conv import conv_bn
 from torch import nn
 
 from bnfold.convert.errors import ConvertError, InputShapeError, VerificationFailed
@@ -30,6 +30,15 @@ from bnfold.convert.onnx.patterns import conv_forward as onnx_fold_conv
 from bnfold.convert.onnx.pipeline import convert_onnx_file
 from bnfold.convert.report import ConversionResult
 from bnfold.package_format import sha256_file
+
+from onnx_helpers import (
+    array,
+    export,
+    initializer,
+    list_as_input,
+    make_model,
+    save_with_external_data,
+)
 
 ATOL, RTOL = 1e-5, 1e-4
 
@@ -237,15 +246,7 @@ def test_external_data_is_read_and_written(tmp_path: Path) -> None:
     plain = export(module, tmp_path / "plain.onnx", (2, 2, 6, 6))
     source_dir = tmp_path / "source"
     source_dir.mkdir()
-    source = source_dir / "cnn.onnx"
-    onnx.save_model(
-        onnx.load(str(plain)),
-        str(source),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location="cnn.onnx.data",
-        size_threshold=0,
-    )
+    source = save_with_external_data(plain, source_dir / "cnn.onnx")
     result = convert(source, tmp_path / "repo")
     package = Path(result.package_path)
     files = sorted(p.name for p in package.iterdir())
@@ -270,14 +271,8 @@ def test_external_data_is_read_and_written(tmp_path: Path) -> None:
 
 
 def test_missing_external_data_is_a_source_error(tmp_path: Path) -> None:
-    source = tmp_path / "cnn.onnx"
-    onnx.save_model(
-        onnx.load(str(export(cnn(), tmp_path / "plain.onnx", (2, 2, 6, 6)))),
-        str(source),
-        save_as_external_data=True,
-        location="cnn.onnx.data",
-        size_threshold=0,
-    )
+    plain = export(cnn(), tmp_path / "plain.onnx", (2, 2, 6, 6))
+    source = save_with_external_data(plain, tmp_path / "cnn.onnx")
     (tmp_path / "cnn.onnx.data").unlink()
     with pytest.raises(ConvertError) as caught:
         convert(source, tmp_path / "repo")
@@ -389,22 +384,11 @@ def test_wrong_train_graph_fails_verification(tmp_path: Path, monkeypatch) -> No
 def conv_bn_source(
     path: Path, *, as_inputs: tuple[str, ...] = (), overridable: tuple[str, ...] = ()
 ) -> Path:
-    """X ─► Conv ─► BN ─► Y with some initializers made graph inputs or overridable defaults."""
-    nodes = [
-        helper.make_node("Conv", ["X", "W", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-        bn_node("c", "Y", "bn"),
-    ]
-    inits = [
-        initializer("W", array(1, 6, 4, 3, 3)),
-        initializer("b", array(2, 6)),
-        *bn_initializers("bn", 6),
-    ]
-    model = make_model(nodes, [("X", ["N", 4, 5, 5])], ["Y"], inits)
+    """conv_bn() (X ─► Conv ─► BN ─► Y) with some initializers made graph inputs or
+    overridable defaults."""
+    model = conv_bn()
     for name in (*as_inputs, *overridable):
-        tensor = next(t for t in model.graph.initializer if t.name == name)
-        if name in as_inputs:
-            model.graph.initializer.remove(tensor)
-        model.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, tensor.dims))
+        list_as_input(model, name, keep_initializer=name in overridable)
     onnx.save(model, str(path))
     return path
 

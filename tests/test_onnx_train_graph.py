@@ -16,19 +16,22 @@ import onnxruntime
 import pytest
 import torch
 from onnx import ModelProto, TensorProto, helper, numpy_helper
-from test_onnx_support import (
+from torch import nn
+
+from bnfold.convert.onnx.graph import infer_tensor_info, op_counts
+from bnfold.convert.onnx.reference import TrainReference
+from bnfold.convert.onnx.train_graph import build_train_graph
+
+from onnx_helpers import (
     array,
     bn_initializers,
     bn_node,
     export,
     initializer,
+    list_as_input,
     make_model,
+    named_copies,
 )
-from torch import nn
-
-from bnfold.convert.onnx.graph import infer_tensor_info, name_nodes_uniquely, op_counts
-from bnfold.convert.onnx.reference import TrainReference
-from bnfold.convert.onnx.train_graph import build_train_graph
 
 TRAIN_RTOL = 1e-5
 TRAIN_ATOL = 1e-5
@@ -56,11 +59,7 @@ def conv_relu_bn_gemm(opset: int):
 
 
 def train_graph(model: ModelProto) -> tuple[ModelProto, list[str], ModelProto]:
-    original = ModelProto()
-    original.CopyFrom(model)
-    name_nodes_uniquely(original.graph)
-    train = ModelProto()
-    train.CopyFrom(original)
+    original, train = named_copies(model)
     stat_names = build_train_graph(train, infer_tensor_info(original))
     onnx.checker.check_model(train, full_check=True)
     return train, stat_names, original
@@ -213,9 +212,7 @@ def test_bn_without_running_statistics_normalises_but_has_no_statistics_outputs(
     """
     model = conv_relu_bn_gemm(17)
     for name in ("a.mean", "a.var"):
-        tensor = next(t for t in model.graph.initializer if t.name == name)
-        model.graph.initializer.remove(tensor)
-        model.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, tensor.dims))
+        list_as_input(model, name, keep_initializer=False)
     train, stat_names, original = train_graph(model)
     assert stat_names == ["b.batch_mean", "b.batch_var"]
     assert [output.name for output in train.graph.output] == ["Y", *stat_names]

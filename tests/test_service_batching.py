@@ -39,7 +39,6 @@ from bnfold.service.settings import Settings
 
 from service_packages import (
     MLP_IN,
-    MLP_OUTPUTS,
     MLP_SEEDS,
     _model,
     lookup_table,
@@ -75,17 +74,7 @@ def write_widths(repository: Path) -> Path:
             numpy_helper.from_array(np.array(2.0, dtype=np.float32), "two"),
         ],
     )
-    model = _model(graph)
-    return write_package(
-        repository,
-        "widths",
-        1,
-        model,
-        model,
-        inputs=[{"name": "x", "datatype": "FP32", "shape": [-1, -1]}],
-        outputs=[{"name": "total", "datatype": "FP32", "shape": [-1, 1]}],
-        layers=[],
-    )
+    return write_package(repository, "widths", 1, _model(graph))
 
 
 def _pin_batch(model: onnx.ModelProto, rows: int) -> onnx.ModelProto:
@@ -98,16 +87,8 @@ def _pin_batch(model: onnx.ModelProto, rows: int) -> onnx.ModelProto:
 
 def write_fixed(repository: Path) -> Path:
     eval_model, train_model = mlp_models(mlp_weights(seed=5))
-    return write_package(
-        repository,
-        "fixed",
-        1,
-        _pin_batch(eval_model, FIXED_ROWS),
-        _pin_batch(train_model, FIXED_ROWS),
-        inputs=[{"name": "input", "datatype": "FP32", "shape": [FIXED_ROWS, MLP_IN]}],
-        outputs=[{**MLP_OUTPUTS[0], "shape": [FIXED_ROWS, 4]}],
-        layers=[],
-    )
+    pinned = [_pin_batch(model, FIXED_ROWS) for model in (eval_model, train_model)]
+    return write_package(repository, "fixed", 1, *pinned)
 
 
 def write_unbatched(repository: Path) -> Path:
@@ -385,26 +366,28 @@ def test_batching_is_off_for_a_fixed_batch_model(
     assert runs == alone == len(batches)
 
 
+def batching_of(server: RunningServer, name: str) -> dict:
+    """The batching policy the server reports in the model's metadata parameters."""
+    return httpx.get(f"{server.url}/v2/models/{name}").json()["parameters"]["batching"]
+
+
+#: The queue fields of `unbatched` and `mlp`: the server's delay (mlp's config.json says the
+#: same) and the default queue size.
+SERVER_QUEUE = {"max_queue_delay_us": MERGE_DELAY_US, "max_queue_size": 256}
+
+
 def test_a_package_can_turn_batching_off(server: RunningServer) -> None:
-    batching = httpx.get(f"{server.url}/v2/models/unbatched").json()["parameters"]["batching"]
-    assert batching == {
+    assert batching_of(server, "unbatched") == {
         "enabled": False,
         "max_batch_size": 0,
-        "max_queue_delay_us": MERGE_DELAY_US,
-        "max_queue_size": 256,
+        **SERVER_QUEUE,
         "disabled_reason": "max_batch_size is 0",
     }
 
 
 def test_policy_sources_and_triton_config(server: RunningServer) -> None:
     """config.json (mlp) over the manifest over the server's settings (pixels)."""
-    mlp = httpx.get(f"{server.url}/v2/models/mlp").json()["parameters"]["batching"]
-    assert mlp == {
-        "enabled": True,
-        "max_batch_size": 12,
-        "max_queue_delay_us": MERGE_DELAY_US,
-        "max_queue_size": 256,
-    }
+    assert batching_of(server, "mlp") == {"enabled": True, "max_batch_size": 12, **SERVER_QUEUE}
     config = httpx.get(f"{server.url}/v2/models/pixels/config").json()
     assert config["max_batch_size"] == 0 and config["input"][0]["dims"] == [-1, 2, 3, 3]
     assert config["dynamic_batching"] == {

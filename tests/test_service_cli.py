@@ -315,17 +315,8 @@ def test_empty_default_repository_is_built_in_a_child_process(
 
     monkeypatch.setattr(serve_cli.subprocess, "run", build)
     serve_cli.ensure_repository(default)
-    assert commands == [
-        [
-            sys.executable,
-            "-m",
-            "bnfold",
-            "models",
-            "build",
-            "--repository",
-            str(default),
-        ]
-    ]
+    build_command = [sys.executable, "-m", "bnfold", "models", "build", "--repository"]
+    assert commands == [[*build_command, str(default)]]
     serve_cli.ensure_repository(default)  # built: no second build
     assert len(commands) == 1
 

@@ -39,6 +39,18 @@ def _request(batch: np.ndarray, name: str = "input", **fields: object) -> dict:
     }
 
 
+def _binary_request(batch: np.ndarray, **fields: object) -> tuple[bytes, dict[str, str]]:
+    """`batch` as binary data of `input` after the JSON header: (body, headers)."""
+    tensor = {
+        "name": "input",
+        "shape": list(batch.shape),
+        "datatype": "FP32",
+        "parameters": {"binary_data_size": batch.nbytes},
+    }
+    header = orjson.dumps({"inputs": [tensor], **fields})
+    return header + batch.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
+
+
 def _compare(
     client: httpx.Client, batch: np.ndarray, path: str = "/v2/models/mlp/compare", **fields: object
 ) -> dict:
@@ -132,22 +144,8 @@ def test_batch_of_one_is_fine_with_spatial_statistics(client: httpx.Client) -> N
 def test_non_finite_inputs_are_refused(client: httpx.Client) -> None:
     batch = _normal_batch(4)
     batch[1, 2] = np.nan
-    header = {
-        "inputs": [
-            {
-                "name": "input",
-                "shape": [4, 8],
-                "datatype": "FP32",
-                "parameters": {"binary_data_size": batch.nbytes},
-            }
-        ]
-    }
-    json_header = orjson.dumps(header)
-    response = client.post(
-        "/v2/models/mlp/compare",
-        content=json_header + batch.tobytes(),
-        headers={"Inference-Header-Content-Length": str(len(json_header))},
-    )
+    content, headers = _binary_request(batch)
+    response = client.post("/v2/models/mlp/compare", content=content, headers=headers)
     assert response.status_code == 422 and "NaN" in response.json()["error"]
 
 
@@ -170,26 +168,11 @@ def test_return_outputs_gives_both_modes(client: httpx.Client) -> None:
 
 def test_compare_changes_no_state(client: httpx.Client) -> None:
     """Eval results are bit-identical before and after many compares (binary outputs, no rounding)."""
-    probe = _normal_batch(7, seed=11)
-    header = {
-        "inputs": [
-            {
-                "name": "input",
-                "shape": [7, 8],
-                "datatype": "FP32",
-                "parameters": {"binary_data_size": probe.nbytes},
-            }
-        ],
-        "outputs": [{"name": "output", "parameters": {"binary_data": True}}],
-    }
-    json_header = orjson.dumps(header)
+    binary_output = {"name": "output", "parameters": {"binary_data": True}}
+    content, headers = _binary_request(_normal_batch(7, seed=11), outputs=[binary_output])
 
     def eval_bytes() -> bytes:
-        response = client.post(
-            "/v2/models/mlp/infer",
-            content=json_header + probe.tobytes(),
-            headers={"Inference-Header-Content-Length": str(len(json_header))},
-        )
+        response = client.post("/v2/models/mlp/infer", content=content, headers=headers)
         return response.content[int(response.headers["inference-header-content-length"]) :]
 
     before = eval_bytes()

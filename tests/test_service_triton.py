@@ -27,13 +27,18 @@ def batch() -> np.ndarray:
     return np.random.default_rng(1).normal(size=(6, 8)).astype(np.float32)
 
 
-def _expected(batch: np.ndarray, version: int) -> np.ndarray:
-    return mlp_reference(mlp_weights(MLP_SEEDS[version]), batch)["eval"]
+def _mlp_input(batch: np.ndarray, *, binary: bool = True) -> triton.InferInput:
+    tensor = triton.InferInput("input", list(batch.shape), "FP32")
+    tensor.set_data_from_numpy(batch, binary_data=binary)
+    return tensor
 
 
-def _tolerance(expected: np.ndarray) -> float:
-    """32 float32 ulps of the output scale (see test_service_http.float32_tolerance)."""
-    return 32 * FLOAT32_EPS * float(np.abs(expected).max())
+def _assert_mlp_output(result: triton.InferResult, batch: np.ndarray, version: int) -> None:
+    """`output` as mlp version `version` computes it (numpy reference, float64), within
+    32 float32 ulps of the output scale (see test_service_http.float32_tolerance)."""
+    expected = mlp_reference(mlp_weights(MLP_SEEDS[version]), batch)["eval"]
+    tolerance = 32 * FLOAT32_EPS * float(np.abs(expected).max())
+    np.testing.assert_allclose(result.as_numpy("output"), expected, rtol=0, atol=tolerance)
 
 
 def test_health_and_metadata(client: triton.InferenceServerClient) -> None:
@@ -65,39 +70,29 @@ def test_repository_index(client: triton.InferenceServerClient) -> None:
 def test_infer(
     client: triton.InferenceServerClient, batch: np.ndarray, binary_in: bool, binary_out: bool
 ) -> None:
-    tensor = triton.InferInput("input", list(batch.shape), "FP32")
-    tensor.set_data_from_numpy(batch, binary_data=binary_in)
+    tensor = _mlp_input(batch, binary=binary_in)
     requested = [triton.InferRequestedOutput("output", binary_data=binary_out)]
     result = client.infer("mlp", [tensor], model_version="1", outputs=requested, request_id="t-1")
     response = result.get_response()
     assert (response["model_version"], response["id"]) == ("1", "t-1")
     assert ("data" in response["outputs"][0]) is not binary_out
-    expected = _expected(batch, 1)
-    np.testing.assert_allclose(
-        result.as_numpy("output"), expected, rtol=0, atol=_tolerance(expected)
-    )
+    _assert_mlp_output(result, batch, version=1)
 
 
 def test_infer_without_outputs_gets_binary_outputs_of_the_latest_version(
     client: triton.InferenceServerClient, batch: np.ndarray
 ) -> None:
     """tritonclient asks for `binary_data_output` when no outputs are named."""
-    tensor = triton.InferInput("input", list(batch.shape), "FP32")
-    tensor.set_data_from_numpy(batch)
-    result = client.infer("mlp", [tensor])
+    result = client.infer("mlp", [_mlp_input(batch)])
     assert result.get_response()["model_version"] == "2"
     assert "binary_data_size" in result.get_output("output")["parameters"]
-    expected = _expected(batch, 2)
-    np.testing.assert_allclose(
-        result.as_numpy("output"), expected, rtol=0, atol=_tolerance(expected)
-    )
+    _assert_mlp_output(result, batch, version=2)
 
 
 def test_infer_with_compressed_requests(
     client: triton.InferenceServerClient, batch: np.ndarray
 ) -> None:
-    tensor = triton.InferInput("input", list(batch.shape), "FP32")
-    tensor.set_data_from_numpy(batch)
+    tensor = _mlp_input(batch)
     plain = client.infer("mlp", [tensor]).as_numpy("output")
     for algorithm in ("gzip", "deflate"):
         compressed = client.infer("mlp", [tensor], request_compression_algorithm=algorithm)

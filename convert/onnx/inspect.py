@@ -92,6 +92,7 @@ def _inspect_package(directory: Path) -> InspectReport:
         folded=[FoldedBatchNorm(item.name, item.into, item.direction) for item in batchnorm.folded],
         kept=[KeptBatchNorm(item.name, item.reason) for item in batchnorm.kept],
         layers=[_report_layer(layer) for layer in batchnorm.layers],
+        by_pattern=dict(getattr(batchnorm, "by_pattern", None) or {}),
     )
     try:
         model = onnx.load(str(model_path), load_external_data=False)

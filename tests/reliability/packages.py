@@ -85,17 +85,7 @@ def write_slow(repository: Path, name: str = "slow", version: int = 1) -> Path:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", SLOW_WIDTH])],
         initialisers,
     )
-    model = _model(graph)
-    return write_package(
-        repository,
-        name,
-        version,
-        model,
-        model,
-        inputs=[{"name": "x", "datatype": "FP32", "shape": [-1, SLOW_WIDTH]}],
-        outputs=[{"name": "y", "datatype": "FP32", "shape": [-1, SLOW_WIDTH]}],
-        layers=[],
-    )
+    return write_package(repository, name, version, _model(graph))
 
 
 def write_huge(repository: Path, name: str = "huge", version: int = 1) -> Path:
@@ -106,17 +96,7 @@ def write_huge(repository: Path, name: str = "huge", version: int = 1) -> Path:
         [helper.make_tensor_value_info("total", TensorProto.FLOAT, ["batch"])],
         [numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")],
     )
-    model = _model(graph)
-    return write_package(
-        repository,
-        name,
-        version,
-        model,
-        model,
-        inputs=[{"name": "x", "datatype": "FP32", "shape": [-1, HUGE_WIDTH]}],
-        outputs=[{"name": "total", "datatype": "FP32", "shape": [-1]}],
-        layers=[],
-    )
+    return write_package(repository, name, version, _model(graph))
 
 
 def _rewrite_manifest(package: Path, **changes: object) -> None:

@@ -38,7 +38,7 @@ from .harness import (
     wait_for_metric,
 )
 from .packages import FAULTS, SERVING
-from .traffic import PlannedRequest, mismatches, plan_request
+from .traffic import PlannedRequest, assert_all_exact, mismatches, plan_request
 from service_packages import LOOKUP_ROWS, copy_repository, lookup_table
 from service_server import ADMIN_TOKEN
 
@@ -199,19 +199,15 @@ def test_unload_and_reload_under_load(
         finally:
             stop.set()
             load.join(timeout=60)
-    statuses = Counter(outcome.status for outcome in steady_outcomes)
     print(
         f"FIGURE unload/reload: {cycles} cycles (reload pixels, unload + load slow with 3 "
-        f"requests in flight); steady traffic {len(steady_outcomes)} requests {dict(statuses)}; "
+        f"requests in flight); steady traffic {len(steady_outcomes)} requests "
+        f"{dict(Counter(o.status for o in steady_outcomes))}; "
         f"in-flight slow requests {Counter(r.status_code for _, r in in_flight)}"
     )
-    assert statuses == {200: len(steady_outcomes)}, statuses
-    wrong = [
-        o.index
-        for o in steady_outcomes
-        if mismatches(steady[o.index % len(steady)], o.body, o.headers)
-    ]
-    assert not wrong, wrong[:10]
+    assert_all_exact(
+        steady_outcomes, len(steady_outcomes), lambda index: steady[index % len(steady)]
+    )
     assert len(in_flight) == 4 * cycles
     for when, response in in_flight:
         assert response.status_code == 200, (when, response.text)

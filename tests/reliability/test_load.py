@@ -42,6 +42,7 @@ from .harness import (
 )
 from .traffic import (
     PlannedRequest,
+    assert_all_exact,
     body,
     mismatches,
     plan_request,
@@ -63,20 +64,6 @@ def mixed_plan(repository: Path, count: int, seed: int) -> list[PlannedRequest]:
         binary = bool(rng.integers(2))
         plan.append(plan_request(repository, model, rows, rng, binary=binary, version=version))
     return plan
-
-
-def check_all_exact(plan: list[PlannedRequest], outcomes: list[Outcome]) -> None:
-    statuses = Counter(outcome.status for outcome in outcomes)
-    assert statuses == {200: len(plan)}, (
-        statuses,
-        [o.error or o.body[:200] for o in outcomes if o.status != 200][:5],
-    )
-    wrong = {
-        outcome.index: problems
-        for outcome in outcomes
-        if (problems := mismatches(plan[outcome.index], outcome.body, outcome.headers))
-    }
-    assert not wrong, list(wrong.items())[:5]
 
 
 def report(
@@ -136,7 +123,7 @@ def test_mixed_concurrent_requests_get_their_own_answers(
     started = time.perf_counter()
     outcomes = run_load(load_server.port, count, concurrency, send, deadline=max(120, count / 50))
     report(f"mixed {count}x{concurrency}", outcomes, time.perf_counter() - started, load_server)
-    check_all_exact(plan, outcomes)
+    assert_all_exact(outcomes, len(plan), lambda index: plan[index])
     runs, merged = (
         after - before for after, before in zip(merged_runs(load_server), runs_before, strict=True)
     )

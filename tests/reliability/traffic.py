@@ -12,6 +12,8 @@ the batch it runs in (test_load.py checks it), so merging requests changes no bi
 from __future__ import annotations
 
 import functools
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import orjson
 from bnfold.package_format import DATATYPES
 from bnfold.service.protocol import INFERENCE_HEADER
 
+from .harness import Outcome
 from .packages import SLOW_WIDTH
 from service_packages import LOOKUP_ROWS
 
@@ -157,3 +160,21 @@ def mismatches(planned: PlannedRequest, content: bytes, headers: object) -> list
             difference = np.abs(got.astype(np.float64) - expected.astype(np.float64)).max()
             problems.append(f"{name}: values differ (max {difference:.3g})")
     return problems
+
+
+def assert_all_exact(
+    outcomes: Sequence[Outcome], count: int, planned_for: Callable[[int], PlannedRequest]
+) -> None:
+    """`count` outcomes, each a 200 whose outputs are bit-identical to those expected for the
+    request it answers, `planned_for(outcome.index)`."""
+    statuses = Counter(outcome.status for outcome in outcomes)
+    assert statuses == {200: count}, (
+        statuses,
+        [o.error or o.body[:200] for o in outcomes if o.status != 200][:5],
+    )
+    wrong = {
+        outcome.index: problems
+        for outcome in outcomes
+        if (problems := mismatches(planned_for(outcome.index), outcome.body, outcome.headers))
+    }
+    assert not wrong, list(wrong.items())[:5]

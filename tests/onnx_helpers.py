@@ -1,4 +1,4 @@
-"""Support for the ONNX-path tests (no tests here): tiny graphs built with onnx.helper.
+"""Helpers for the ONNX-path tests: tiny graphs built with onnx.helper, folds, exports.
 
 Every graph gets BN parameters far from the defaults (γ≠1, β≠0, μ≠0, σ²≠1),
 so each term of the fold formula matters, and is checked against onnxruntime
@@ -91,13 +91,33 @@ def add_output(model: ModelProto, name: str) -> None:
     model.graph.output.append(known[name])
 
 
-def fold(model: ModelProto) -> tuple[ModelProto, BatchNormReport]:
-    """Fold a copy of `model` the way the pipeline does (named nodes, inferred shapes)."""
+def list_as_input(model: ModelProto, name: str, *, keep_initializer: bool) -> ModelProto:
+    """List initializer `name` among the graph inputs of `model` (changed in place, returned).
+
+    Kept as an initializer too, it is an overridable default (IR ≥ 4); removed, a plain
+    input: either way its value is no longer a constant.
+    """
+    tensor = next(t for t in model.graph.initializer if t.name == name)
+    if not keep_initializer:
+        model.graph.initializer.remove(tensor)
+    model.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, tensor.dims))
+    return model
+
+
+def named_copies(model: ModelProto) -> tuple[ModelProto, ModelProto]:
+    """A copy of `model` with its nodes named as the pipeline names them, and a second copy
+    of that one for a pass to rewrite; `model` itself stays as it is."""
     original = ModelProto()
     original.CopyFrom(model)
     name_nodes_uniquely(original.graph)
-    folded = ModelProto()
-    folded.CopyFrom(original)
+    rewritten = ModelProto()
+    rewritten.CopyFrom(original)
+    return original, rewritten
+
+
+def fold(model: ModelProto) -> tuple[ModelProto, BatchNormReport]:
+    """Fold a copy of `model` the way the pipeline does (named nodes, inferred shapes)."""
+    original, folded = named_copies(model)
     report = fold_batchnorms(folded, infer_tensor_info(original))
     onnx.checker.check_model(folded, full_check=True)
     return folded, report
@@ -164,3 +184,17 @@ def export(module: nn.Module, path: Path, shape: tuple[int, ...], *, dynamic: bo
         opset_version=17,
     )
     return path
+
+
+def save_with_external_data(source: Path, target: Path) -> Path:
+    """Save the model at `source` again as `target`, every tensor in one side file
+    `<target name>.data` beside it (no size threshold: small tensors go there too)."""
+    onnx.save_model(
+        onnx.load(str(source)),
+        str(target),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=f"{target.name}.data",
+        size_threshold=0,
+    )
+    return target
