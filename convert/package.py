@@ -132,19 +132,31 @@ class StagedPackage:
                 files=files,
             )
         except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
             raise PackageError(
-                f"the manifest would not follow the package format: {error}"
+                f"the manifest would not follow the package format: {where}: {first['msg']}"
             ) from error
-        (self.directory / MANIFEST).write_bytes(manifest.to_json())
-        for path in self.directory.iterdir():
-            _fsync_path(path)
-        _fsync_path(self.directory)
         target = self.final_path
-        _make_directory(target.parent)
-        if target.exists():
-            raise PackageError(f"{target} already exists; choose another --version")
-        os.rename(self.directory, target)
-        _fsync_path(target.parent)
+        try:
+            (self.directory / MANIFEST).write_bytes(manifest.to_json())
+            for path in self.directory.iterdir():
+                _fsync_path(path)
+            _fsync_path(self.directory)
+            _make_directory(target.parent)
+            # Claim the name first: mkdir fails if another conversion got there, while a
+            # rename alone would silently replace an empty directory of the same name.
+            os.mkdir(target)
+            try:
+                os.rename(self.directory, target)
+            except OSError:
+                target.rmdir()
+                raise
+            _fsync_path(target.parent)
+        except FileExistsError:
+            raise PackageError(f"{target} already exists; choose another --version") from None
+        except OSError as error:
+            raise PackageError(f"cannot write {target}: {error.strerror or error}") from error
         return target
 
 

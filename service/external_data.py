@@ -3,13 +3,20 @@
 An ONNX tensor can keep its data in another file (`data_location: EXTERNAL`,
 `location`, `offset`, `length`). onnxruntime resolves such a location against
 the model file's directory, and against the process's working directory when
-the model comes from bytes: a package could name `etc/passwd` as a weight and
-have it served back. So the service never lets onnxruntime touch the disk:
-every external reference of a graph must name a file the manifest lists (and
-`read_package` has already hashed), relative, without `..`, inside its range;
-the bytes go to onnxruntime from memory (`external_file_table`). The table is
-never empty (`NO_FILE` stands in), because with a table onnxruntime fails on a
-location it does not hold instead of falling back to the disk.
+the model comes from bytes: a package could name `../../etc/passwd` as a weight
+and have it served back. So the service never lets onnxruntime touch the disk:
+
+* only the main graph's dense initializers may be external: onnxruntime takes
+  those from the in-memory table below, but reads any other external tensor
+  (in an If/Loop/Scan subgraph, a sparse initializer, a function's attribute
+  default) from the disk even when a table is given. Any such tensor anywhere
+  in the model (found by walking every message of the protobuf, so a field
+  added to ONNX later is covered too) makes the package unavailable;
+* every allowed reference must name a file the manifest lists (and
+  `read_package` has already hashed), relative, without `..`, inside its range;
+* the bytes go to onnxruntime from memory (`external_file_table`). The table is
+  never empty (`NO_FILE` stands in), because with a table onnxruntime fails on a
+  main-graph location it does not hold instead of falling back to the disk.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import PurePosixPath
 
 import onnx
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from bnfold.service.errors import PackageError
@@ -41,12 +49,18 @@ def external_file_table(
         model = onnx.ModelProto.FromString(graph)
     except DecodeError as exc:
         raise PackageError(f"{graph_file} is not an ONNX model: {exc}") from None
-    for tensor in _all_tensors(model):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        entries = {entry.key: entry.value for entry in tensor.external_data}
-        location = entries.get("location", "")
-        table[location] = _checked_file(graph_file, tensor.name, entries, verified)
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            entries = {entry.key: entry.value for entry in tensor.external_data}
+            location = entries.get("location", "")
+            table[location] = _checked_file(graph_file, tensor.name, entries, verified)
+    for where, tensor in _other_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.external_data:
+            raise PackageError(
+                f"{graph_file}: tensor {tensor.name!r} ({where}) keeps its data in an external "
+                "file; only the main graph's initializers may (onnxruntime would read the "
+                "others from the disk)"
+            )
     return table
 
 
@@ -78,33 +92,34 @@ def _checked_file(
     return content
 
 
-def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    yield from _graph_tensors(model.graph)
-    for function in model.functions:
-        for node in function.node:
-            yield from _node_tensors(node)
+def _other_tensors(model: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorProto]]:
+    """Every TensorProto of `model` but the main graph's initializers, with where it sits."""
+    for field, value in model.ListFields():
+        if field.name == "graph":
+            for graph_field, graph_value in value.ListFields():
+                if graph_field.name != "initializer":
+                    yield from _tensors_in(graph_field, graph_value, f"graph.{graph_field.name}")
+        else:
+            yield from _tensors_in(field, value, field.name)
 
 
-def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield from (sparse.values, sparse.indices)
-    for node in graph.node:
-        yield from _node_tensors(node)
+def _tensors_in(
+    field: FieldDescriptor, value: object, where: str
+) -> Iterator[tuple[str, onnx.TensorProto]]:
+    if field.type != FieldDescriptor.TYPE_MESSAGE:
+        return
+    items = value if _is_repeated(field) else (value,)
+    for item in items:  # type: ignore[union-attr]
+        if isinstance(item, onnx.TensorProto):
+            yield where, item
+        else:
+            for inner_field, inner_value in item.ListFields():
+                yield from _tensors_in(inner_field, inner_value, f"{where}.{inner_field.name}")
 
 
-def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
-    """Tensors in a node's attributes, subgraphs (If, Loop, Scan) included."""
-    for attribute in node.attribute:
-        if attribute.HasField("t"):
-            yield attribute.t
-        yield from attribute.tensors
-        sparse_tensors = [*attribute.sparse_tensors]
-        if attribute.HasField("sparse_tensor"):
-            sparse_tensors.append(attribute.sparse_tensor)
-        for sparse in sparse_tensors:
-            yield from (sparse.values, sparse.indices)
-        if attribute.HasField("g"):
-            yield from _graph_tensors(attribute.g)
-        for subgraph in attribute.graphs:
-            yield from _graph_tensors(subgraph)
+def _is_repeated(field: FieldDescriptor) -> bool:
+    """`is_repeated` in protobuf 6 and later, `label` before it (onnx allows both)."""
+    repeated = getattr(field, "is_repeated", None)
+    if repeated is not None:
+        return bool(repeated)
+    return field.label == FieldDescriptor.LABEL_REPEATED  # type: ignore[attr-defined]

@@ -58,10 +58,11 @@ def _load_version(
 ) -> ModelVersion:
     try:
         model = load_model(read_package(location), config, batching_defaults)
-    except PackageError as exc:
-        reason = relative_to_repository(
-            exc.message, location.repository or location.path.parent.parent
-        )
+    except Exception as exc:  # one package, whatever is wrong with it, never stops the rest
+        if not isinstance(exc, PackageError):
+            logger.exception("loading %s version %d failed", location.name, location.version)
+        message = exc.message if isinstance(exc, PackageError) else f"cannot be loaded: {exc}"
+        reason = relative_to_repository(message, location.repository or location.path.parent.parent)
         logger.warning("%s version %d unavailable: %s", location.name, location.version, reason)
         return ModelVersion(location.name, location.version, ModelState.UNAVAILABLE, reason)
     logger.info(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def _inside(root: Path, path: Path, what: str) -> Path:
         real = path.resolve(strict=True)
     except FileNotFoundError:
         raise
-    except (OSError, RuntimeError) as exc:  # a symlink loop, a permission problem
+    except (OSError, RuntimeError, ValueError) as exc:  # a loop, a permission, a NUL byte
         raise PackageError(f"{what} cannot be resolved: {exc}") from None
     if real != root and not real.is_relative_to(root):
         raise PackageError(f"{what} resolves outside the model repository; it is not read")
@@ -102,7 +103,12 @@ def scan_repository(repository: Path) -> list[PackageLocation]:
     for model_dir in os.scandir(repository):
         if model_dir.name.startswith(".") or not model_dir.is_dir():
             continue
-        for version_dir in os.scandir(model_dir.path):
+        try:
+            version_dirs = list(os.scandir(model_dir.path))
+        except OSError as exc:  # unreadable: the other models still serve
+            logger.warning("ignoring model directory %s: %s", model_dir.name, exc.strerror)
+            continue
+        for version_dir in version_dirs:
             if not version_dir.is_dir():
                 continue
             if is_version_name(version_dir.name):
@@ -122,23 +128,39 @@ def scan_repository(repository: Path) -> list[PackageLocation]:
 
 
 def _package_dir(location: PackageLocation) -> Path:
-    """The package directory, resolved, refused when it lies outside the repository."""
+    """The package directory, resolved: REPO/NAME/VERSION, two levels inside the repository
+    (a version that links to the repository itself, or elsewhere, is refused)."""
+    what = f"{location.name}/{location.version}"
     try:
-        return _inside(location.root, location.path, f"{location.name}/{location.version}")
+        real = _inside(location.root, location.path, what)
     except FileNotFoundError:
         raise PackageError("the package directory is gone") from None
+    if len(real.relative_to(location.root).parts) != 2:
+        raise PackageError(f"{what} resolves to a directory that is not REPO/NAME/VERSION")
+    return real
 
 
 def _read_inside(directory: Path, file_name: str, what: str) -> bytes:
-    """A file of `directory` (resolved), refused when a symlink takes it outside."""
+    """A regular file of `directory` (resolved), refused when a symlink takes it outside.
+
+    Opened without following a last-moment symlink and without blocking (a FIFO would
+    hang the load), and read only when it is a regular file.
+    """
+    real = _inside(directory, directory / file_name, what)
     try:
-        return _inside(directory, directory / file_name, what).read_bytes()
-    except FileNotFoundError:
-        raise
-    except IsADirectoryError:
-        raise PackageError(f"{what} is a directory") from None
+        descriptor = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
     except OSError as exc:
         raise PackageError(f"{what} cannot be read: {exc.strerror}") from None
+    with os.fdopen(descriptor, "rb") as handle:
+        mode = os.fstat(handle.fileno()).st_mode
+        if stat.S_ISDIR(mode):
+            raise PackageError(f"{what} is a directory")
+        if not stat.S_ISREG(mode):
+            raise PackageError(f"{what} is not a regular file")
+        try:
+            return handle.read()
+        except OSError as exc:
+            raise PackageError(f"{what} cannot be read: {exc.strerror}") from None
 
 
 def read_manifest(location: PackageLocation) -> Manifest:

@@ -557,3 +557,21 @@ def test_an_untraceable_line_is_shown_even_in_a_folder_named_like_a_library(
     line = one_line_error(result)
     assert "torch.fx cannot trace" in line
     assert "(at nets.py:" in line and "if x.sum() > 0:" in line
+
+
+def test_a_version_taken_at_the_last_moment_is_refused_not_replaced(
+    nets: Path, tmp_path: Path
+) -> None:
+    """Another writer creates REPO/mlp/1 (empty) while this conversion runs: a plain rename
+    replaced that directory silently. Now the commit claims the name first and refuses."""
+    from bnfold.convert.errors import PackageError
+    from bnfold.convert.package import staged_package
+
+    repo = tmp_path / "repo"
+    with staged_package(repo, "mlp", 1) as staged:
+        (staged.directory / "model.onnx").write_bytes(b"x")
+        (repo / "mlp" / "1").mkdir(parents=True)
+        tensor = {"name": "input", "datatype": "FP32", "shape": [-1, 6]}
+        with pytest.raises(PackageError, match="already exists"):
+            staged.commit({"inputs": [tensor], "outputs": [tensor]})
+    assert list((repo / "mlp" / "1").iterdir()) == []

@@ -10,6 +10,7 @@ import asyncio
 import gzip
 import re
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -638,3 +639,23 @@ def test_openapi_documents_every_endpoint_with_examples(client: httpx.Client) ->
 def test_documented_examples_are_valid(model: type) -> None:
     [example] = model.model_json_schema()["examples"]
     model.model_validate(example)
+
+
+def test_a_client_leaving_mid_body_is_no_server_error(
+    service: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A body cut short by the client's disconnect was logged as an internal error with a
+    traceback (and counted as a 500): any client could fill the log that way."""
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", service.port), timeout=5) as raw:
+            raw.sendall(
+                b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\n"
+                b'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"inputs"'
+            )
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and httpx.get(f"{service.url}/metrics").status_code != 200:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    assert not [record for record in caplog.records if "internal error" in record.getMessage()]
+    metrics = httpx.get(f"{service.url}/metrics").text
+    assert not re.search(r'bnfold_requests_total\{[^}]*code="500"', metrics)

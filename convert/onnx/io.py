@@ -20,7 +20,11 @@ from pathlib import Path
 
 import onnx
 from onnx import AttributeProto, ModelProto, NodeProto
-from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+from onnx.external_data_helper import (
+    load_external_data_for_model,
+    set_external_data,
+    uses_external_data,
+)
 
 from bnfold.convert.errors import SourceError, UnsupportedSource, first_line
 from bnfold.convert.onnx.graph import (
@@ -157,16 +161,13 @@ def save_model(model: ModelProto, path: Path, *, external: bool, check: bool = T
     if external:
         data_name = f"{path.name}.data"
         (path.parent / data_name).unlink(missing_ok=True)
-        onnx.save_model(
-            model,
-            str(path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=data_name,
-            size_threshold=EXTERNAL_DATA_THRESHOLD,
-        )
-    else:
-        onnx.save_model(model, str(path))
+        # Only the main graph's initializers: the service reads external data from the
+        # package in memory, which onnxruntime honours for those alone (a subgraph's
+        # external tensor it would read from the disk; the service refuses such a graph).
+        for tensor in model.graph.initializer:
+            if tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_DATA_THRESHOLD:
+                set_external_data(tensor, data_name)
+    onnx.save_model(model, str(path))
     if check:
         onnx.checker.check_model(str(path))
     files = [path]

@@ -256,3 +256,154 @@ def test_the_index_shows_no_absolute_server_path(
     for entry in index:
         assert str(tmp_path) not in entry["reason"]
         assert os.sep + "tmp" not in entry["reason"]
+
+
+def _external(name: str, values: np.ndarray, location: str) -> onnx.TensorProto:
+    """A tensor whose bytes are said to live in `location` (none are kept in the proto)."""
+    tensor = onnx.numpy_helper.from_array(values, name)
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(values.nbytes))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
+def _identity_graph(extra_nodes: list[onnx.NodeProto], **graph_fields: object) -> onnx.GraphProto:
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 8])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 8])
+    return onnx.helper.make_graph(
+        [*extra_nodes, onnx.helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [x],
+        [y],
+        **graph_fields,
+    )
+
+
+def _if_with_external_branch_weight() -> onnx.ModelProto:
+    """y = x + w in the then branch of an always-true If; w lives in w.bin."""
+    w = _external("w", np.zeros(8, np.float32), "w.bin")
+    then_out = onnx.helper.make_tensor_value_info("t", onnx.TensorProto.FLOAT, ["batch", 8])
+    else_out = onnx.helper.make_tensor_value_info("e", onnx.TensorProto.FLOAT, ["batch", 8])
+    then_branch = onnx.helper.make_graph(
+        [onnx.helper.make_node("Add", ["x", "w"], ["t"])], "then", [], [then_out], [w]
+    )
+    else_branch = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["e"])], "else", [], [else_out]
+    )
+    condition = onnx.numpy_helper.from_array(np.array(True), "condition")
+    node = onnx.helper.make_node(
+        "If", ["condition"], ["y"], then_branch=then_branch, else_branch=else_branch
+    )
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 8])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 8])
+    graph = onnx.helper.make_graph([node], "g", [x], [y], [condition])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+def _sparse_external() -> onnx.ModelProto:
+    values = _external("s", np.zeros(2, np.float32), "w.bin")
+    indices = onnx.numpy_helper.from_array(np.array([0, 1], np.int64), "s_indices")
+    sparse = onnx.helper.make_sparse_tensor(values, indices, [8])
+    graph = _identity_graph([], sparse_initializer=[sparse])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+def _function_default_external() -> onnx.ModelProto:
+    """A local function whose attribute default (a tensor) lives in w.bin."""
+    default = onnx.helper.make_attribute("value", _external("d", np.zeros(8, np.float32), "w.bin"))
+    function = onnx.helper.make_function(
+        "local",
+        "Const",
+        [],
+        ["out"],
+        [
+            onnx.helper.make_node(
+                "Constant", [], ["out"], value=_external("c", np.zeros(8, np.float32), "w.bin")
+            )
+        ],
+        [onnx.helper.make_opsetid("", 17)],
+        attributes=[],
+    )
+    function.attribute_proto.append(default)
+    graph = _identity_graph([])
+    return onnx.helper.make_model(
+        graph,
+        opset_imports=[onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("local", 1)],
+        functions=[function],
+    )
+
+
+@pytest.mark.parametrize(
+    "build",
+    [_if_with_external_branch_weight, _sparse_external, _function_default_external],
+    ids=["if-branch-initializer", "sparse-initializer", "function-attribute-default"],
+)
+def test_external_data_outside_the_main_initializers_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, build: object
+) -> None:
+    """onnxruntime reads these from the disk (the working directory) even with an in-memory
+    table: the package lists w.bin (zeros), the working directory holds a decoy, and before
+    the fix the If branch served the decoy's bytes. Now such a package never loads."""
+    repository = tmp_path / "repo"
+    package = repository / "ext" / "1"
+    package.mkdir(parents=True)
+    model = build()  # type: ignore[operator]
+    for graph_file in ("model.onnx", "train.onnx"):
+        (package / graph_file).write_bytes(model.SerializeToString())
+    (package / "w.bin").write_bytes(np.zeros(8, np.float32).tobytes())
+    manifest = {
+        "schema_version": 1,
+        "name": "ext",
+        "version": 1,
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 8]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 8]}],
+        "files": {},
+    }
+    (package / "manifest.json").write_text(json.dumps(manifest))
+    _rehash(package)
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    (workdir / "w.bin").write_bytes(np.full(8, 7.0, np.float32).tobytes())
+    monkeypatch.chdir(workdir)
+    state, reason = _registry_entry(repository)
+    assert state is ModelState.UNAVAILABLE
+    assert "keeps its data in an external file" in reason
+
+
+def test_a_fifo_in_a_package_does_not_hang_the_load(tmp_path: Path) -> None:
+    """`mkfifo model.onnx`: reading it blocked forever, holding the registry's lock (the
+    server never became ready). Now the package is unavailable at once."""
+    package = write_mlp(tmp_path, "mlp", 1, seed=SEED)
+    (package / "model.onnx").unlink()
+    os.mkfifo(package / "model.onnx")
+    state, reason = _registry_entry(tmp_path)
+    assert state is ModelState.UNAVAILABLE
+    assert "model.onnx is not a regular file" in reason
+
+
+def test_a_nul_in_a_listed_name_leaves_the_other_packages_serving(tmp_path: Path) -> None:
+    """A manifest listing 'a\\u0000b' made Path.resolve raise ValueError, which stopped the
+    whole repository from loading (the server never started)."""
+    broken = write_mlp(tmp_path, "broken", 1, seed=SEED)
+    write_mlp(tmp_path, "mlp", 1, seed=SEED)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["files"]["a\u0000b"] = "0" * 64
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    registry = ModelRegistry(tmp_path, CPU)
+    states = {entry.name: entry.state for entry in registry.load_all()}
+    assert states == {"broken": ModelState.UNAVAILABLE, "mlp": ModelState.READY}
+
+
+def test_a_version_linked_to_the_repository_itself_is_refused(tmp_path: Path) -> None:
+    """REPO/m/1 -> REPO: its 'config.json' would have been REPO/../config.json."""
+    repository = tmp_path / "repo"
+    write_mlp(repository, "mlp", 1, seed=SEED)
+    (repository / "loop").mkdir()
+    (repository / "loop" / "1").symlink_to(repository, target_is_directory=True)
+    registry = ModelRegistry(repository, CPU)
+    states = {(entry.name, entry.state) for entry in registry.load_all()}
+    assert states == {("loop", ModelState.UNAVAILABLE), ("mlp", ModelState.READY)}
+    [loop] = [entry for entry in registry.index() if entry.name == "loop"]
+    assert "not REPO/NAME/VERSION" in loop.reason
