@@ -6,7 +6,8 @@ concatenation: a 64 MiB header was answered after 6 s, 128 MiB after 24 s
 meanwhile. Now the bytes from a request's first byte to the end of its head
 are counted, and past `--max-header-bytes` or `--max-header-count` the client
 gets `431 Request Header Fields Too Large` with a V2 JSON error naming the limit,
-and the connection closes (service/http_protocol.py).
+and the connection closes (service/http_protocol.py). A chunked body's trailer
+fields are held to the same limits, and a head behind the end of a body too.
 
 The cases run against a real `bnfold serve` process with small limits given as
 options (so the option reaches the protocol, across `--workers 2` too), and the
@@ -30,16 +31,18 @@ from pathlib import Path
 import orjson
 import pytest
 
-from bnfold.service.http_protocol import HeadLimitedProtocol, HeadLimits
+from bnfold.service.http_protocol import LINGER_SECONDS, HeadLimitedProtocol, HeadLimits
 from bnfold.service.server_options import uvicorn_options
 from bnfold.service.settings import Settings
 
-from .harness import RawResponse, ServerProcess, server_process
+from .harness import RawResponse, ServerProcess, metric, server_process, wait_for_metric
 from service_server import RunningServer
 
 MAX_HEADER_BYTES = 16 * 1024
 MAX_HEADER_COUNT = 20
 SOCKET_TIMEOUT_SECONDS = 10.0
+ENDLESS_BYTES, ENDLESS_WRITE = 8 << 20, b"a" * (64 << 10)
+IN_FLIGHT = "bnfold_requests_in_flight"
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +116,9 @@ def assert_refused(response: RawResponse, closed: bool, limit: str) -> None:
     assert limit in orjson.loads(response.body)["error"]
 
 
-def infer_request(head_size: int, rows: int) -> bytes:
-    """POST mlp/infer: a head of exactly `head_size` bytes, then a body of `rows` x 8 floats."""
-    body = orjson.dumps(
+def infer_body(rows: int) -> bytes:
+    """A V2 inference request for mlp: `rows` x 8 floats."""
+    return orjson.dumps(
         {
             "inputs": [
                 {
@@ -127,8 +130,61 @@ def infer_request(head_size: int, rows: int) -> bytes:
             ]
         }
     )
+
+
+def infer_request(head_size: int, rows: int) -> bytes:
+    """POST mlp/infer: a head of exactly `head_size` bytes, then a body of `rows` x 8 floats."""
+    body = infer_body(rows)
     fields = ["Content-Type: application/json", f"Content-Length: {len(body)}"]
     return head(head_size, "/v2/models/mlp/infer", "POST", fields) + body
+
+
+def chunked_infer_head() -> bytes:
+    """POST mlp/infer with a chunked body: 3 header fields, the body and trailers to follow."""
+    return (
+        b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+
+
+def chunks(body: bytes, size: int) -> bytes:
+    """`body` as chunks of `size` bytes, without the last (empty) chunk."""
+    pieces = [body[start : start + size] for start in range(0, len(body), size)]
+    return b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces)
+
+
+def trailers(count: int) -> bytes:
+    """The last chunk and `count` trailer fields: the end of a chunked body."""
+    return b"0\r\n" + b"".join(b"X-Trailer-%d: %d\r\n" % (i, i) for i in range(count)) + b"\r\n"
+
+
+def answered_partial_post(connection: socket.socket) -> bytes:
+    """POST half of a 100-byte body to a GET-only path: the 405 comes before the body ends.
+    Returns the other half, which the server still reads (and discards) as body."""
+    connection.sendall(b"POST /v2/health/live HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+    connection.sendall(b"b" * 50)
+    assert read_response(connection).status == 405
+    return b"b" * 50
+
+
+def endless_answer(connection: socket.socket, opening: bytes) -> tuple[int, RawResponse | None]:
+    """`opening`, then up to 8 MiB of `a` in 64 KiB writes until the server answers or closes:
+    the bytes of `a` sent, and the answer (None: the server reset the connection first)."""
+    connection.sendall(opening)
+    sent = 0
+    while sent < ENDLESS_BYTES and not select.select([connection], [], [], 0)[0]:
+        try:
+            connection.sendall(ENDLESS_WRITE)
+        except OSError:  # refused and closed: the send fails
+            break
+        sent += len(ENDLESS_WRITE)
+        time.sleep(0.005)
+    readable = select.select([connection], [], [], SOCKET_TIMEOUT_SECONDS)[0]
+    assert readable, f"no answer after {sent} bytes of an endless section"
+    try:
+        return sent, read_response(connection)
+    except ConnectionResetError:
+        return sent, None  # the server closed first: the other acceptable ending
 
 
 # ---------------------------------------------------------------- bytes and fields
@@ -186,7 +242,6 @@ def test_an_endless_head_is_cut_off_while_health_checks_answer(
     """8 MiB of one header in 64 KiB writes: the 431 arrives long before the end (the server
     stops feeding its parser at the limit), and health checks on another connection answer
     throughout."""
-    total, chunk = 8 << 20, b"a" * (64 << 10)
     port = limited_server.port
     stop = threading.Event()
     statuses: list[int] = []
@@ -204,29 +259,122 @@ def test_an_endless_head_is_cut_off_while_health_checks_answer(
 
     checker = threading.Thread(target=check_health, name="health-checks")
     checker.start()
-    sent = 0
     try:
         with closing(connect(port)) as connection:
-            connection.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Endless: ")
-            while sent < total and not select.select([connection], [], [], 0)[0]:
-                try:
-                    connection.sendall(chunk)
-                except OSError:  # refused and closed: the send fails
-                    break
-                sent += len(chunk)
-                time.sleep(0.005)
-            readable = select.select([connection], [], [], SOCKET_TIMEOUT_SECONDS)[0]
-            assert readable, f"no answer after {sent} bytes of an endless head"
-            try:
-                response = read_response(connection)
-            except ConnectionResetError:
-                response = None  # the server closed first: the other acceptable ending
+            opening = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Endless: "
+            sent, response = endless_answer(connection, opening)
     finally:
         stop.set()
         checker.join(timeout=30)
-    assert sent < total, "the server read the whole 8 MiB head without refusing it"
+    assert sent < ENDLESS_BYTES, "the server read the whole 8 MiB head without refusing it"
     assert response is None or response.status == 431
     assert not failures and statuses and set(statuses) == {200}
+
+
+# ---------------------------------------------------------------- behind a body, and trailers
+
+
+def test_a_head_behind_the_end_of_a_body_is_refused(limited_server: ServerProcess) -> None:
+    """A body answered before it ended, then its last bytes and a pipelined head with one field
+    too many in one write: the head is refused and the connection closes (the count of a head
+    that begins in the read where a body ends was once never checked: no 431, no close, and
+    the keep-alive timer stopped, so the connection stayed open for good)."""
+    fields = [f"X-Field-{index}: {index}" for index in range(MAX_HEADER_COUNT - 1)]
+    with closing(connect(limited_server.port)) as connection:
+        rest_of_body = answered_partial_post(connection)
+        connection.sendall(rest_of_body + head(1024, fields=fields))
+        response = read_response(connection)
+        assert_refused(response, is_closed(connection), f"{MAX_HEADER_COUNT} header fields")
+
+
+def test_an_endless_head_behind_the_end_of_a_body_is_cut_off(
+    limited_server: ServerProcess,
+) -> None:
+    """The bytes of a pipelined head in the read where a body ends are not counted, so that
+    head can pass the limit by one read (up to 256 KiB), not more: an endless one is refused."""
+    with closing(connect(limited_server.port)) as connection:
+        opening = answered_partial_post(connection) + b"GET / HTTP/1.1\r\nX-Endless: "
+        sent, response = endless_answer(connection, opening)
+    assert sent < ENDLESS_BYTES, "the server read the whole 8 MiB head without refusing it"
+    assert response is None or response.status == 431
+
+
+def test_a_chunked_body_in_small_chunks_with_trailers_is_served(
+    limited_server: ServerProcess,
+) -> None:
+    """Chunk framing is not head: 4-byte chunks put more than the byte limit in chunk
+    headers and line ends; trailer fields up to the field limit (with the head's 3) pass."""
+    body = infer_body(rows=600)
+    assert len(chunks(body, 4)) - len(body) > MAX_HEADER_BYTES
+    request = chunked_infer_head() + chunks(body, 4) + trailers(MAX_HEADER_COUNT - 3)
+    response, _ = exchange(limited_server.port, request)
+    assert response.status == 200, response.body
+    assert orjson.loads(response.body)["outputs"][0]["shape"][0] == 600
+
+
+def test_too_many_trailer_fields_are_refused_and_the_app_stops_waiting(
+    limited_server: ServerProcess,
+) -> None:
+    """Trailer fields count with the head's: one too many gets the 431, and the app, which
+    was waiting for the rest of the body, sees a disconnect at once, not when the connection
+    closes (those trailers once left it waiting until the client went away)."""
+    url = limited_server.url
+    with closing(connect(limited_server.port)) as connection:
+        connection.sendall(chunked_infer_head() + chunks(infer_body(rows=2), 64))
+        wait_for_metric(url, IN_FLIGHT, 1, SOCKET_TIMEOUT_SECONDS, endpoint="infer")
+        # with the head's Host, Content-Type and Transfer-Encoding: one field too many
+        connection.sendall(trailers(MAX_HEADER_COUNT - 2))
+        response = read_response(connection)
+        refused_at = time.monotonic()
+        assert_refused(response, is_closed(connection), f"{MAX_HEADER_COUNT} header fields")
+        # well before the lingering close ends the connection (and so the wait) anyway
+        while metric(url, IN_FLIGHT, endpoint="infer") > 0:
+            assert time.monotonic() - refused_at < LINGER_SECONDS / 2, "the app still waits"
+            time.sleep(0.01)
+
+
+def test_too_many_trailer_fields_behind_another_request_are_refused_in_turn(
+    limited_server: ServerProcess,
+) -> None:
+    """Pipelined behind a request still being served, a request refused in its trailers is
+    answered 431 after that request's response (closing at once would cut it off)."""
+    request = infer_request(512, rows=2)
+    request += chunked_infer_head() + chunks(infer_body(rows=2), 64)
+    request += trailers(MAX_HEADER_COUNT - 2)
+    with closing(connect(limited_server.port)) as connection:
+        connection.sendall(request)
+        assert read_response(connection).status == 200
+        response = read_response(connection)
+        assert_refused(response, is_closed(connection), f"{MAX_HEADER_COUNT} header fields")
+
+
+def test_an_endless_trailer_is_cut_off(limited_server: ServerProcess) -> None:
+    """Trailer bytes have a budget of their own: an 8 MiB trailer field is refused long
+    before its end (it was once read whole, with time growing faster than its size)."""
+    with closing(connect(limited_server.port)) as connection:
+        opening = chunked_infer_head() + chunks(infer_body(rows=2), 64) + b"0\r\nX-Endless: "
+        sent, response = endless_answer(connection, opening)
+    assert sent < ENDLESS_BYTES, "the server read the whole 8 MiB trailer without refusing it"
+    if response is not None:
+        assert response.status == 431, response
+        error = orjson.loads(response.body)["error"]
+        assert f"trailer fields exceed {MAX_HEADER_BYTES} bytes" in error
+
+
+def test_a_websocket_upgrade_with_too_many_fields_is_refused(
+    limited_server: ServerProcess,
+) -> None:
+    """httptools reports the upgrade of a refused head too: it gets its 431 like any other
+    (it once reached uvicorn's upgrade with half a scope: an error logged, no answer)."""
+    fields = [
+        "Connection: Upgrade",
+        "Upgrade: websocket",
+        "Sec-WebSocket-Version: 13",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        *(f"X-Field-{index}: {index}" for index in range(MAX_HEADER_COUNT)),
+    ]
+    request = head(2048, "/v2/health/live", fields=fields)
+    assert_refused(*exchange(limited_server.port, request), f"{MAX_HEADER_COUNT} header fields")
 
 
 # ---------------------------------------------------------------- how the limits are applied
