@@ -255,11 +255,11 @@ def test_a_conversion_killed_midway_leaves_no_package(tmp_path: Path) -> None:
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
-        while not (repository.is_dir() and any(repository.glob(".sleepy.1.tmp-*"))):
+        # killed once its staging directory holds a file: in the export or verification
+        while not (repository.is_dir() and any(repository.glob(".sleepy.1.tmp-*/*"))):
             assert process.poll() is None, process.communicate()
             assert time.monotonic() < deadline, "the conversion never staged its package"
             time.sleep(0.005)
-        time.sleep(0.3)  # into the export and verification
         os.kill(process.pid, signal.SIGKILL)
     finally:
         process.kill()
