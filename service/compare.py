@@ -3,7 +3,8 @@
 Eval mode normalises every BatchNorm with its running statistics, train mode
 with the batch's own; the two graphs of a package differ by that alone. The
 report measures the effect on the outputs and, per layer, how far the batch's
-statistics sit from the running ones:
+statistics sit from the running ones (`bnfold.bn_statistics.drift_measures`,
+the same measures the drift monitor reports):
 
 * mean shift: |batch mean - running mean| / sqrt(running var + eps), the
   batch mean's distance in running standard deviations;
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from bnfold.bn_statistics import drift_measures, worst_first
 from bnfold.package_format import ManifestLayer
 from bnfold.service.errors import Unprocessable
 
@@ -50,35 +52,20 @@ def check_batch_has_statistics(layers: Sequence[ManifestLayer], batch_size: int)
         )
 
 
-def _spread(values: np.ndarray) -> dict[str, float]:
-    return {"mean": float(values.mean()), "min": float(values.min()), "max": float(values.max())}
-
-
 def layer_drift(
     layer: ManifestLayer, batch_mean: np.ndarray, batch_var: np.ndarray
 ) -> dict[str, Any]:
     """How far one layer's batch statistics are from its running statistics."""
-    running_mean = np.asarray(layer.running_mean, dtype=np.float64)
-    running_var = np.asarray(layer.running_var, dtype=np.float64) + layer.eps
-    mean = batch_mean.astype(np.float64).reshape(-1)
-    var = batch_var.astype(np.float64).reshape(-1) + layer.eps
-    if mean.shape != running_mean.shape or var.shape != running_var.shape:
-        raise Unprocessable(
-            f"layer {layer.name!r}: train.onnx returned {mean.size} channel statistics, "
-            f"the manifest has {layer.channels}"
+    try:
+        measures = drift_measures(
+            layer.running_mean, layer.running_var, layer.eps, batch_mean, batch_var
         )
-    shift = np.abs(mean - running_mean) / np.sqrt(running_var)
-    ratio = var / running_var
-    log_ratio = np.log(ratio)
-    kl = 0.5 * (ratio + shift**2 - 1.0 - log_ratio)
-    return {
-        "name": layer.name,
-        "channels": layer.channels,
-        "mean_shift": _spread(shift),
-        "var_ratio": _spread(ratio),
-        "max_abs_log_var_ratio": float(np.abs(log_ratio).max()),
-        "kl_divergence": _spread(kl),
-    }
+    except ValueError:
+        raise Unprocessable(
+            f"layer {layer.name!r}: train.onnx returned {np.asarray(batch_mean).size} channel "
+            f"statistics, the manifest has {layer.channels}"
+        ) from None
+    return {"name": layer.name, "channels": layer.channels, **measures}
 
 
 def _per_sample(array: np.ndarray, batch_size: int) -> np.ndarray:
@@ -171,5 +158,4 @@ def compare_report(
         layer_drift(layer, mean, var)
         for layer, mean, var in zip(layers, means, variances, strict=True)
     ]
-    drift.sort(key=lambda entry: entry["kl_divergence"]["mean"], reverse=True)
-    return outputs, drift
+    return outputs, worst_first(drift)
