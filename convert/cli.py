@@ -78,6 +78,9 @@ def is_onnx_source(source: str) -> bool:
 def register(app: typer.Typer) -> None:
     app.command(epilog=CONVERT_EPILOG)(convert)
     app.command(epilog=INSPECT_EPILOG)(inspect)
+    from bnfold.convert.recalibration.cli import register as register_recalibrate
+
+    register_recalibrate(app)
     models_app = typer.Typer(
         help="The built-in reference models and the embedded default repository.",
         no_args_is_help=True,
@@ -286,10 +289,13 @@ def print_conversion(result: ConversionResult) -> None:
     verification = result.verification
     eval_block = verification.get("eval", {})
     train_block = verification.get("train", {})
+    calibration_block = verification.get("calibration", {})
     stdout.print(
         f"verified on {verification.get('samples')} samples: "
         f"eval max |Δ| {_number(eval_block, 'max_abs_err')} (rel {_number(eval_block, 'max_rel_err')}), "
-        f"train max |Δ| {_number(train_block, 'max_abs_err')} (rel {_number(train_block, 'max_rel_err')})"
+        f"train max |Δ| {_number(train_block, 'max_abs_err')} (rel {_number(train_block, 'max_rel_err')}), "
+        f"calibration max |Δ| {_number(calibration_block, 'max_abs_err')} "
+        f"(rel {_number(calibration_block, 'max_rel_err')})"
     )
     stdout.print(f"[green]wrote[/green] {result.package_path}")
 

@@ -2,8 +2,8 @@
 
     adapter.fold(step)             analyse and fold in memory (trace, plan, rewrite)
     staged package (package.py)    a hidden directory in the repository
-      adapter.export(directory)    model.onnx and train.onnx
-      adapter.verify(directory)    both graphs against the source; VerificationFailed stops here
+      adapter.export(directory)    model.onnx, train.onnx and calibration.onnx
+      adapter.verify(directory)    all three against the source; VerificationFailed stops here
       tensor specs                 read from model.onnx (`tensor_specs`)
       manifest                     package_format.Manifest, validated as the service reads it
       atomic commit                hash, sync, rename into place
@@ -77,10 +77,12 @@ class ConversionAdapter(Protocol):
     def fold(self, step: ProgressStep) -> Folded: ...
 
     def export(self, directory: Path) -> None:
-        """Write model.onnx and train.onnx (and their external data) into `directory`."""
+        """Write model.onnx, train.onnx and calibration.onnx (and their external data) into
+        `directory` (the package format's EVAL_GRAPH, TRAIN_GRAPH and CALIBRATION_GRAPH)."""
 
     def verify(self, directory: Path) -> Verified:
-        """Check the written graphs against the source; raise VerificationFailed if they differ."""
+        """Check the three written graphs against the source (the block's `eval`, `train` and
+        `calibration` entries); raise VerificationFailed if any differs."""
 
 
 def convert(
@@ -90,8 +92,10 @@ def convert(
     name: str | None = None,
     version: int | None = None,
     step: ProgressStep = no_progress,
+    manifest_fields: Mapping[str, object] | None = None,
 ) -> ConversionResult:
-    """Run `adapter` through the skeleton; raises ConvertError subclasses on any failure."""
+    """Run `adapter` through the skeleton; raises ConvertError subclasses on any failure.
+    `manifest_fields` adds manifest fields (`recalibrations`) to those the skeleton writes."""
     folded = adapter.fold(step)
     name = name or adapter.default_name
     repository_existed = repository.exists()
@@ -120,6 +124,7 @@ def convert(
                 fields["op_counts"] = {"before": folded.op_counts_before, "after": after}
             if verified.notes:
                 fields["notes"] = verified.notes
+            fields.update(manifest_fields or {})
             final_path = staged.commit(fields)
     except ConvertError:
         if not repository_existed:

@@ -50,3 +50,21 @@ class VerificationFailed(ConvertError):
     """The converted graphs disagree with the original beyond tolerance; nothing was written."""
 
     exit_code = 1
+
+
+class RecalibrationError(ConvertError):
+    """Base of `bnfold recalibrate`'s errors: nothing was written. Exit code 2."""
+
+
+class CalibrationDataError(RecalibrationError):
+    """The calibration data or an option cannot be used: unreadable file, wrong datatype or
+    shape, NaN/Inf, too few samples for a variance (the service answers 422)."""
+
+
+class PackageNotFound(RecalibrationError):
+    """No such model, or no such version of it, in the repository (the service answers 404)."""
+
+
+class NotRecalibratable(RecalibrationError):
+    """The package cannot be recalibrated: no BatchNorm layers, written before calibration.onnx
+    (schema 1), or its files fail their sha256 (the service answers 409)."""

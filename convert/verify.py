@@ -140,23 +140,29 @@ class Agreement:
         }
 
 
-def verification_block(eval_agreement: Agreement, train_agreement: Agreement) -> dict[str, object]:
+def verification_block(
+    eval_agreement: Agreement, train_agreement: Agreement, calibration_agreement: Agreement
+) -> dict[str, object]:
     """The manifest's verification block, the same for both conversion paths.
 
-    Raises VerificationFailed (nothing is written then) when either graph
+    Raises VerificationFailed (nothing is written then) when any graph
     disagrees with its reference.
     """
-    if not (eval_agreement.passed and train_agreement.passed):
+    graphs = {
+        "eval": eval_agreement,
+        "train": train_agreement,
+        "calibration": calibration_agreement,
+    }
+    failures = [failure for agreement in graphs.values() for failure in agreement.failures]
+    if failures:
         raise VerificationFailed(
-            "verification failed, nothing written:\n  "
-            + "\n  ".join(eval_agreement.failures + train_agreement.failures)
+            "verification failed, nothing written:\n  " + "\n  ".join(failures)
         )
     return {
-        "eval": eval_agreement.as_dict(),
-        "train": train_agreement.as_dict(),
-        "max_abs_err": max(eval_agreement.max_abs_err, train_agreement.max_abs_err),
-        "max_rel_err": max(eval_agreement.max_rel_err, train_agreement.max_rel_err),
-        "samples": eval_agreement.samples + train_agreement.samples,
+        **{graph: agreement.as_dict() for graph, agreement in graphs.items()},
+        "max_abs_err": max(agreement.max_abs_err for agreement in graphs.values()),
+        "max_rel_err": max(agreement.max_rel_err for agreement in graphs.values()),
+        "samples": sum(agreement.samples for agreement in graphs.values()),
         "passed": True,
         "tolerance": {"atol": eval_agreement.tolerance.atol, "rtol": eval_agreement.tolerance.rtol},
     }

@@ -2,17 +2,19 @@
 
 Everything both halves must agree on lives here and nowhere else: the file
 names of a package, the version rule, the KServe V2 datatype table, how files
-are hashed, how the train graph names its per-BatchNorm statistic outputs, and
-the manifest itself as pydantic models. The converters build a `Manifest`; the
-service and `bnfold inspect` read one through `parse_manifest`. The prose
-version of the contract is docs/package-format.md.
+are hashed, how train.onnx and calibration.onnx name their per-BatchNorm
+statistic inputs and outputs, and the manifest itself as pydantic models. The
+converters build a `Manifest`; the service and `bnfold inspect` read one
+through `parse_manifest`. The prose version of the contract is
+docs/package-format.md.
 
 Imports neither torch nor a web framework: the serving install (no torch) and
 the converter (no FastAPI needed) both use it.
 
 Reading is lenient where old packages need it: every model keeps fields it does
 not know (`extra="allow"`), so a package written by a newer converter with
-more fields still loads, and schema version 1 stays what it was.
+more fields still loads, and schema version 1 (no calibration.onnx) still
+reads: such a package serves, without drift monitoring or recalibration.
 """
 
 from __future__ import annotations
@@ -30,7 +32,12 @@ MANIFEST: Final = "manifest.json"
 MODEL_CONFIG: Final = "config.json"
 EVAL_GRAPH: Final = "model.onnx"
 TRAIN_GRAPH: Final = "train.onnx"
-SCHEMA_VERSION: Final = 1
+#: Schema 2: the unfolded eval graph with per-BatchNorm input statistics (drift, recalibration).
+CALIBRATION_GRAPH: Final = "calibration.onnx"
+#: The schema this converter writes. Version 1 packages (no calibration.onnx) still serve.
+SCHEMA_VERSION: Final = 2
+#: The first schema whose packages carry CALIBRATION_GRAPH.
+CALIBRATION_SCHEMA: Final = 2
 
 # ---------------------------------------------------------------- versions
 
@@ -108,6 +115,20 @@ def sha256_file(path: Path) -> str:
 def batch_stat_output_names(layer_name: str) -> tuple[str, str]:
     """train.onnx's outputs for one BN: its batch mean and (biased) batch variance, [C] each."""
     return f"{layer_name}.batch_mean", f"{layer_name}.batch_var"
+
+
+def running_stat_input_names(layer_name: str) -> tuple[str, str]:
+    """calibration.onnx's overridable inputs for one BN: the running mean and variance it
+    normalises with, float32 [C], each with an initializer of the same name holding the
+    package's values (feed them to evaluate the model with other statistics)."""
+    return f"{layer_name}.running_mean", f"{layer_name}.running_var"
+
+
+def input_stat_output_names(layer_name: str) -> tuple[str, str, str]:
+    """calibration.onnx's outputs for one BN: the mean and the biased variance of the BN's
+    *input* over N and the spatial axes of the run (float32 [C]), and the number of values
+    per channel they summarise (int64 scalar: N x spatial size), so runs pool exactly."""
+    return f"{layer_name}.input_mean", f"{layer_name}.input_var", f"{layer_name}.input_count"
 
 
 # ---------------------------------------------------------------- the manifest
@@ -192,6 +213,8 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     batching: BatchingFields = BatchingFields()
+    #: Under the server's `specific` version policy: the version unversioned requests hit.
+    default_version: int | None = Field(None, gt=0, le=MAX_VERSION)
 
 
 class Source(_Part):
@@ -201,12 +224,23 @@ class Source(_Part):
     weights_sha256: str | None = None
 
 
+class Recalibration(_Part):
+    """One `bnfold recalibrate` step that produced this package from an earlier version."""
+
+    from_version: int = Field(gt=0, le=MAX_VERSION)
+    method: Literal["sequential", "batch"]
+    samples: int = Field(gt=0)
+    data_sha256: str
+    data: str | None = None
+    created: str | None = None
+
+
 class Manifest(_Part):
     """manifest.json. The converters fill every field; the service relies on the typed ones
     and keeps the rest as they are (`verification`, `node_counts`, ... are free-form
     blocks documented in docs/package-format.md)."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1, 2] = SCHEMA_VERSION
     name: str
     version: int = Field(gt=0, le=MAX_VERSION)
     created: str | None = None
@@ -217,6 +251,21 @@ class Manifest(_Part):
     batchnorm: ManifestBatchNorm = ManifestBatchNorm()
     batching: BatchingFields = BatchingFields()
     files: dict[str, str]
+    #: Every recalibration that led to this package, oldest first (empty for a conversion).
+    recalibrations: tuple[Recalibration, ...] = ()
+
+    @model_validator(mode="after")
+    def _calibration_graph(self) -> Manifest:
+        if self.schema_version >= CALIBRATION_SCHEMA and CALIBRATION_GRAPH not in self.files:
+            raise ValueError(
+                f"schema version {self.schema_version} packages list {CALIBRATION_GRAPH} in files"
+            )
+        return self
+
+    @property
+    def has_calibration_graph(self) -> bool:
+        """Schema 1 packages predate calibration.onnx: they serve, without drift or recalibration."""
+        return self.schema_version >= CALIBRATION_SCHEMA
 
     def to_json(self) -> bytes:
         """The manifest as written: indented, fields left unset out, a final newline."""

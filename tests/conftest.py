@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,13 +34,23 @@ def service(service_repository: Path) -> Iterator[RunningServer]:
         yield server
 
 
+def _current_single_version(model_dir: Path) -> bool:
+    from bnfold.package_format import SCHEMA_VERSION
+
+    manifest = model_dir / "1" / "manifest.json"
+    if not manifest.is_file() or [path.name for path in model_dir.iterdir()] != ["1"]:
+        return False
+    return json.loads(manifest.read_text()).get("schema_version") == SCHEMA_VERSION
+
+
 @pytest.fixture(scope="session")
 def digits_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The four built-in digits models, converted: models/repository when it is complete,
-    else built once into a temporary directory (needs the converter, i.e. torch)."""
+    """The four built-in digits models, converted: models/repository when it holds exactly
+    version 1 of each in the current package schema, else built once into a temporary
+    directory (needs the converter, i.e. torch)."""
     from bnfold.models import DEFAULT_REPOSITORY
 
-    if all((DEFAULT_REPOSITORY / name / "1" / "manifest.json").is_file() for name in DIGITS_MODELS):
+    if all(_current_single_version(DEFAULT_REPOSITORY / name) for name in DIGITS_MODELS):
         return DEFAULT_REPOSITORY
     try:
         from bnfold.convert.repository_build import build_default_repository

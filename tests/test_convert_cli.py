@@ -98,6 +98,7 @@ def test_convert_factory_writes_a_complete_package(nets: Path, tmp_path: Path) -
     assert result.exit_code == 0, result.output
     package = repo / "mlp" / "1"
     assert sorted(p.name for p in package.iterdir()) == [
+        "calibration.onnx",
         "manifest.json",
         "model.onnx",
         "train.onnx",
@@ -115,7 +116,7 @@ def test_convert_factory_writes_a_complete_package(nets: Path, tmp_path: Path) -
     assert manifest["verification"]["max_abs_err"] <= 1e-5
     for name, digest in manifest["files"].items():
         assert sha256_file(package / name) == digest
-    for file in ("model.onnx", "train.onnx"):
+    for file in ("model.onnx", "train.onnx", "calibration.onnx"):
         onnx.checker.check_model(str(package / file))
     assert {"torch", "onnx", "onnxruntime", "opset"} <= set(manifest["tool_versions"])
 
@@ -569,7 +570,8 @@ def test_a_version_taken_at_the_last_moment_is_refused_not_replaced(
 
     repo = tmp_path / "repo"
     with staged_package(repo, "mlp", 1) as staged:
-        (staged.directory / "model.onnx").write_bytes(b"x")
+        for file in ("model.onnx", "calibration.onnx"):
+            (staged.directory / file).write_bytes(b"x")
         (repo / "mlp" / "1").mkdir(parents=True)
         tensor = {"name": "input", "datatype": "FP32", "shape": [-1, 6]}
         with pytest.raises(PackageError, match="already exists"):

@@ -127,11 +127,12 @@ def mlp_package(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Pa
 def test_package_matches_torch_in_eval_and_train_mode(mlp_package) -> None:
     module, _source, package = mlp_package
     assert sorted(p.name for p in package.iterdir()) == [
+        "calibration.onnx",
         "manifest.json",
         "model.onnx",
         "train.onnx",
     ]
-    for name in ("model.onnx", "train.onnx"):
+    for name in ("model.onnx", "train.onnx", "calibration.onnx"):
         onnx.checker.check_model(str(package / name), full_check=True)
     x = np.random.default_rng(5).standard_normal((7, 6)).astype(np.float32)
     (eval_output,) = run(package / "model.onnx", x)
@@ -175,7 +176,8 @@ def test_manifest_describes_the_onnx_conversion(mlp_package) -> None:
     assert manifest["node_counts"]["batchnorm_before"] == 2
     assert manifest["node_counts"]["batchnorm_after"] == 0
     assert manifest["files"] == {
-        name: sha256_file(package / name) for name in ("model.onnx", "train.onnx")
+        name: sha256_file(package / name)
+        for name in ("calibration.onnx", "model.onnx", "train.onnx")
     }
 
 
@@ -251,6 +253,8 @@ def test_external_data_is_read_and_written(tmp_path: Path) -> None:
     package = Path(result.package_path)
     files = sorted(p.name for p in package.iterdir())
     assert files == [
+        "calibration.onnx",
+        "calibration.onnx.data",
         "manifest.json",
         "model.onnx",
         "model.onnx.data",
@@ -268,6 +272,8 @@ def test_external_data_is_read_and_written(tmp_path: Path) -> None:
     x = np.random.default_rng(8).standard_normal((3, 2, 6, 6)).astype(np.float32)
     (actual,) = run(package / "model.onnx", x)
     np.testing.assert_allclose(actual, torch_outputs(module, x), rtol=RTOL, atol=ATOL)
+    calibrated = run(package / "calibration.onnx", x)
+    np.testing.assert_allclose(calibrated[0], torch_outputs(module, x), rtol=RTOL, atol=ATOL)
 
 
 def test_missing_external_data_is_a_source_error(tmp_path: Path) -> None:

@@ -66,7 +66,8 @@ def test_a_valid_package_reads_and_loads(tmp_path: Path) -> None:
     [
         (lambda p: (p / "manifest.json").unlink(), "manifest.json is missing"),
         (lambda p: (p / "manifest.json").write_text("{"), "not valid JSON"),
-        (lambda p: _rewrite_manifest(p, schema_version=2), "schema_version"),
+        (lambda p: _rewrite_manifest(p, schema_version=3), "schema_version"),
+        (lambda p: _rewrite_manifest(p, schema_version=2), "packages list calibration.onnx"),
         (lambda p: _rewrite_manifest(p, inputs=[]), "inputs"),
         (lambda p: _rewrite_manifest(p, name="other"), "describes other version 1"),
         (

@@ -479,16 +479,18 @@ def iter_nodes(graph: GraphProto, op_type: str) -> Iterator[tuple[int, NodeProto
 BATCH_DIM_PARAM = "batch"
 
 
-def free_batch_axis(model: ModelProto, pinned: int) -> bool:
+def free_batch_axis(model: ModelProto, pinned: int, *, keep: Iterable[str] = ()) -> bool:
     """Make axis 0 of every graph input and output pinned to `pinned` symbolic ("batch").
 
-    Intermediate `value_info` is dropped: it may repeat the pinned size, and
-    onnxruntime infers it again anyway. Returns whether anything changed.
+    Initializers listed as inputs and the outputs named in `keep` (per-channel
+    statistics, which have no batch axis) keep their shapes. Intermediate
+    `value_info` is dropped: it may repeat the pinned size, and onnxruntime
+    infers it again anyway. Returns whether anything changed.
     """
     changed = False
-    initializers = {tensor.name for tensor in model.graph.initializer}
+    fixed = {tensor.name for tensor in model.graph.initializer} | set(keep)
     for value in [*model.graph.input, *model.graph.output]:
-        if value.name in initializers:
+        if value.name in fixed:
             continue
         dims = value.type.tensor_type.shape.dim
         if dims and dims[0].HasField("dim_value") and dims[0].dim_value == pinned:

@@ -1,10 +1,11 @@
 """The ONNX adapter of the conversion skeleton (`convert.conversion`).
 
 fold: validate + shape inference (onnx.io) -> fold passes on a copy
-(onnx.fold) -> train graph from another copy (onnx.train_graph). export: free a
-pinned batch axis, write model.onnx and train.onnx (external data when the
-source had it or the graph is too big for one protobuf). verify: both against
-the original (onnx.verify).
+(onnx.fold) -> train graph from another copy (onnx.train_graph) -> calibration
+graph from a third (onnx.calibration_graph). export: free a pinned batch axis,
+write model.onnx, train.onnx and calibration.onnx (external data when the
+source had it or the graph is too big for one protobuf). verify: all three
+against the original (onnx.verify).
 
 Nothing here imports torch: on the serving install (no torch) `bnfold convert
 x.onnx` works.
@@ -22,10 +23,11 @@ import onnxruntime
 from onnx import ModelProto, ValueInfoProto
 
 from bnfold.convert.conversion import Folded, ProgressStep, Verified, convert, no_progress
+from bnfold.convert.onnx.calibration_graph import build_calibration_graph, source_layers
 from bnfold.convert.onnx.fold import fold_batchnorms
 from bnfold.convert.onnx.graph import free_batch_axis, op_counts
 from bnfold.convert.onnx.io import OnnxSource, load_onnx_source, needs_external_data, save_model
-from bnfold.convert.onnx.reference import TrainReference
+from bnfold.convert.onnx.reference import InputStatisticsReference, TrainReference
 from bnfold.convert.onnx.train_graph import build_train_graph
 from bnfold.convert.onnx.verify import (
     InputSpec,
@@ -35,12 +37,13 @@ from bnfold.convert.onnx.verify import (
     session,
     verification_feeds,
     verify_batch_growth,
+    verify_calibration,
     verify_eval,
     verify_train,
 )
 from bnfold.convert.report import ConversionResult
 from bnfold.convert.verify import verification_block
-from bnfold.package_format import EVAL_GRAPH, TRAIN_GRAPH, Source
+from bnfold.package_format import CALIBRATION_GRAPH, EVAL_GRAPH, TRAIN_GRAPH, Source
 
 
 def convert_onnx_file(
@@ -99,14 +102,26 @@ class OnnxAdapter:
         report = fold_batchnorms(self.folded, self.loaded.tensor_info)
         self.train = _copy(self.loaded.model)
         stat_names = build_train_graph(self.train, self.loaded.tensor_info)
+        self.calibration = _copy(self.loaded.model)
+        layers = source_layers(self.calibration, self.loaded.tensor_info)
+        self.layer_names = [layer.name for layer in layers]
+        input_stat_names = build_calibration_graph(
+            self.calibration, self.loaded.tensor_info, layers
+        )
+        self.stat_outputs = [*stat_names, *input_stat_names]
         return Folded(report, stat_names, op_counts(self.loaded.model.graph))
 
     def export(self, directory: Path) -> None:
         external = needs_external_data(self.folded, source_external=self.loaded.external_data)
+        graphs = {
+            EVAL_GRAPH: self.folded,
+            TRAIN_GRAPH: self.train,
+            CALIBRATION_GRAPH: self.calibration,
+        }
         self.graphs = _write_graphs(
-            directory, self.folded, self.train, self.specs, external=external
+            directory, graphs, self.specs, external=external, unbatched=self.stat_outputs
         )
-        del self.folded, self.train  # their weights went to disk; free the copies
+        del self.folded, self.train, self.calibration  # their weights went to disk
 
     def verify(self, directory: Path) -> Verified:
         reference = session(self.loaded.path, optimized=False)
@@ -114,7 +129,7 @@ class OnnxAdapter:
         graphs = self.graphs
         pinned = graphs.freed_batch
         if pinned is not None:
-            paths = [graphs.model_path, graphs.train_path]
+            paths = [graphs.model_path, graphs.train_path, graphs.calibration_path]
             problem = verify_batch_growth(reference, paths, self.specs, pinned)
             if problem:
                 graphs.pin_batch_again()
@@ -122,7 +137,14 @@ class OnnxAdapter:
         eval_agreement = verify_eval(reference, graphs.model_path, self.feeds)
         with TrainReference(self.loaded.model, self.loaded.tensor_info) as train_reference:
             train_agreement = verify_train(train_reference, graphs.train_path, self.feeds)
-        return Verified(verification_block(eval_agreement, train_agreement), notes)
+        with InputStatisticsReference(
+            self.loaded.model, self.loaded.tensor_info, self.layer_names
+        ) as calibration_reference:
+            calibration_agreement = verify_calibration(
+                calibration_reference, graphs.calibration_path, self.feeds
+            )
+        block = verification_block(eval_agreement, train_agreement, calibration_agreement)
+        return Verified(block, notes)
 
 
 def _copy(model: ModelProto) -> ModelProto:
@@ -137,12 +159,24 @@ _IoSnapshot = list[list[ValueInfoProto]]
 
 @dataclass
 class _WrittenGraphs:
-    """model.onnx and train.onnx on disk; `freed_batch` is the pinned size made symbolic."""
+    """model.onnx, train.onnx and calibration.onnx on disk; `freed_batch` is the pinned size
+    made symbolic."""
 
-    model_path: Path
-    train_path: Path
+    directory: Path
     freed_batch: int | None
     pinned_io: dict[Path, _IoSnapshot]
+
+    @property
+    def model_path(self) -> Path:
+        return self.directory / EVAL_GRAPH
+
+    @property
+    def train_path(self) -> Path:
+        return self.directory / TRAIN_GRAPH
+
+    @property
+    def calibration_path(self) -> Path:
+        return self.directory / CALIBRATION_GRAPH
 
     def pin_batch_again(self) -> None:
         """Put the pinned input/output shapes back; external weights stay where they are."""
@@ -161,26 +195,28 @@ class _WrittenGraphs:
 
 def _write_graphs(
     directory: Path,
-    folded: ModelProto,
-    train: ModelProto,
+    graphs: Mapping[str, ModelProto],
     specs: Sequence[InputSpec],
     *,
     external: bool,
+    unbatched: Sequence[str],
 ) -> _WrittenGraphs:
-    """Free a pinned batch axis in both graphs, then save them (consumes their weights)."""
-    graphs = _WrittenGraphs(directory / EVAL_GRAPH, directory / TRAIN_GRAPH, None, {})
+    """Free a pinned batch axis in every graph (but on the per-channel statistics outputs
+    `unbatched`), then save each under its file name (consumes their weights)."""
+    written = _WrittenGraphs(directory, None, {})
     pinned = fixed_batch(specs)
     if pinned is not None:
-        graphs.pinned_io = {
-            graphs.model_path: _io_snapshot(folded),
-            graphs.train_path: _io_snapshot(train),
+        written.pinned_io = {
+            directory / name: _io_snapshot(model) for name, model in graphs.items()
         }
-        if free_batch_axis(folded, pinned):
-            free_batch_axis(train, pinned)
-            graphs.freed_batch = pinned
-    save_model(folded, graphs.model_path, external=external)
-    save_model(train, graphs.train_path, external=external)
-    return graphs
+        model, *others = graphs.values()
+        if free_batch_axis(model, pinned, keep=unbatched):
+            for other in others:
+                free_batch_axis(other, pinned, keep=unbatched)
+            written.freed_batch = pinned
+    for name, model in graphs.items():
+        save_model(model, directory / name, external=external)
+    return written
 
 
 def _io_snapshot(model: ModelProto) -> _IoSnapshot:

@@ -1,4 +1,11 @@
-"""The train-mode reference for an ONNX source: the original graph, BNs in numpy.
+"""The references an ONNX conversion is verified against, independent of how it was built.
+
+`InputStatisticsReference` (for calibration.onnx): the original graph run by
+onnxruntime with its optimizer off, with each manifest layer's BN input added
+as an output; the per-channel mean, biased variance and count of those inputs
+are computed in numpy float64.
+
+`TrainReference` (for train.onnx): the original graph, BNs in numpy.
 
 train.onnx is checked against an evaluation that shares nothing with the way
 it was built. The original graph is cut at every BatchNormalization: each cut
@@ -18,7 +25,7 @@ onnxruntime session per BN, built once and reused for every batch.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +37,11 @@ from onnx import ModelProto, NodeProto, helper, numpy_helper
 from bnfold.convert.onnx.batchnorm import BatchNormNode, read_batchnorms
 from bnfold.convert.onnx.graph import GraphIndex, TensorInfo, subgraph_free_names
 from bnfold.convert.onnx.io import fits_in_one_proto, save_model
+
+#: onnxruntime's log severity for verification sessions: errors only. Its warnings about the
+#: graphs as written (unused initializers, calibration.onnx's overridable running statistics)
+#: say nothing a bnfold user can act on; verification judges by the numbers.
+ERRORS_ONLY = 3
 
 
 @dataclass
@@ -168,11 +180,75 @@ class TrainReference:
         return helper.make_tensor_value_info(name, elem_type, self._index.shape(name))
 
     def _session(self, model: ModelProto) -> onnxruntime.InferenceSession:
-        options = onnxruntime.SessionOptions()
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
-        providers = ["CPUExecutionProvider"]
-        if fits_in_one_proto(model):
-            return onnxruntime.InferenceSession(model.SerializeToString(), options, providers)
         path = Path(self._workdir.name) / f"stage_{len(self._stages)}.onnx"
-        save_model(model, path, external=True, check=False)
-        return onnxruntime.InferenceSession(str(path), options, providers)
+        return _unoptimized_session(model, path)
+
+
+class InputStatisticsReference:
+    """The original graph in eval mode, and the statistics of each named BN's input.
+
+    `run` returns the graph's outputs, then per layer (BN node name, in the
+    order given) the mean and the biased variance over every axis but 1
+    (float64 [C]) and the number of values per channel (int64 scalar): what
+    calibration.onnx must output.
+    """
+
+    def __init__(
+        self, model: ModelProto, tensor_info: dict[str, TensorInfo], layers: Sequence[str]
+    ) -> None:
+        nodes = {node.name: node for node in model.graph.node}
+        self._inputs = [nodes[layer].input[0] for layer in layers]
+        graph_inputs = {value.name for value in model.graph.input}
+        self._outputs = [value.name for value in model.graph.output]
+        tapped = ModelProto()
+        tapped.CopyFrom(model)
+        added = [
+            name
+            for name in dict.fromkeys(self._inputs)
+            if name not in graph_inputs and name not in self._outputs
+        ]
+        index = GraphIndex(model, tensor_info)
+        tapped.graph.output.extend(
+            helper.make_tensor_value_info(
+                name, index.elem_type(name) or onnx.TensorProto.FLOAT, index.shape(name)
+            )
+            for name in added
+        )
+        self._fetched = [*self._outputs, *added]
+        self._workdir = tempfile.TemporaryDirectory(prefix="bnfold-calibration-reference-")
+        self._session = _unoptimized_session(tapped, Path(self._workdir.name) / "tapped.onnx")
+
+    def close(self) -> None:
+        self._workdir.cleanup()
+
+    def __enter__(self) -> InputStatisticsReference:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def run(self, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        values = dict(feed)
+        values.update(zip(self._fetched, self._session.run(self._fetched, dict(feed)), strict=True))
+        statistics: list[np.ndarray] = []
+        for name in self._inputs:
+            x = np.asarray(values[name], np.float64)
+            axes = (0, *range(2, x.ndim))
+            mean = x.mean(axis=axes)
+            centred = x - mean.reshape((1, -1) + (1,) * (x.ndim - 2))
+            var = np.square(centred).mean(axis=axes)
+            statistics.extend([mean, var, np.array(x.size // x.shape[1], np.int64)])
+        return [values[name] for name in self._outputs] + statistics
+
+
+def _unoptimized_session(model: ModelProto, path: Path) -> onnxruntime.InferenceSession:
+    """`model` in onnxruntime with its optimizer off (the graph as written); saved to `path`
+    with external data when one protobuf cannot hold it."""
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = ERRORS_ONLY
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    providers = ["CPUExecutionProvider"]
+    if fits_in_one_proto(model):
+        return onnxruntime.InferenceSession(model.SerializeToString(), options, providers)
+    save_model(model, path, external=True, check=False)
+    return onnxruntime.InferenceSession(str(path), options, providers)

@@ -20,17 +20,14 @@ the model's own opset, which stays unchanged.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
-from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
+from onnx import ModelProto, NodeProto, TensorProto, helper
 
 from bnfold.convert.errors import UnsupportedSource
 from bnfold.convert.onnx.batchnorm import BatchNormNode, read_batchnorms
+from bnfold.convert.onnx.emitter import Emitter
 from bnfold.convert.onnx.graph import GraphIndex, TensorInfo, add_initializers
 from bnfold.package_format import batch_stat_output_names
-
-REDUCE_AXES_AS_INPUT_OPSET = 18
 
 
 def build_train_graph(model: ModelProto, tensor_info: dict[str, TensorInfo]) -> list[str]:
@@ -69,47 +66,9 @@ def build_train_graph(model: ModelProto, tensor_info: dict[str, TensorInfo]) -> 
     return stat_outputs
 
 
-class _Emitter:
-    """Appends nodes and constants for one BN, with unique names under the BN's scope."""
-
-    def __init__(self, index: GraphIndex, scope: str) -> None:
-        self.index = index
-        self.scope = scope
-        self.nodes: list[NodeProto] = []
-        self.constants: list[TensorProto] = []
-
-    def fresh(self, label: str) -> str:
-        return self.index.unique_name(f"{self.scope}/{label}")
-
-    def constant(self, label: str, values: np.ndarray) -> str:
-        name = self.fresh(label)
-        self.constants.append(numpy_helper.from_array(values, name))
-        return name
-
-    def op(self, op_type: str, inputs: list[str], output: str | None = None, **attrs: Any) -> str:
-        result = output or self.fresh(op_type.lower())
-        self.nodes.append(
-            helper.make_node(op_type, inputs, [result], name=self.fresh(op_type), **attrs)
-        )
-        return result
-
-    def reduce_mean(self, tensor: str, axes: list[int]) -> str:
-        if self.index.opset >= REDUCE_AXES_AS_INPUT_OPSET:
-            axes_name = self.constant("axes", np.array(axes, np.int64))
-            return self.op("ReduceMean", [tensor, axes_name], keepdims=1)
-        return self.op("ReduceMean", [tensor], axes=axes, keepdims=1)
-
-    def as_type(self, name: str, dtype: int) -> str:
-        """`name` cast to `dtype` when its type is known to differ (opset 15 allows that)."""
-        current = self.index.elem_type(name)
-        if current is None or current == dtype:
-            return name
-        return self.op("Cast", [name], to=dtype)
-
-
 def _batch_statistics(
     index: GraphIndex, bn: BatchNormNode
-) -> tuple[_Emitter, tuple[str, str] | None, int | str | None]:
+) -> tuple[Emitter, tuple[str, str] | None, int | str | None]:
     """The BN's replacement; its statistics outputs' names when it is a manifest layer."""
     rank = index.rank(bn.input)
     if rank is None or rank < 2:
@@ -125,12 +84,9 @@ def _batch_statistics(
         if name in index.producer or name in index.initializers or name in index.graph_inputs:
             raise UnsupportedSource(f"cannot build train.onnx: tensor {name} already exists")
     dtype = index.elem_type(bn.input) or TensorProto.FLOAT
-    axes = [0, *range(2, rank)]
-    emit = _Emitter(index, bn.name)
+    emit = Emitter(index, bn.name)
     x, scale, bias = bn.node.input[0], bn.node.input[1], bn.node.input[2]
-    mean = emit.reduce_mean(x, axes)
-    centred = emit.op("Sub", [x, mean])
-    var = emit.reduce_mean(emit.op("Mul", [centred, centred]), axes)
+    mean, centred, var = emit.mean_and_variance(x, rank)
     epsilon = emit.constant(
         "epsilon", np.array(bn.epsilon, dtype=helper.tensor_dtype_to_np_dtype(dtype))
     )

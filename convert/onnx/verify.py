@@ -6,6 +6,9 @@
   folded model runs fully optimized, as the service runs it.
 * train.onnx against `TrainReference` (original nodes, BNs in numpy with batch
   statistics), outputs and per-BN batch mean/var together.
+* calibration.onnx against `InputStatisticsReference` (the original graph, each
+  layer's BN input taken out and summarised in numpy): outputs and per-layer
+  input mean/var/count together.
 
 Inputs are seeded random batches shaped from the graph inputs: float inputs
 standard normal, integer inputs 0/1, booleans random; a symbolic batch axis
@@ -27,7 +30,7 @@ from onnx import ModelProto, helper
 
 from bnfold.convert.errors import InputShapeError
 from bnfold.convert.onnx.graph import Dim
-from bnfold.convert.onnx.reference import TrainReference
+from bnfold.convert.onnx.reference import ERRORS_ONLY, InputStatisticsReference, TrainReference
 from bnfold.convert.verify import (
     VERIFY_SEED,
     Agreement,
@@ -178,6 +181,7 @@ def verification_feeds(specs: Sequence[InputSpec], sample: np.ndarray | None) ->
 def session(path: Path, *, optimized: bool) -> onnxruntime.InferenceSession:
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 2
+    options.log_severity_level = ERRORS_ONLY
     options.graph_optimization_level = (
         onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         if optimized
@@ -248,6 +252,20 @@ def verify_train(reference: TrainReference, train_path: Path, feeds: Sequence[Fe
         actual = train.run(None, feed)
         label = f"train batch {position} (N={_rows(feed)})"
         agreement.add(label, actual, [*expected.outputs, *expected.statistics])
+    return agreement
+
+
+def verify_calibration(
+    reference: InputStatisticsReference, calibration_path: Path, feeds: Sequence[Feed]
+) -> Agreement:
+    """calibration.onnx fed the model inputs alone (its running statistics at their defaults):
+    the eval outputs and every layer's input mean, variance and count, per batch."""
+    calibration = session(calibration_path, optimized=True)
+    agreement = Agreement()
+    for position, feed in enumerate(feeds):
+        expected = reference.run(feed)
+        actual = calibration.run(None, feed)
+        agreement.add(f"calibration batch {position} (N={_rows(feed)})", actual, expected)
     return agreement
 
 

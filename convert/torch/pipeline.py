@@ -1,8 +1,9 @@
 """The PyTorch adapter of the conversion skeleton (`convert.conversion`).
 
 fold: trace (fx) + shapes -> fold plan -> rewrite a copy; a second trace becomes
-the train graph. export: model.onnx and train.onnx with the TorchScript
-exporter. verify: both in onnxruntime against torch (`convert.torch.verify`).
+the train graph, a third the calibration graph (running statistics as inputs).
+export: model.onnx, train.onnx and calibration.onnx with the TorchScript
+exporter. verify: all three in onnxruntime against torch (`convert.torch.verify`).
 
 The user's module is never modified: everything works on deep copies, and the
 train-mode reference runs on its own copy, so no running statistic changes.
@@ -31,24 +32,35 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.convert.conversion import Folded, ProgressStep, Verified, convert, no_progress
 from bnfold.convert.errors import InputShapeError, UntraceableModel, first_line
+from bnfold.convert.onnx.io import save_model
 from bnfold.convert.report import (
     BatchNormLayer,
     BatchNormReport,
     ConversionResult,
     FoldedBatchNorm,
 )
+from bnfold.convert.torch.calibration_graph import (
+    build_calibration_module,
+    finish_calibration_graph,
+)
 from bnfold.convert.torch.graph import FoldPlan, plan_folds
 from bnfold.convert.torch.rewrite import apply_plan
 from bnfold.convert.torch.sources import LoadedSource
 from bnfold.convert.torch.train_graph import build_train_graph, replace_batch_statistics_bns
-from bnfold.convert.torch.verify import INPUT_NAME, verify_eval, verify_train
+from bnfold.convert.torch.verify import INPUT_NAME, verify_calibration, verify_eval, verify_train
 from bnfold.convert.verify import (
     VERIFY_SEED,
     check_batch_size,
     verification_batch_sizes,
     verification_block,
 )
-from bnfold.package_format import EVAL_GRAPH, TRAIN_GRAPH, Source, batch_stat_output_names
+from bnfold.package_format import (
+    CALIBRATION_GRAPH,
+    EVAL_GRAPH,
+    TRAIN_GRAPH,
+    Source,
+    batch_stat_output_names,
+)
 
 OPSET = 17
 
@@ -133,6 +145,11 @@ class TorchAdapter:
         self.train_graph, self.stat_names = build_train_graph(
             trace(self.original, self.example, self.loaded.ref), self.plan.sites
         )
+        calibration_trace = trace(self.original, self.example, self.loaded.ref)
+        replace_batch_statistics_bns(
+            calibration_trace, _batch_statistics_bn_paths(calibration_trace)
+        )
+        self.calibration = build_calibration_module(calibration_trace, self.plan.sites)
         return Folded(_batchnorm_report(self.original, self.plan), list(self.stat_names))
 
     def export(self, directory: Path) -> None:
@@ -144,6 +161,19 @@ class TorchAdapter:
             self.output_names,
             self.stat_names,
         )
+        calibration_path = directory / CALIBRATION_GRAPH
+        calibration = self.calibration
+        export_onnx(
+            calibration.module,
+            self.example,
+            calibration_path,
+            self.output_names,
+            [],
+            statistics=(calibration.input_names, calibration.statistics),
+        )
+        model = onnx.load(str(calibration_path))
+        finish_calibration_graph(model, calibration.layers)
+        save_model(model, calibration_path, external=False)
 
     def verify(self, directory: Path) -> Verified:
         samples = _verification_batches(self.input_shape, self.sample)
@@ -151,7 +181,10 @@ class TorchAdapter:
         train_agreement = verify_train(
             self.original, directory / TRAIN_GRAPH, samples, self.plan, len(self.output_names)
         )
-        return Verified(verification_block(eval_agreement, train_agreement))
+        calibration_agreement = verify_calibration(
+            self.original, directory / CALIBRATION_GRAPH, samples, self.plan
+        )
+        return Verified(verification_block(eval_agreement, train_agreement, calibration_agreement))
 
 
 def trace(module: nn.Module, example: torch.Tensor, ref: str) -> fx.GraphModule:
@@ -180,19 +213,26 @@ def export_onnx(
     path: Path,
     output_names: Sequence[str],
     stat_names: Sequence[str],
+    *,
+    statistics: tuple[Sequence[str], Sequence[torch.Tensor]] = ((), ()),
 ) -> None:
-    """Export with the TorchScript exporter: fast, stable names, dynamic batch axis."""
+    """Export with the TorchScript exporter: fast, stable names, dynamic batch axis.
+
+    `statistics` (names, example values) are extra inputs after the model's
+    one, without a batch axis (calibration.onnx's running statistics).
+    """
     dynamic_axes = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in output_names}}
+    extra_names, extra_values = statistics
     # The TorchScript exporter's deprecation and constant-folding chatter says
     # nothing actionable to a bnfold user; the checker below is the real gate.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
-            (example,),
+            (example, *extra_values),
             str(path),
             dynamo=False,
-            input_names=[INPUT_NAME],
+            input_names=[INPUT_NAME, *extra_names],
             output_names=[*output_names, *stat_names],
             dynamic_axes=dynamic_axes,
             opset_version=OPSET,

@@ -5,6 +5,9 @@
 * train.onnx against the original with only its BatchNorm modules in train
   mode (Dropout stays off, as in train.onnx), outputs and each manifest
   layer's batch mean and biased variance, captured by hooks on the BN inputs.
+* calibration.onnx, fed the input alone, against the original in eval mode
+  (float64), outputs and each manifest layer's input mean, biased variance
+  and count, captured by the same hooks.
 
 Judged by `convert.verify.Agreement`, the rule both paths share.
 """
@@ -60,44 +63,73 @@ def verify_train(
     for index, batch in enumerate(batches):
         if not _statistics_defined(batch):
             continue
-        with _captured_batch_statistics(reference, plan) as statistics:
+        with _captured_input_statistics(reference, plan) as statistics:
             expected = _flat_outputs(reference, batch)
         actual = train.run(None, {INPUT_NAME: batch})
         label = f"train batch {index} (N={batch.shape[0]})"
         agreement.add(label, actual[:output_count], expected)
-        agreement.add(f"{label} batch statistics", actual[output_count:], statistics)
+        batch_statistics = [value for layer in statistics for value in layer[:2]]
+        agreement.add(f"{label} batch statistics", actual[output_count:], batch_statistics)
     return agreement
 
 
+def verify_calibration(
+    original: nn.Module, calibration_path: Path, batches: Sequence[np.ndarray], plan: FoldPlan
+) -> Agreement:
+    """calibration.onnx fed the input alone (running statistics at their defaults) against
+    torch in eval mode: outputs, then each layer's input mean, biased variance and count."""
+    calibration = session(calibration_path, optimized=True)
+    agreement = Agreement()
+    reference = float64_reference(original, batches[0])
+    for index, batch in enumerate(batches):
+        with _captured_input_statistics(reference, plan) as statistics:
+            expected = _flat_outputs(reference, batch)
+        actual = calibration.run(None, {INPUT_NAME: batch})
+        expected.extend(value for layer in statistics for value in layer)
+        agreement.add(f"calibration batch {index} (N={batch.shape[0]})", actual, expected)
+    return agreement
+
+
+#: One BN call's input: per-channel mean and biased variance (float64 [C]), values per channel.
+InputStatistics = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
 @contextmanager
-def _captured_batch_statistics(model: nn.Module, plan: FoldPlan) -> Iterator[list[np.ndarray]]:
-    """Record (mean, var) of each manifest layer's BN call input, in plan.layer_sites order."""
-    captured: dict[str, list[np.ndarray]] = {}
+def _captured_input_statistics(model: nn.Module, plan: FoldPlan) -> Iterator[list[InputStatistics]]:
+    """Record the statistics of each manifest layer's BN call input, in plan.layer_sites order
+    (a module called at several sites: its calls in order)."""
+    captured: dict[str, list[InputStatistics]] = {}
     handles = []
 
     def hook(path: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
         def record(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             x = inputs[0].detach().double()
             dims = [0, *range(2, x.dim())]
-            captured.setdefault(path, []).extend(
-                [x.mean(dim=dims).numpy(), x.var(dim=dims, unbiased=False).numpy()]
+            captured.setdefault(path, []).append(
+                (
+                    x.mean(dim=dims).numpy(),
+                    x.var(dim=dims, unbiased=False).numpy(),
+                    np.array(x.numel() // x.shape[1], np.int64),
+                )
             )
 
         return record
 
     for path in dict.fromkeys(site.module_path for site in plan.layer_sites):
+        assert path is not None
         handles.append(model.get_submodule(path).register_forward_pre_hook(hook(path)))
-    ordered: list[np.ndarray] = []
+    ordered: list[InputStatistics] = []
     try:
         yield ordered
     finally:
         for handle in handles:
             handle.remove()
-    offsets: dict[str, int] = {}
+    calls: dict[str, int] = {}
     for site in plan.layer_sites:
-        start = offsets.get(site.module_path, 0)
-        ordered.extend(captured[site.module_path][start : start + 2])
-        offsets[site.module_path] = start + 2
+        assert site.module_path is not None
+        call = calls.get(site.module_path, 0)
+        ordered.append(captured[site.module_path][call])
+        calls[site.module_path] = call + 1
 
 
 def _statistics_defined(batch: np.ndarray) -> bool:
