@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 BNFOLD := $(VENV)/bin/bnfold
 STAMP  := $(VENV)/.bnfold-installed
 
-.PHONY: serve test test-soak lint repository bench bench-convert bench-onnx-fold bench-serve clean
+.PHONY: serve test test-soak lint repository bench bench-convert bench-onnx-fold bench-serve bench-recalibrate clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,10 +34,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-## Benchmarks: the converter, ONNX folding against its peers, then serving (BENCHMARKS.md). The serving benchmark drives
+## Benchmarks: the converter, ONNX folding against its peers, serving, then recalibration
+## (BENCHMARKS.md). The serving benchmark drives
 ## load with wrk (Debian's package, installed here when missing and we are root), else
 ## with its own bounded Python client.
-bench: bench-convert bench-onnx-fold bench-serve
+bench: bench-convert bench-onnx-fold bench-serve bench-recalibrate
 
 bench-convert: $(STAMP)
 	$(PY) benchmarks/convert_bench.py
@@ -50,6 +51,11 @@ bench-serve: $(STAMP)
 		{ [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq wrk; } || \
 		echo "wrk is not installed (installing it needs root): the serving benchmark uses its Python client"
 	$(PY) benchmarks/serve_bench.py
+
+## Accuracy of the digits models under a shift, recalibrated by `bnfold recalibrate` and by
+## torch's update_bn; ResNet-18's recalibration time; the drift endpoint before and after.
+bench-recalibrate: $(STAMP)
+	$(PY) benchmarks/recalibration_bench.py
 
 clean:
 	rm -rf $(VENV) models/repository models/.cache
