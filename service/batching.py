@@ -335,6 +335,11 @@ class Batcher:
         for key in [key for key in self._queues if key[0] == name]:
             self._queues.pop(key).retire()
 
+    def retire_version(self, name: str, version: int) -> None:
+        """After an unload of one version: its queue drains and lets go of the sessions."""
+        for key in [key for key in self._queues if key[:2] == (name, version)]:
+            self._queues.pop(key).retire()
+
     def close(self) -> None:
         for queue in self._queues.values():
             queue.close()

@@ -10,6 +10,11 @@ finished V2 response, each output JSON or binary as the request asked, as
 `compare` returns its report. Compare never batches: train.onnx normalises with
 the statistics of the whole batch, so other requests' rows would change the
 answer; it runs through a plain `Runner`.
+
+Drift monitoring: `infer` offers every checked request to the `DriftMonitor`
+before the batcher merges it (an addition and a comparison per request; one
+in 1/fraction is queued for the monitor's worker), and `drift` answers from
+the monitor's windows. Neither changes what infer or compare return.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ from importlib.metadata import version as package_version
 from typing import Any
 
 import numpy as np
+from prometheus_client.core import Metric
 
-from bnfold.package_format import DATATYPE_OF_DTYPE, ManifestTensor
+from bnfold.package_format import DATATYPE_OF_DTYPE, ManifestTensor, parse_version
 from bnfold.service import compare
 from bnfold.service.batching import Batcher
 from bnfold.service.codec import (
@@ -34,8 +40,9 @@ from bnfold.service.codec import (
     encode_response,
     tensor_json,
 )
-from bnfold.service.errors import BadRequest, QueueFull, Unavailable, Unprocessable
-from bnfold.service.metrics import UNKNOWN_MODEL, ServiceMetrics
+from bnfold.service.drift_monitor import DriftConfig, DriftMonitor
+from bnfold.service.errors import BadRequest, NotFound, QueueFull, Unavailable, Unprocessable
+from bnfold.service.metrics import UNKNOWN_MODEL, ServiceMetrics, drift_families
 from bnfold.service.protocol import BACKEND, PLATFORM
 from bnfold.service.registry import ModelRegistry, ModelState
 from bnfold.service.runs import Runner
@@ -43,7 +50,13 @@ from bnfold.service.sessions import LoadedModel
 
 SERVER_NAME = "bnfold"
 logger = logging.getLogger("bnfold.service")
-EXTENSIONS = ("binary_tensor_data", "model_repository", "model_configuration", "bnfold_compare")
+EXTENSIONS = (
+    "binary_tensor_data",
+    "model_repository",
+    "model_configuration",
+    "bnfold_compare",
+    "bnfold_drift",
+)
 
 
 def server_version() -> str:
@@ -51,6 +64,13 @@ def server_version() -> str:
         return package_version("bnfold")
     except PackageNotFoundError:
         return "0+unknown"
+
+
+def _version_number(version: str) -> int:
+    number = parse_version(version)
+    if number is None:
+        raise NotFound(f"{version!r} is not a model version (a positive integer)")
+    return number
 
 
 def _shape_text(shape: Sequence[int]) -> str:
@@ -130,11 +150,18 @@ class DataPlane:
     """What the REST layer calls: every method takes names and decoded requests, not HTTP."""
 
     def __init__(
-        self, registry: ModelRegistry, runner: Runner, batcher: Batcher, metrics: ServiceMetrics
+        self,
+        registry: ModelRegistry,
+        runner: Runner,
+        batcher: Batcher,
+        metrics: ServiceMetrics,
+        drift: DriftMonitor | None = None,
     ) -> None:
         self.registry = registry
         self.runner = runner
         self.batcher = batcher
+        # without a monitor (started by the app's lifespan) nothing is sampled
+        self.drift = drift or DriftMonitor(DriftConfig(enabled=False))
         # compare requests waiting or running, per model version: compare has no batcher
         # queue, so this is its bound (the model's max_queue_size)
         self._comparing: Counter[tuple[str, int]] = Counter()
@@ -226,10 +253,47 @@ class DataPlane:
             await asyncio.to_thread(self.registry.load, name)
         finally:
             self.batcher.retire(name)
+            self.drift.keep_only(self._loaded_models())
 
     async def unload(self, name: str) -> None:
         await asyncio.to_thread(self.registry.unload, name)
         self.batcher.retire(name)
+        self.drift.keep_only(self._loaded_models())
+
+    async def load_version(self, name: str, version: str) -> None:
+        """Load one version beside the others (a roll forward under the `latest` policy)."""
+        await asyncio.to_thread(self.registry.load_version, name, _version_number(version))
+        self.version_loaded(name)
+
+    async def unload_version(self, name: str, version: str) -> None:
+        """Stop serving one version (a rollback when it is the newest); requests holding it
+        finish on it, its queue drains."""
+        number = _version_number(version)
+        self.registry.unload_version(name, number)
+        self.batcher.retire_version(name, number)
+        self.version_loaded(name)
+
+    def version_loaded(self, name: str) -> None:
+        """After one version of `name` was loaded or unloaded: forget what the drift
+        monitor kept of versions no longer served."""
+        self.drift.keep_only(self._loaded_models())
+
+    def recent_inputs(self, name: str, version: int) -> dict[str, np.ndarray]:
+        """The drift monitor's reservoir of live inputs of `name` version `version`."""
+        return self.drift.recent_inputs(self.registry.get(name, str(version)))
+
+    def _loaded_models(self) -> list[LoadedModel]:
+        return [entry.model for entry in self.registry.index() if entry.model is not None]
+
+    def drift_report(self, name: str, version: str | None, channels: bool) -> dict[str, Any]:
+        """GET .../drift: the live traffic's drift from the version's running statistics
+        (unversioned: the version an unversioned infer hits). 200 even when the version is
+        not monitored (`available` false with the reason)."""
+        return self.drift.report(self.registry.get(name, version), channels)
+
+    def drift_metric_families(self) -> list[Metric]:
+        """The drift series of every loaded version, for a /metrics scrape."""
+        return drift_families(self.drift.metric_series(self._loaded_models()))
 
     def admit_infer(self, name: str, version: str | None) -> None:
         """Refuse an inference before its body is read when it cannot be served now: the
@@ -264,6 +328,7 @@ class DataPlane:
         output_names = select_outputs(model, request.outputs)
         rows = _batch_size(feeds)
         self.metrics.batch_size.labels(model.name, "infer").observe(rows)
+        self.drift.offer(model, feeds)
         arrays = await self.batcher.run(model, feeds, output_names)
         logger.debug("infer %s version %d, batch %d", model.name, model.version, rows)
         header: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version)}

@@ -53,6 +53,13 @@ class MethodNotAllowed(BnfoldServiceError):
     status_code = 405
 
 
+class Conflict(BnfoldServiceError):
+    """The request clashes with the state of the model: a recalibration of it is already
+    running, the package cannot be recalibrated, the repository cannot take a new version."""
+
+    status_code = 409
+
+
 class PayloadTooLarge(BnfoldServiceError):
     """Request body (or its decompressed form) over `max_body_bytes`, or a body whose
     estimated decoding cost alone exceeds the decode budget (`max_decode_bytes`)."""

@@ -11,6 +11,12 @@ the event loop thread (route handlers, the batcher's completion callbacks), so
 a series is a few plain numbers, the bucket found by `bisect`; the registry's
 collector turns them into prometheus_client's metric families when /metrics is
 scraped, on the same thread. Never update a series from another thread.
+
+Drift (`drift_families`) is not counted per request at all: its gauges are
+computed when /metrics is scraped, from the drift monitor's windows (a
+source added with `ServiceMetrics.add_source`), for at most
+`drift_metrics_layers` layers per model version, the worst ones, so the
+series stay bounded whatever the models.
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -163,13 +170,82 @@ class Histogram(_Metric[HistogramSeries]):
         return family
 
 
+MetricSource = Callable[[], Iterable[Metric]]
+
+
 class _Families(Collector):
     def __init__(self, metrics: Sequence[_Metric[Any]]) -> None:
         self.metrics = metrics
+        self.sources: list[MetricSource] = []
 
     def collect(self) -> Iterator[Metric]:
         for metric in self.metrics:
             yield metric.family()
+        for source in self.sources:
+            yield from source()
+
+
+@dataclass(frozen=True)
+class DriftLayerSeries:
+    """One layer's drift gauges: mean over channels of the KL and of the mean shift."""
+
+    layer: str
+    kl_divergence: float
+    mean_shift: float
+
+
+@dataclass(frozen=True)
+class DriftSeries:
+    """One model version's drift series; `layers` already cut to the worst few."""
+
+    model: str
+    version: str
+    samples: int
+    drifted_layers: int
+    dropped: int
+    layers: tuple[DriftLayerSeries, ...]
+
+
+def drift_families(series: Iterable[DriftSeries]) -> list[Metric]:
+    """The drift monitor's metric families for one scrape."""
+    version_labels = ["model", "version"]
+    layer_labels = [*version_labels, "layer"]
+    samples = GaugeMetricFamily(
+        "bnfold_drift_window_samples",
+        "Sampled input rows in the drift window, per model version.",
+        labels=version_labels,
+    )
+    drifted = GaugeMetricFamily(
+        "bnfold_drift_drifted_layers",
+        "BatchNorm layers whose mean KL exceeds drift_kl_threshold in the window.",
+        labels=version_labels,
+    )
+    dropped = CounterMetricFamily(
+        "bnfold_drift_dropped_samples",
+        "Sampled requests not measured: the monitor's queue was full or the run failed.",
+        labels=version_labels,
+    )
+    kl = GaugeMetricFamily(
+        "bnfold_drift_kl_divergence",
+        "Mean over channels of KL(live || running) of a BatchNorm's input over the window, "
+        "in nats; the drift_metrics_layers worst layers per model version.",
+        labels=layer_labels,
+    )
+    shift = GaugeMetricFamily(
+        "bnfold_drift_mean_shift",
+        "Mean over channels of |live mean - running mean| / running std of a BatchNorm's "
+        "input over the window; the same layers as bnfold_drift_kl_divergence.",
+        labels=layer_labels,
+    )
+    for version in series:
+        labels = [version.model, version.version]
+        samples.add_metric(labels, version.samples)
+        drifted.add_metric(labels, version.drifted_layers)
+        dropped.add_metric(labels, version.dropped)
+        for layer in version.layers:
+            kl.add_metric([*labels, layer.layer], layer.kl_divergence)
+            shift.add_metric([*labels, layer.layer], layer.mean_shift)
+    return [samples, drifted, dropped, kl, shift]
 
 
 class ServiceMetrics:
@@ -223,7 +299,15 @@ class ServiceMetrics:
         )
         metrics = [value for value in vars(self).values() if isinstance(value, _Metric)]
         self.registry = CollectorRegistry()
-        self.registry.register(_Families(metrics))
+        self._families = _Families(metrics)
+        self.registry.register(self._families)
+
+    def add_source(self, source: MetricSource) -> None:
+        """Also render what `source()` returns at every scrape (on the event loop)."""
+        self._families.sources.append(source)
+
+    def remove_source(self, source: MetricSource) -> None:
+        self._families.sources.remove(source)
 
     @contextmanager
     def track(self, model: str, endpoint: str) -> Iterator[None]:

@@ -93,6 +93,7 @@ class ServerMetadataResponse(_Response):
                         "model_repository",
                         "model_configuration",
                         "bnfold_compare",
+                        "bnfold_drift",
                     ],
                 }
             ]
@@ -102,8 +103,8 @@ class ServerMetadataResponse(_Response):
     name: str
     version: str
     extensions: list[str] = Field(
-        description="Triton's extensions the server implements, and `bnfold_compare` "
-        "(the compare endpoint)."
+        description="Triton's extensions the server implements, `bnfold_compare` (the "
+        "compare endpoint) and `bnfold_drift` (the drift endpoint)."
     )
 
 
@@ -375,6 +376,114 @@ class CompareResponse(_Response):
     )
 
 
+class ChannelStatistics(_Response):
+    """Per channel, in channel order: the drill-down behind a layer's spreads."""
+
+    mean: list[float] = Field(description="Mean of the BN's input over the window.")
+    var: list[float] = Field(description="Biased variance of the BN's input over the window.")
+    mean_shift: list[float] = Field(description="|mean - running mean| / sqrt(running var + eps).")
+    kl_divergence: list[float] = Field(description="KL(N(live) || N(running)), in nats.")
+
+
+class LayerWindowDrift(_Response):
+    """One BN layer's input over the window against its running statistics (compare's
+    measures); the measures are absent until it has two values per channel."""
+
+    name: str
+    channels: int
+    values_per_channel: int = Field(
+        description="Values pooled per channel in the window: sampled rows x spatial size."
+    )
+    mean_shift: Omittable[Spread] = Field(
+        None, description="|live mean - running mean| / sqrt(running var + eps), over channels."
+    )
+    var_ratio: Omittable[Spread] = Field(
+        None, description="(live var + eps) / (running var + eps), over channels (1 = agreement)."
+    )
+    max_abs_log_var_ratio: Omittable[float] = None
+    kl_divergence: Omittable[Spread] = Field(
+        None, description="KL(N(live) || N(running)) per channel, in nats: the sort key (mean)."
+    )
+    drifted: bool = Field(description="The mean KL exceeds the threshold.")
+    channel_statistics: Omittable[ChannelStatistics] = Field(
+        None, description="Only with `?channels=true`."
+    )
+
+
+class DriftVerdict(_Response):
+    status: Literal["ok", "drifted", "insufficient_data"] = Field(
+        description="insufficient_data while a layer has fewer than 2 values per channel in "
+        "the window; else drifted when any layer's mean KL exceeds the threshold; else ok."
+    )
+    drifted_layers: int
+    layers: int
+
+
+class DriftResponse(_Response):
+    """Live traffic against the package's running statistics, over the sliding window."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_name": "digits_mlp",
+                    "model_version": "1",
+                    "available": True,
+                    "sample_fraction": 0.01,
+                    "window_seconds": 300.0,
+                    "kl_threshold": 0.1,
+                    "samples": 412,
+                    "requests_sampled": 412,
+                    "dropped": 0,
+                    "verdict": {"status": "drifted", "drifted_layers": 1, "layers": 3},
+                    "layers": [
+                        {
+                            "name": "body.1",
+                            "channels": 128,
+                            "values_per_channel": 412,
+                            "mean_shift": {"mean": 0.62, "min": 0.01, "max": 2.1},
+                            "var_ratio": {"mean": 1.9, "min": 0.8, "max": 4.2},
+                            "max_abs_log_var_ratio": 1.44,
+                            "kl_divergence": {"mean": 0.41, "min": 0.002, "max": 2.7},
+                            "drifted": True,
+                        }
+                    ],
+                },
+                {
+                    "model_name": "old_model",
+                    "model_version": "1",
+                    "available": False,
+                    "reason": "the package has schema version 1, which predates "
+                    "calibration.onnx: convert the model again (bnfold convert) to monitor "
+                    "its drift",
+                    "sample_fraction": 0.01,
+                    "window_seconds": 300.0,
+                    "kl_threshold": 0.1,
+                },
+            ]
+        }
+    )
+
+    model_name: str
+    model_version: str
+    available: bool = Field(description="Whether this version is monitored.")
+    reason: Omittable[str] = Field(None, description="Why not; only when unavailable.")
+    sample_fraction: float
+    window_seconds: float
+    kl_threshold: float = Field(description="A layer drifted above this mean KL (nats).")
+    samples: Omittable[int] = Field(None, description="Sampled input rows in the window.")
+    requests_sampled: Omittable[int] = Field(None, description="Sampled requests in the window.")
+    dropped: Omittable[int] = Field(
+        None,
+        description="Sampled requests not measured since the version loaded (the monitor's "
+        "queue was full, or the run failed).",
+    )
+    verdict: Omittable[DriftVerdict] = None
+    layers: Omittable[list[LayerWindowDrift]] = Field(
+        None, description="Every BN layer, largest mean KL first; layers without data last."
+    )
+
+
 class RepositoryIndexRequest(_Request):
     ready: bool = Field(False, description="Only list ready models.")
 
@@ -497,6 +606,7 @@ WIRE_MODELS: Final[tuple[type[BaseModel], ...]] = (
     InferenceResponse,
     CompareRequest,
     CompareResponse,
+    DriftResponse,
     RepositoryIndexRequest,
     RepositoryLoadRequest,
 )

@@ -5,7 +5,16 @@ blocking work (hashing, session creation): callers run it off the event loop.
 Reads happen on the event loop while a load may be running in a thread, so the
 table is never mutated in place: a load builds a new table and swaps it in
 under a lock, and a reader always sees one consistent table. A request that
-already holds a model keeps its sessions alive after an unload or reload.
+already holds a model keeps its sessions alive after an unload or reload, so
+a request racing a roll-forward (a new version loaded) or a rollback (a version
+unloaded) is answered by one version or the other, never by an error.
+
+Which version an unversioned request hits is the version policy: `latest`
+(the highest ready version: loading a recalibrated version rolls forward,
+unloading it rolls back) or `specific` (REPO/NAME/config.json's
+`default_version`, else the highest version ready when the model was loaded;
+new versions are served only when asked for by number until the model is
+reloaded).
 """
 
 from __future__ import annotations
@@ -17,15 +26,22 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from bnfold.package_format import parse_version
+from bnfold.package_format import ManifestError, parse_version
 from bnfold.service.batch_policy import BatchPolicy
 from bnfold.service.errors import NotFound, PackageError, Unavailable
-from bnfold.service.repository import PackageLocation, read_package, scan_repository
+from bnfold.service.repository import (
+    PackageLocation,
+    read_model_config,
+    read_package,
+    scan_repository,
+)
 from bnfold.service.sessions import LoadedModel, SessionConfig, load_model
 
 logger = logging.getLogger("bnfold.service")
 
 UNLOADED = "unloaded by an admin request"
+LATEST = "latest"
+SPECIFIC = "specific"
 
 
 class ModelState(str, Enum):
@@ -81,11 +97,17 @@ class ModelRegistry:
         repository: Path,
         config: SessionConfig,
         batching_defaults: BatchPolicy = BatchPolicy(),
+        version_policy: str = LATEST,
     ) -> None:
+        if version_policy not in (LATEST, SPECIFIC):
+            raise ValueError(f"unknown version policy {version_policy!r}")
         self.repository = repository
         self.config = config
         self.batching_defaults = batching_defaults
+        self.version_policy = version_policy
         self._table: Table = {}
+        # under the `specific` policy: the version unversioned requests hit, per model
+        self._pinned: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def _load_locations(self, locations: list[PackageLocation]) -> Table:
@@ -96,10 +118,40 @@ class ModelRegistry:
             )
         return table
 
+    def _pin(self, name: str, versions: dict[int, ModelVersion]) -> None:
+        """Under `specific`: fix the default version of `name` (config.json, else the newest ready)."""
+        if self.version_policy != SPECIFIC or not versions:
+            return
+        any_version = next(iter(versions.values()))
+        location = PackageLocation(
+            name,
+            any_version.version,
+            self.repository / name / str(any_version.version),
+            self.repository,
+        )
+        try:
+            configured = read_model_config(location).default_version
+        except (ManifestError, PackageError, OSError) as exc:
+            logger.warning(
+                "%s: config.json unreadable, default version not configured: %s", name, exc
+            )
+            configured = None
+        ready = [number for number, entry in versions.items() if entry.state is ModelState.READY]
+        pinned = configured or (max(ready) if ready else None)
+        if pinned is None:
+            self._pinned.pop(name, None)
+        else:
+            self._pinned[name] = pinned
+            logger.info(
+                "%s: unversioned requests hit version %d (version policy specific)", name, pinned
+            )
+
     def load_all(self) -> list[ModelVersion]:
         """Scan the repository and (re)load every package. Blocking."""
         with self._lock:
             self._table = self._load_locations(scan_repository(self.repository))
+            for name, versions in self._table.items():
+                self._pin(name, versions)
             return self.index()
 
     def load(self, name: str) -> list[ModelVersion]:
@@ -119,10 +171,59 @@ class ModelRegistry:
                 raise NotFound(f"the repository has no model {name!r}")
             versions = self._load_locations(locations)[name]
             self._table = {**self._table, name: versions}
+            self._pin(name, versions)
         ready = [entry for entry in versions.values() if entry.state is ModelState.READY]
         if not ready:
             raise Unavailable(f"model {name!r} could not be loaded: {_reasons(versions)}")
         return list(versions.values())
+
+    def load_version(self, name: str, version: int) -> ModelVersion:
+        """Load one version of `name` from disk beside the others (a roll forward under the
+        `latest` policy); the other versions keep their sessions. Raises `NotFound` when
+        the repository has no such package, `Unavailable` when it cannot be loaded."""
+        location = next(
+            (
+                found
+                for found in scan_repository(self.repository)
+                if found.name == name and found.version == version
+            ),
+            None,
+        )
+        if location is None:
+            raise NotFound(f"the repository has no version {version} of model {name!r}")
+        entry = _load_version(location, self.config, self.batching_defaults)
+        with self._lock:
+            versions = {**self._table.get(name, {}), version: entry}
+            self._table = {**self._table, name: versions}
+            if name not in self._pinned:
+                self._pin(name, versions)
+        if entry.state is not ModelState.READY:
+            raise Unavailable(
+                f"model {name!r} version {version} could not be loaded: {entry.reason}"
+            )
+        return entry
+
+    def unload_version(self, name: str, version: int) -> None:
+        """Stop serving one version (a rollback when it is the newest); it stays in the index."""
+        with self._lock:
+            versions = self._versions(name)
+            if version not in versions:
+                raise NotFound(f"model {name!r} has no version {version}")
+            self._table = {
+                **self._table,
+                name: {
+                    **versions,
+                    version: ModelVersion(name, version, ModelState.UNAVAILABLE, UNLOADED),
+                },
+            }
+        logger.info("unloaded %s version %d", name, version)
+
+    def default_version(self, name: str) -> int | None:
+        """The version an unversioned request for `name` hits now, or None when none is ready."""
+        try:
+            return self.get(name).version
+        except (NotFound, Unavailable):
+            return None
 
     def unload(self, name: str) -> None:
         """Stop serving every version of `name`; it stays in the index as unloaded."""
@@ -160,9 +261,19 @@ class ModelRegistry:
         return versions
 
     def get(self, name: str, version: str | None = None) -> LoadedModel:
-        """The model to serve: `version` if given, else the highest ready version."""
+        """The model to serve: `version` if given, else the one the version policy names."""
         versions = self._versions(name)
         if version is None:
+            pinned = self._pinned.get(name) if self.version_policy == SPECIFIC else None
+            if pinned is not None:
+                entry = versions.get(pinned)
+                if entry is None or entry.model is None:
+                    why = "it is not in the repository" if entry is None else entry.reason
+                    raise Unavailable(
+                        f"model {name!r}: its default version {pinned} (version policy "
+                        f"specific) is not ready: {why}"
+                    )
+                return entry.model
             ready = [entry.model for entry in versions.values() if entry.model is not None]
             if not ready:
                 raise Unavailable(f"model {name!r} is not ready: {_reasons(versions)}")

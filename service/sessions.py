@@ -1,6 +1,7 @@
 """onnxruntime sessions for a verified package, opened from its verified bytes only.
 
-Both graphs are opened from the bytes `read_package` hashed, with full graph
+Every graph (model.onnx, train.onnx, and calibration.onnx for the drift
+monitor when the package has one) is opened from the bytes `read_package` hashed, with full graph
 optimisation, and their external data (if any) from the package's hashed
 files in memory (`external_data`): onnxruntime reads no file. There is no
 optimised-graph cache on disk: a cache is bytes the manifest does not vouch
@@ -19,10 +20,19 @@ Session options (threads, execution mode, memory arena, spinning) come from
 serving benchmark (BENCHMARKS.md): sequential execution (the folded graphs are
 chains: parallel mode only adds scheduling), the arena on, no spinning, and one
 run on every CPU (`Settings.session_threads`).
+
+calibration.onnx (schema 2 packages) is opened only when drift monitoring is
+on (`SessionConfig.calibration_graph`), with one intra-op thread: the monitor
+runs it on a sample of the traffic, beside the serving runs, and must not
+compete with them for the cores. A calibration graph that cannot be opened
+or does not fit the manifest leaves the model serving, without drift
+monitoring (`LoadedModel.calibration_reason` says why): monitoring is an
+observer, never a reason to stop serving.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -32,12 +42,14 @@ from pathlib import Path
 import onnxruntime as ort
 
 from bnfold.package_format import (
+    CALIBRATION_GRAPH,
     EVAL_GRAPH,
     ONNX_TYPES,
     TRAIN_GRAPH,
     Manifest,
     ManifestLayer,
     ManifestTensor,
+    input_stat_output_names,
 )
 from bnfold.service.batch_policy import BatchPolicy, resolve_policy
 from bnfold.service.errors import PackageError
@@ -60,6 +72,8 @@ class SessionConfig:
     inter_op_threads: int = 1
     memory_arena: bool = True
     spinning: bool = False
+    #: Open calibration.onnx when the package has one (drift monitoring on).
+    calibration_graph: bool = True
 
     @classmethod
     def from_settings(cls, settings: Settings, providers: tuple[str, ...]) -> SessionConfig:
@@ -70,12 +84,35 @@ class SessionConfig:
             inter_op_threads=settings.inter_op_threads,
             memory_arena=settings.memory_arena,
             spinning=settings.allow_spinning,
+            calibration_graph=settings.drift_monitoring,
         )
+
+    def for_calibration(self) -> SessionConfig:
+        """The drift monitor's: one thread, sequential, so it never competes with serving."""
+        return dataclasses.replace(
+            self,
+            intra_op_threads=1,
+            inter_op_threads=1,
+            execution_mode=ExecutionMode.SEQUENTIAL,
+            spinning=False,
+        )
+
+
+SCHEMA_1_REASON = (
+    "the package has schema version 1, which predates calibration.onnx: convert the model "
+    "again (bnfold convert) to monitor its drift"
+)
+CALIBRATION_OFF_REASON = "calibration.onnx was not opened: drift monitoring is off"
 
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """One servable package: both sessions and the manifest they were checked against."""
+    """One servable package: its sessions and the manifest they were checked against.
+
+    `calibration_session` is None when the drift monitor cannot use the package,
+    and `calibration_reason` says why; `calibration_outputs` are the per-layer
+    `input_mean, input_var, input_count` outputs it runs, in manifest order.
+    """
 
     name: str
     version: int
@@ -86,6 +123,9 @@ class LoadedModel:
     providers: tuple[str, ...]
     load_seconds: float
     batching: BatchPolicy
+    calibration_session: ort.InferenceSession | None = None
+    calibration_reason: str = SCHEMA_1_REASON
+    calibration_outputs: tuple[str, ...] = ()
 
     @property
     def inputs(self) -> tuple[ManifestTensor, ...]:
@@ -145,6 +185,7 @@ def _check_signature(
     graph_file: str,
     manifest: Manifest,
     extra_outputs: tuple[str, ...],
+    statistics: str = "batch statistics",
 ) -> None:
     inputs = {arg.name: arg for arg in session.get_inputs()}
     if set(inputs) != {tensor.name for tensor in manifest.inputs}:
@@ -162,7 +203,7 @@ def _check_signature(
         )
     missing = [name for name in extra_outputs if name not in outputs]
     if missing:
-        raise PackageError(f"{graph_file} lacks the batch statistics outputs {missing}")
+        raise PackageError(f"{graph_file} lacks the {statistics} outputs {missing}")
     for tensor in (*manifest.inputs, *manifest.outputs):
         arg = inputs.get(tensor.name) or outputs[tensor.name]
         datatype = ONNX_TYPES.get(arg.type)
@@ -177,12 +218,52 @@ def _check_signature(
             )
 
 
+def calibration_outputs(manifest: Manifest) -> tuple[str, ...]:
+    """calibration.onnx's per-layer statistic outputs the drift monitor asks for."""
+    return tuple(
+        name for layer in manifest.batchnorm.layers for name in input_stat_output_names(layer.name)
+    )
+
+
+def _open_calibration(
+    package: VerifiedPackage, config: SessionConfig
+) -> tuple[ort.InferenceSession | None, str]:
+    """(calibration.onnx's session, "") or (None, why the drift monitor cannot use it)."""
+    manifest = package.manifest
+    if not manifest.has_calibration_graph:
+        return None, SCHEMA_1_REASON
+    if not config.calibration_graph:
+        return None, CALIBRATION_OFF_REASON
+    graph = package.contents[CALIBRATION_GRAPH]
+    try:
+        external_files = external_file_table(graph, CALIBRATION_GRAPH, package.contents)
+        session = open_session(graph, external_files, config.for_calibration())
+        _check_signature(
+            session, CALIBRATION_GRAPH, manifest, calibration_outputs(manifest), "input statistics"
+        )
+    except PackageError as exc:
+        reason = exc.message
+    except Exception as exc:
+        reason = f"onnxruntime cannot load {CALIBRATION_GRAPH}: {exc}"
+    else:
+        return session, ""
+    location = package.location
+    logger.warning(
+        "%s version %d serves without drift monitoring: %s",
+        location.name,
+        location.version,
+        reason,
+    )
+    return None, reason
+
+
 def load_model(
     package: VerifiedPackage,
     config: SessionConfig,
     batching_defaults: BatchPolicy = BatchPolicy(),
 ) -> LoadedModel:
-    """Open and check both sessions of `package`. Raises `PackageError` with the reason."""
+    """Open and check the sessions of `package`. Raises `PackageError` with the reason
+    (model.onnx and train.onnx; calibration.onnx only decides whether drift is monitored)."""
     started = time.perf_counter()
     location, manifest = package.location, package.manifest
     sessions = {}
@@ -199,6 +280,7 @@ def load_model(
     )
     _check_signature(sessions[EVAL_GRAPH], EVAL_GRAPH, manifest, ())
     _check_signature(sessions[TRAIN_GRAPH], TRAIN_GRAPH, manifest, statistics)
+    calibration_session, calibration_reason = _open_calibration(package, config)
     return LoadedModel(
         name=location.name,
         version=location.version,
@@ -214,4 +296,7 @@ def load_model(
             manifest.outputs,
             batching_defaults,
         ),
+        calibration_session=calibration_session,
+        calibration_reason=calibration_reason,
+        calibration_outputs=calibration_outputs(manifest) if calibration_session else (),
     )

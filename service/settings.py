@@ -59,6 +59,13 @@ class Device(str, Enum):
     CUDA = "cuda"
 
 
+class VersionPolicy(str, Enum):
+    """Which version an unversioned request hits (registry.py says how)."""
+
+    LATEST = "latest"
+    SPECIFIC = "specific"
+
+
 class ExecutionMode(str, Enum):
     """onnxruntime's execution mode: nodes one after another, or independent branches at once."""
 
@@ -240,6 +247,66 @@ class Settings(BaseSettings):
     log_level: LogLevel = Field(LogLevel.INFO, description="debug also logs every request.")
     shutdown_grace_seconds: Annotated[float, OptionNames("--shutdown-grace")] = Field(
         30.0, ge=0, description="Seconds in-flight requests get to finish on shutdown."
+    )
+    # Drift monitoring (drift_monitor.py); the default fraction measured within the cost
+    # target of the serving benchmark (BENCHMARKS.md).
+    drift_monitoring: bool = Field(
+        True,
+        description="Measure each BatchNorm's input on a sample of the inference requests "
+        "(packages with calibration.onnx) and report its drift from the running statistics "
+        "at GET .../drift and on /metrics.",
+    )
+    drift_sample_fraction: float = Field(
+        0.01,
+        gt=0,
+        le=1,
+        description="Drift monitoring: fraction of each model version's inference requests "
+        "measured (every 1/fraction-th one; 1: all).",
+    )
+    drift_window_seconds: float = Field(
+        300.0,
+        ge=1,
+        description="Drift monitoring: the sliding window, in seconds, the statistics are "
+        "pooled over (kept in 10 time buckets: memory does not grow with traffic).",
+    )
+    drift_kl_threshold: float = Field(
+        0.1,
+        gt=0,
+        description="Drift monitoring: a layer has drifted when the mean over its channels "
+        "of KL(live || running) exceeds this, in nats (0.1: a mean shift of 0.45 running "
+        "stds, or a variance ratio of 1.6 or 0.6, alone).",
+    )
+    drift_metrics_layers: int = Field(
+        16,
+        ge=0,
+        le=1024,
+        description="Drift monitoring: per model version, the worst layers with KL and mean "
+        "shift gauges on /metrics (bounds the series).",
+    )
+    drift_reservoir_samples: int = Field(
+        0,
+        ge=0,
+        description="Most recent sampled input rows kept in memory per model version for "
+        "a recalibration from live traffic; 0: off (they are request data).",
+    )
+    drift_reservoir_bytes: int = Field(
+        128 * MIB,
+        ge=1,
+        description="Largest size of each model version's reservoir of input rows.",
+    )
+    # Versions and recalibration (registry.py, recalibration.py).
+    version_policy: VersionPolicy = Field(
+        VersionPolicy.LATEST,
+        description="Which version unversioned requests hit: latest (the highest ready one: a "
+        "recalibrated version rolls forward once loaded) or specific (REPO/NAME/config.json's "
+        "default_version, else the highest ready when the model was loaded).",
+    )
+    recalibration_threads: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="onnxruntime threads of a recalibration (POST .../recalibrate): it shares "
+        "the CPUs with serving.",
     )
 
     @classmethod

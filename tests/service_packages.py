@@ -18,6 +18,12 @@ Packages:
 * `broken_hash`, `missing_file`: an `mlp` whose manifest disagrees with its
   files, for the repository's isolation of broken packages.
 
+`write_mlp(..., calibration=True)` and `write_pixels(..., calibration=True)` write
+schema-2 packages instead: the same two graphs plus calibration.onnx (the
+unfolded eval graph with `<layer>.running_mean/var` as overridable inputs and
+`<layer>.input_mean/var/count` outputs: the drift monitor's graph). The
+`build_test_repository` packages stay schema 1.
+
 The weights come from a seeded generator; `mlp_reference` recomputes both modes
 in numpy so tests can check the server's numbers independently of onnxruntime.
 """
@@ -34,6 +40,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from bnfold.package_format import (
+    CALIBRATION_GRAPH,
+    CALIBRATION_SCHEMA,
+    input_stat_output_names,
+    running_stat_input_names,
+)
 
 OPSET = 17
 IR_VERSION = 8
@@ -141,6 +154,58 @@ def _batch_norm_train_nodes(
     return nodes, initialisers
 
 
+def _input_stat_nodes(
+    layer: str, source: str, axes: list[int], channel_shape: list[int]
+) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
+    """calibration.onnx's taps on a BN's input: `<layer>.input_mean`, `.input_var` (biased)
+    over `axes`, and `.input_count` = values per channel (size / channels, int64 scalar)."""
+    mean, var, count = input_stat_output_names(layer)
+    tap = f"{layer}.tap"
+    nodes = [
+        helper.make_node("ReduceMean", [source], [mean], axes=axes, keepdims=0),
+        helper.make_node("Reshape", [mean, f"{tap}.shape"], [f"{tap}.m"]),
+        helper.make_node("Sub", [source, f"{tap}.m"], [f"{tap}.centred"]),
+        helper.make_node("Mul", [f"{tap}.centred", f"{tap}.centred"], [f"{tap}.sq"]),
+        helper.make_node("ReduceMean", [f"{tap}.sq"], [var], axes=axes, keepdims=0),
+        helper.make_node("Size", [source], [f"{tap}.size"]),
+        helper.make_node("Div", [f"{tap}.size", f"{tap}.channels"], [count]),
+    ]
+    channels = int(np.prod(channel_shape))
+    initialisers = [
+        _init(f"{tap}.shape", np.array(channel_shape, dtype=np.int64)),
+        # a scalar: `_init`'s ascontiguousarray would make it [1]
+        numpy_helper.from_array(np.array(channels, dtype=np.int64), f"{tap}.channels"),
+    ]
+    return nodes, initialisers
+
+
+def _calibration_io(
+    layer: str, channels: int
+) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+    """(the overridable running-statistics inputs, the input-statistics outputs) of a BN."""
+    inputs = [
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, [channels])
+        for name in running_stat_input_names(layer)
+    ]
+    mean, var, count = input_stat_output_names(layer)
+    outputs = [
+        helper.make_tensor_value_info(mean, TensorProto.FLOAT, [channels]),
+        helper.make_tensor_value_info(var, TensorProto.FLOAT, [channels]),
+        helper.make_tensor_value_info(count, TensorProto.INT64, []),
+    ]
+    return inputs, outputs
+
+
+def _running_stat_initialisers(
+    layer: str, running_mean: np.ndarray, running_var: np.ndarray
+) -> list[TensorProto]:
+    mean_name, var_name = running_stat_input_names(layer)
+    return [
+        _init(mean_name, running_mean.astype(np.float32)),
+        _init(var_name, running_var.astype(np.float32)),
+    ]
+
+
 def _stat_outputs(layer: str, channels: int) -> list[onnx.ValueInfoProto]:
     return [
         helper.make_tensor_value_info(f"{layer}.batch_mean", TensorProto.FLOAT, [channels]),
@@ -185,22 +250,90 @@ def mlp_models(weights: MLPWeights) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     return _model(eval_graph), _model(train_graph)
 
 
-def pixels_models(seed: int) -> tuple[onnx.ModelProto, onnx.ModelProto, dict[str, list[float]]]:
-    """A kept BatchNormalization on an image-like input; returns the BN's running statistics."""
+def mlp_calibration_model(weights: MLPWeights) -> onnx.ModelProto:
+    """calibration.onnx of the MLP: Gemm -> BatchNormalization("bn1", running statistics
+    from overridable inputs) -> Relu -> Gemm, with taps on the BN's input (the hidden
+    pre-activation x @ w1 + b1)."""
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", MLP_IN])
+    y = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", MLP_OUT])
+    running_mean, running_var = running_stat_input_names("bn1")
+    stat_inputs, stat_outputs = _calibration_io("bn1", MLP_HIDDEN)
+    taps, tap_init = _input_stat_nodes("bn1", "hidden", [0], [1, MLP_HIDDEN])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["input", "w1", "b1"], ["hidden"]),
+            helper.make_node(
+                "BatchNormalization",
+                ["hidden", "bn1.gamma", "bn1.beta", running_mean, running_var],
+                ["bn"],
+                epsilon=BN_EPS,
+            ),
+            helper.make_node("Relu", ["bn"], ["act"]),
+            helper.make_node("Gemm", ["act", "w2", "b2"], ["output"]),
+            *taps,
+        ],
+        "mlp_calibration",
+        [x, *stat_inputs],
+        [y, *stat_outputs],
+        [
+            _init("w1", weights.w1),
+            _init("b1", weights.b1),
+            _init("bn1.gamma", weights.gamma),
+            _init("bn1.beta", weights.beta),
+            *_running_stat_initialisers("bn1", weights.running_mean, weights.running_var),
+            _init("w2", weights.w2),
+            _init("b2", weights.b2),
+            *tap_init,
+        ],
+    )
+    return _model(graph)
+
+
+@dataclass(frozen=True)
+class PixelsWeights:
+    """The pixels model: BN(gamma, beta, running stats) -> Flatten -> Gemm(weight, bias)."""
+
+    gamma: np.ndarray
+    beta: np.ndarray
+    running_mean: np.ndarray
+    running_var: np.ndarray
+    weight: np.ndarray
+    bias: np.ndarray
+
+
+def pixels_weights(seed: int) -> PixelsWeights:
     rng = np.random.default_rng(seed)
     c, side, classes = PIXEL_CHANNELS, PIXEL_SIDE, PIXEL_CLASSES
-    gamma = rng.uniform(0.5, 1.5, c).astype(np.float32)
-    beta = rng.normal(0.0, 0.1, c).astype(np.float32)
-    running_mean = np.zeros(c, dtype=np.float32)
-    running_var = np.ones(c, dtype=np.float32)
-    weight = rng.normal(0.0, 0.5, (c * side * side, classes)).astype(np.float32)
-    bias = rng.normal(0.0, 0.1, classes).astype(np.float32)
+    return PixelsWeights(
+        gamma=rng.uniform(0.5, 1.5, c).astype(np.float32),
+        beta=rng.normal(0.0, 0.1, c).astype(np.float32),
+        running_mean=np.zeros(c, dtype=np.float32),
+        running_var=np.ones(c, dtype=np.float32),
+        weight=rng.normal(0.0, 0.5, (c * side * side, classes)).astype(np.float32),
+        bias=rng.normal(0.0, 0.1, classes).astype(np.float32),
+    )
+
+
+def _pixels_io() -> tuple[onnx.ValueInfoProto, onnx.ValueInfoProto, list[onnx.NodeProto]]:
+    """(the image input, the logits output, the head after the BN's output `bn`)."""
+    c, side, classes = PIXEL_CHANNELS, PIXEL_SIDE, PIXEL_CLASSES
     x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", c, side, side])
     y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])
     head = [
         helper.make_node("Flatten", ["bn"], ["flat"], axis=1),
         helper.make_node("Gemm", ["flat", "weight", "bias"], ["logits"]),
     ]
+    return x, y, head
+
+
+def pixels_models(seed: int) -> tuple[onnx.ModelProto, onnx.ModelProto, dict[str, list[float]]]:
+    """A kept BatchNormalization on an image-like input; returns the BN's running statistics."""
+    weights = pixels_weights(seed)
+    c = PIXEL_CHANNELS
+    gamma, beta = weights.gamma, weights.beta
+    running_mean, running_var = weights.running_mean, weights.running_var
+    weight, bias = weights.weight, weights.bias
+    x, y, head = _pixels_io()
     head_init = [_init("weight", weight), _init("bias", bias)]
     eval_graph = helper.make_graph(
         [
@@ -238,6 +371,41 @@ def pixels_models(seed: int) -> tuple[onnx.ModelProto, onnx.ModelProto, dict[str
     )
     stats = {"running_mean": running_mean.tolist(), "running_var": running_var.tolist()}
     return _model(eval_graph), _model(train_graph), stats
+
+
+def pixels_calibration_model(seed: int) -> onnx.ModelProto:
+    """calibration.onnx of the pixels model: its BN ("bn") on the image itself, tapped over
+    the batch and both spatial axes (9 values per channel and sample)."""
+    weights = pixels_weights(seed)
+    c = PIXEL_CHANNELS
+    x, y, head = _pixels_io()
+    running_mean, running_var = running_stat_input_names("bn")
+    stat_inputs, stat_outputs = _calibration_io("bn", c)
+    taps, tap_init = _input_stat_nodes("bn", "image", [0, 2, 3], [1, c, 1, 1])
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "BatchNormalization",
+                ["image", "gamma", "beta", running_mean, running_var],
+                ["bn"],
+                epsilon=BN_EPS,
+            ),
+            *head,
+            *taps,
+        ],
+        "pixels_calibration",
+        [x, *stat_inputs],
+        [y, *stat_outputs],
+        [
+            _init("gamma", weights.gamma),
+            _init("beta", weights.beta),
+            *_running_stat_initialisers("bn", weights.running_mean, weights.running_var),
+            _init("weight", weights.weight),
+            _init("bias", weights.bias),
+            *tap_init,
+        ],
+    )
+    return _model(graph)
 
 
 def dtypes_model() -> onnx.ModelProto:
@@ -305,18 +473,25 @@ def write_package(
     train_model: onnx.ModelProto | None = None,
     *,
     layers: Sequence[dict[str, object]] = (),
+    calibration_model: onnx.ModelProto | None = None,
 ) -> Path:
     """Write REPO/NAME/VERSION with the two graphs and a manifest per docs/package-format.md.
 
     The manifest declares the eval graph's inputs and outputs. Without a train graph (a
-    package without BatchNorm layers) the eval graph is train.onnx too.
+    package without BatchNorm layers) the eval graph is train.onnx too. With a
+    calibration graph the package is schema 2 (calibration.onnx listed and hashed),
+    else schema 1.
     """
     package = repository / name / str(version)
     package.mkdir(parents=True)
     onnx.save(eval_model, package / "model.onnx")
     onnx.save(eval_model if train_model is None else train_model, package / "train.onnx")
+    files = ["model.onnx", "train.onnx"]
+    if calibration_model is not None:
+        onnx.save(calibration_model, package / CALIBRATION_GRAPH)
+        files.append(CALIBRATION_GRAPH)
     manifest = {
-        "schema_version": 1,
+        "schema_version": 1 if calibration_model is None else CALIBRATION_SCHEMA,
         "name": name,
         "version": version,
         "created": "2026-11-23T18:00:00+00:00",
@@ -331,10 +506,7 @@ def write_package(
             "layers": list(layers),
         },
         "verification": {"passed": True},
-        "files": {
-            "model.onnx": _sha256(package / "model.onnx"),
-            "train.onnx": _sha256(package / "train.onnx"),
-        },
+        "files": {file_name: _sha256(package / file_name) for file_name in files},
     }
     (package / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return package
@@ -356,7 +528,10 @@ def _layer(
     }
 
 
-def write_mlp(repository: Path, name: str, version: int, seed: int) -> Path:
+def write_mlp(
+    repository: Path, name: str, version: int, seed: int, *, calibration: bool = False
+) -> Path:
+    """The MLP package; `calibration`: schema 2, with calibration.onnx."""
     weights = mlp_weights(seed)
     eval_model, train_model = mlp_models(weights)
     stats = {
@@ -364,13 +539,35 @@ def write_mlp(repository: Path, name: str, version: int, seed: int) -> Path:
         "running_var": weights.running_var.tolist(),
     }
     layer = _layer("bn1", MLP_HIDDEN, stats, input_rank=2)
-    return write_package(repository, name, version, eval_model, train_model, layers=[layer])
+    return write_package(
+        repository,
+        name,
+        version,
+        eval_model,
+        train_model,
+        layers=[layer],
+        calibration_model=mlp_calibration_model(weights) if calibration else None,
+    )
 
 
-def write_pixels(repository: Path, name: str = "pixels", version: int = 1) -> Path:
-    eval_model, train_model, stats = pixels_models(seed=7)
+PIXELS_SEED = 7
+
+
+def write_pixels(
+    repository: Path, name: str = "pixels", version: int = 1, *, calibration: bool = False
+) -> Path:
+    """The pixels package; `calibration`: schema 2, with calibration.onnx."""
+    eval_model, train_model, stats = pixels_models(seed=PIXELS_SEED)
     layer = _layer("bn", PIXEL_CHANNELS, stats, input_rank=4)
-    return write_package(repository, name, version, eval_model, train_model, layers=[layer])
+    return write_package(
+        repository,
+        name,
+        version,
+        eval_model,
+        train_model,
+        layers=[layer],
+        calibration_model=pixels_calibration_model(PIXELS_SEED) if calibration else None,
+    )
 
 
 def write_dtypes(repository: Path, name: str = "dtypes", version: int = 1) -> Path:

@@ -50,6 +50,14 @@ SETTING_OPTIONS = (
     "--admin-token",
     "--log-level",
     "--shutdown-grace",
+    "--drift-monitoring",
+    "--no-drift-monitoring",
+    "--drift-sample-fraction",
+    "--drift-window-seconds",
+    "--drift-kl-threshold",
+    "--drift-metrics-layers",
+    "--drift-reservoir-samples",
+    "--drift-reservoir-bytes",
 )
 
 
@@ -97,6 +105,15 @@ def test_help_lists_every_setting_with_examples() -> None:
         "admin_token",
         "log_level",
         "shutdown_grace_seconds",
+        "drift_monitoring",
+        "drift_sample_fraction",
+        "drift_window_seconds",
+        "drift_kl_threshold",
+        "drift_metrics_layers",
+        "drift_reservoir_samples",
+        "drift_reservoir_bytes",
+        "version_policy",
+        "recalibration_threads",
     }
 
 

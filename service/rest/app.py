@@ -19,11 +19,14 @@ from fastapi import FastAPI
 from bnfold.service.batch_policy import BatchPolicy
 from bnfold.service.batching import Batcher
 from bnfold.service.dataplane import DataPlane, server_version
+from bnfold.service.drift_monitor import DriftConfig, DriftMonitor
 from bnfold.service.metrics import ServiceMetrics
 from bnfold.service.providers import resolve_providers
+from bnfold.service.recalibration import Recalibrations
 from bnfold.service.registry import ModelRegistry, ModelState
 from bnfold.service.rest import errors, openapi
 from bnfold.service.rest.bodies import DecodeBudget, fix_malloc_thresholds
+from bnfold.service.rest.recalibrate import recalibration_routes
 from bnfold.service.rest.routes import (
     health_routes,
     inference_routes,
@@ -40,7 +43,8 @@ logger = logging.getLogger("bnfold.service")
 def _lifespan(
     settings: Settings, providers: tuple[str, ...] | None
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
-    """Start-up: load the repository (in a thread) and build the data plane; shut-down: drain runs."""
+    """Start-up: load the repository (in a thread), build the data plane, start the drift
+    monitor's worker; shut-down: stop the worker, drain runs."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -54,13 +58,23 @@ def _lifespan(
             settings.repository,
             SessionConfig.from_settings(settings, chosen),
             BatchPolicy.from_settings(settings),
+            settings.version_policy.value,
         )
         runs = settings.resolved_concurrent_runs
         executor = run_executor(runs)
         metrics: ServiceMetrics = app.state.metrics
         batcher = Batcher(metrics, runs)
-        dataplane = DataPlane(registry, ExecutorRunner(executor, metrics), batcher, metrics)
+        drift = DriftMonitor(DriftConfig.from_settings(settings))
+        dataplane = DataPlane(registry, ExecutorRunner(executor, metrics), batcher, metrics, drift)
         app.state.dataplane = dataplane
+        app.state.recalibrations = Recalibrations(
+            registry,
+            threads=settings.recalibration_threads,
+            reservoir=dataplane.recent_inputs
+            if settings.drift_monitoring and settings.drift_reservoir_samples > 0
+            else None,
+            on_loaded=dataplane.version_loaded,
+        )
         index = await asyncio.to_thread(registry.load_all)
         ready = sum(entry.state is ModelState.READY for entry in index)
         logger.info(
@@ -74,12 +88,16 @@ def _lifespan(
             settings.session_threads,
             time.perf_counter() - started,
         )
+        drift.start()
+        metrics.add_source(dataplane.drift_metric_families)
         dataplane.ready = True
         try:
             yield
         finally:
             dataplane.ready = False
+            metrics.remove_source(dataplane.drift_metric_families)
             batcher.close()
+            await asyncio.to_thread(drift.close)
             await asyncio.to_thread(executor.shutdown, wait=True)
 
     return lifespan
@@ -102,7 +120,13 @@ def create_app(settings: Settings, providers: tuple[str, ...] | None = None) -> 
     fix_malloc_thresholds()
     app.state.decode_budget = DecodeBudget(settings.decode_budget)
     errors.install(app)
-    for router in (inference_routes(), health_routes(), model_routes(), repository_routes()):
+    for router in (
+        inference_routes(),
+        health_routes(),
+        model_routes(),
+        repository_routes(),
+        recalibration_routes(),
+    ):
         app.include_router(router)
     openapi.install_openapi(app)
     return app

@@ -377,6 +377,21 @@ async def decoded_request(
         yield await _run(share.cost > OFF_LOOP_BYTES, decode_request, body, header_length)
 
 
+@asynccontextmanager
+async def held_body(
+    request: Request, limit: int, budget: DecodeBudget
+) -> AsyncIterator[tuple[bytes, int | None]]:
+    """The raw body and its V2 JSON header length, the decode cost held from `budget` until
+    the block ends: for endpoints that choose how to decode by what the body holds."""
+    with budget.share() as share:
+        yield await _held_body(request, limit, share, request.headers.get(INFERENCE_HEADER))
+
+
+async def run_sized(size: int, function: Callable[..., Result], *args: Any) -> Result:
+    """`function(*args)` off the event loop when it concerns more than `OFF_LOOP_BYTES`."""
+    return await _run(size > OFF_LOOP_BYTES, function, *args)
+
+
 async def read_json_object(request: Request, limit: int, budget: DecodeBudget) -> dict[str, Any]:
     """The body as one JSON object (empty: `{}`), parsed within `budget` like an inference body."""
     with budget.share() as share:

@@ -33,8 +33,8 @@ from bnfold.service.rest.responses import JSON
 TITLE = "bnfold"
 DESCRIPTION = (
     "KServe V2 / Open Inference Protocol inference on BatchNorm-folded ONNX packages, with "
-    "Triton's binary tensor, model configuration and repository extensions, and a "
-    "train-vs-eval comparison endpoint."
+    "Triton's binary tensor, model configuration and repository extensions, a "
+    "train-vs-eval comparison endpoint, and BatchNorm drift monitoring of live traffic."
 )
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -176,6 +176,19 @@ COMPARE: dict[str, Any] = {
     "channel (422 otherwise). Stateless: eval results never change.",
 }
 
+DRIFT: dict[str, Any] = {
+    "responses": errors(400, 404, 503),
+    "description": "How far the inputs of each BatchNorm, measured on a sample of this "
+    "version's inference traffic (`drift_sample_fraction`) over the last "
+    "`drift_window_seconds`, sit from the package's running statistics: compare's "
+    "measures (mean shift in running stds, variance ratio, KL) between the pooled "
+    "per-channel mean and variance and the running ones, worst layer first, and a "
+    "verdict (layers whose mean KL exceeds `drift_kl_threshold`). Without a version: "
+    "the version unversioned inference hits. `available` is false, with the reason, for "
+    "packages without calibration.onnx (schema 1) or with monitoring off. "
+    "`?channels=true` adds the per-channel values.",
+}
+
 REPOSITORY_INDEX: dict[str, Any] = {
     "responses": errors(400),
     "openapi_extra": _optional_body(RepositoryIndexRequest, {"ready": False}),
@@ -200,6 +213,23 @@ REPOSITORY_UNLOAD: dict[str, Any] = {
     "responses": _ADMIN_RESPONSES,
     "openapi_extra": _optional_body(RepositoryLoadRequest, {}),
     "description": "Stops serving every version of the model (in-flight requests finish). "
+    "Needs `Authorization: Bearer <BNFOLD_ADMIN_TOKEN>`.",
+}
+
+
+REPOSITORY_LOAD_VERSION: dict[str, Any] = {
+    "responses": _ADMIN_RESPONSES,
+    "openapi_extra": _optional_body(RepositoryLoadRequest, {}),
+    "description": "Loads one version from the repository beside the versions already served "
+    "(their sessions stay). Under the `latest` version policy unversioned requests move to it "
+    "when it is the highest. Needs `Authorization: Bearer <BNFOLD_ADMIN_TOKEN>`.",
+}
+
+REPOSITORY_UNLOAD_VERSION: dict[str, Any] = {
+    "responses": _ADMIN_RESPONSES,
+    "openapi_extra": _optional_body(RepositoryLoadRequest, {}),
+    "description": "Stops serving one version (in-flight requests finish on it): unloading a "
+    "recalibrated version rolls back to the previous one. For good, delete its directory. "
     "Needs `Authorization: Bearer <BNFOLD_ADMIN_TOKEN>`.",
 }
 

@@ -11,13 +11,14 @@ budget is held until the data plane's answer is built.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import Response
 
 from bnfold.service.metrics import CONTENT_TYPE
 from bnfold.service.protocol import (
+    DriftResponse,
     LiveResponse,
     ReadyResponse,
     RepositoryModel,
@@ -36,6 +37,9 @@ from bnfold.service.rest.requests import (
 from bnfold.service.rest.responses import DirectRoute, inference_response, json_response
 
 MODEL_PATH = "/v2/models/{model_name}"
+ChannelsQuery = Annotated[
+    bool, Query(description="Also return each layer's per-channel values (the drill-down).")
+]
 VERSION_PATH = "/v2/models/{model_name}/versions/{model_version}"
 
 
@@ -109,6 +113,31 @@ def model_routes() -> APIRouter:
     ) -> Response:
         return json_response(dataplane.model_config(model_name, model_version))
 
+    @router.get(
+        f"{MODEL_PATH}/drift",
+        summary="BatchNorm drift of live traffic",
+        response_model=DriftResponse,
+        **openapi.DRIFT,
+    )
+    async def drift(
+        model_name: str, dataplane: DataPlaneDep, channels: ChannelsQuery = False
+    ) -> Response:
+        return json_response(dataplane.drift_report(model_name, None, channels))
+
+    @router.get(
+        f"{VERSION_PATH}/drift",
+        summary="BatchNorm drift of a version's live traffic",
+        response_model=DriftResponse,
+        **openapi.DRIFT,
+    )
+    async def version_drift(
+        model_name: str,
+        model_version: str,
+        dataplane: DataPlaneDep,
+        channels: ChannelsQuery = False,
+    ) -> Response:
+        return json_response(dataplane.drift_report(model_name, model_version, channels))
+
     return router
 
 
@@ -170,8 +199,35 @@ def repository_routes() -> APIRouter:
     )
     for action, summary, documentation, check_body in admin_actions:
         _admin_route(router, action, summary, documentation, check_body)
+    for action in ("load", "unload"):
+        _version_admin_route(router, action)
 
     return router
+
+
+def _version_admin_route(router: APIRouter, action: Literal["load", "unload"]) -> None:
+    """POST /v2/repository/models/{model_name}/versions/{model_version}/<action> (admin): one
+    version beside the others. Loading a new version rolls forward under the `latest` version
+    policy; unloading it rolls back. A bnfold extension: Triton loads whole models."""
+
+    async def endpoint(
+        model_name: str, model_version: str, request: Request, dataplane: DataPlaneDep
+    ) -> Response:
+        await check_load_body(request)
+        await getattr(dataplane, f"{action}_version")(model_name, model_version)
+        return json_response({})
+
+    router.post(
+        f"/v2/repository/models/{{model_name}}/versions/{{model_version}}/{action}",
+        summary=f"{action.capitalize()} one version of a model (admin)",
+        name=f"{action}_version",
+        dependencies=[Depends(require_admin)],
+        **(
+            openapi.REPOSITORY_LOAD_VERSION
+            if action == "load"
+            else openapi.REPOSITORY_UNLOAD_VERSION
+        ),
+    )(endpoint)
 
 
 def _admin_route(
