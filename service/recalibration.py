@@ -170,9 +170,9 @@ class Recalibrations:
             result.seconds,
         )
         report = result.as_dict()
-        report["package_path"] = relative_to_repository(
-            str(report["package_path"]), self.registry.repository
-        )
+        # relative to the repository, whatever path the server was started with: where the
+        # server keeps its files is nobody else's business
+        report["package_path"] = f"{name}/{result.version}"
         return {
             "model_name": name,
             "from_version": str(result.from_version),
