@@ -9,6 +9,10 @@ per request:
   3. onnxruntime called in-process, at its best batch size and threading (the limit);
   4. an empty FastAPI POST handler (benchmarks/empty_server.py, the HTTP ceiling).
 
+Also the cost of drift monitoring: bnfold with monitoring off and on at several sample
+fractions, in interleaved rounds, on the MLP JSON and ResNet-18 binary points at 8
+clients (`--drift-only` runs just that and writes just its section).
+
 Load comes from wrk (one thread, keep-alive connections, a Lua script for the
 POST bodies); without wrk, from a bounded asyncio client in this process
 (slower: its numbers are the client's as much as the server's). Every point
@@ -22,6 +26,7 @@ BENCHMARKS.md (tables and numbers only: what they mean is written by hand below
 the section) and benchmarks/serve_bench.png. The parts live in benchmarks/serving/.
 
     python benchmarks/serve_bench.py [--duration 5] [--concurrency 1 8 32] [--no-tune] [--no-write]
+    python benchmarks/serve_bench.py --drift-only [--drift-rounds 3] [--drift-fractions 0.01 0.05]
     python benchmarks/serve_bench.py --report-only   # re-render the last run
 """
 
@@ -30,8 +35,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from report_section import describe_machine
+from serving import drift_cost
 from serving.harness import WORK, ensure_repository
 from serving.in_process import in_process
 from serving.load import driver_description
@@ -42,6 +49,12 @@ from serving.runs import bench_repeats, bench_servers, bench_startup, bench_tuni
 
 RESULTS = WORK / "results.json"
 PACKAGES = ("onnxruntime", "fastapi", "uvicorn", "uvloop", "httptools", "orjson", "numpy")
+
+
+def _default_fraction() -> float:
+    from bnfold.service.settings import Settings
+
+    return float(Settings.model_fields["drift_sample_fraction"].default)
 
 
 def main() -> None:
@@ -58,9 +71,24 @@ def main() -> None:
         action="store_true",
         help="write BENCHMARKS.md and the plot again from the last run's results.json",
     )
+    parser.add_argument("--no-drift", action="store_true", help="skip the drift cost comparison")
+    parser.add_argument(
+        "--drift-only", action="store_true", help="only the drift cost comparison, written"
+    )
+    parser.add_argument("--drift-rounds", type=int, default=3, help="on/off rounds")
+    parser.add_argument(
+        "--drift-fractions",
+        type=float,
+        nargs="+",
+        default=[0.01, 0.05],
+        help="sample fractions compared with monitoring off",
+    )
     arguments = parser.parse_args()
-    if arguments.report_only:
-        write_report(read_results(RESULTS, describe_machine(PACKAGES)))
+    if arguments.report_only:  # each section from its own results, when the run saved them
+        if RESULTS.is_file():
+            write_report(read_results(RESULTS, describe_machine(PACKAGES)))
+        if drift_cost.RESULTS.is_file():
+            drift_cost.write_report(drift_cost.read())
         return
     WORK.mkdir(parents=True, exist_ok=True)
     machine = describe_machine(PACKAGES)
@@ -73,6 +101,9 @@ def main() -> None:
     repository = ensure_repository()
     if arguments.tune_only:
         bench_tuning(repository, arguments.duration)
+        return
+    if arguments.drift_only:
+        _drift(repository, arguments, dict(run), write=not arguments.no_write)
         return
     limits = {model: in_process(repository, model, 2.0) for model in MODELS}
     for model, limit in limits.items():
@@ -89,6 +120,8 @@ def main() -> None:
     tuning = [] if arguments.no_tune else bench_tuning(repository, arguments.duration)
     profile = bench_profile(repository, arguments.duration)
     run["load_end"] = f"{os.getloadavg()[0]:.2f}"
+    if not arguments.no_drift:
+        _drift(repository, arguments, dict(run), write=not arguments.no_write)
     results = ServeResults(
         points, limits, startup, stats, repeats, workers, tuning, profile, run, machine
     )
@@ -97,6 +130,27 @@ def main() -> None:
         print(" | ".join(row))
     if not arguments.no_write:
         write_report(results)
+
+
+def _drift(
+    repository: Path, arguments: argparse.Namespace, run: dict[str, str], write: bool
+) -> None:
+    """The drift cost comparison: measured, saved, printed, and its section written."""
+    run["load_start"] = f"{os.getloadavg()[0]:.2f}"
+    cost = drift_cost.bench_drift_cost(
+        repository,
+        arguments.duration,
+        arguments.drift_rounds,
+        arguments.drift_fractions,
+        _default_fraction(),
+        run,
+        describe_machine(PACKAGES),
+    )
+    cost.run["load_end"] = f"{os.getloadavg()[0]:.2f}"
+    drift_cost.save(cost)
+    print(drift_cost.render(cost))
+    if write:
+        drift_cost.write_report(cost)
 
 
 if __name__ == "__main__":

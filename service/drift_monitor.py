@@ -201,8 +201,8 @@ WORKER_NICENESS: Final = 19
 def _lowest_priority() -> None:
     """Make the calling thread (the worker) yield the CPU to serving: the cores are shared,
     and a serving run split over all of them waits for whichever of its threads the worker
-    displaced, so a measurement run at equal priority cost serving about twice its own CPU
-    time (BENCHMARKS.md). On Linux a thread has its own nice value; raising it needs no
+    displaced, so a measurement run at equal priority cost serving several times its own
+    CPU time (BENCHMARKS.md). On Linux a thread has its own nice value; raising it needs no
     privilege."""
     if sys.platform.startswith("linux"):
         try:
