@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -325,15 +324,9 @@ def conversion_progress(enabled: bool) -> Iterator[Callable[[str], None]]:
         yield lambda _label: None
         return
     from bnfold.convert.conversion import STEPS
+    from bnfold.convert.progress import step_progress
 
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        TimeElapsedColumn(),
-        console=stderr,
-        transient=True,
-    ) as progress:
+    with step_progress(stderr) as progress:
         task = progress.add_task("converting", total=len(STEPS))
         seen: list[str] = []
 

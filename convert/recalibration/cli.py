@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from bnfold.convert.errors import ConvertError
+from bnfold.convert.progress import step_progress
 
 if TYPE_CHECKING:
     from bnfold.convert.recalibration.pipeline import RecalibrationResult
@@ -135,14 +135,7 @@ def recalibration_progress(enabled: bool) -> Iterator[RunProgress]:
         yield no_run_progress
         return
 
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        TimeElapsedColumn(),
-        console=stderr,
-        transient=True,
-    ) as progress:
+    with step_progress(stderr) as progress:
         task = progress.add_task("recalibrating", total=len(STEPS))
 
         def advance(label: str, completed: int | None = None, total: int | None = None) -> None:
