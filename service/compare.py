@@ -22,18 +22,65 @@ spatial sizes inside the graph, so it uses the manifest's `input_rank`: a layer
 on a rank-2 input (or of unknown rank) needs a batch of at least two. A batch
 of one through a BatchNorm2d whose spatial size is 1 (after global pooling)
 shows up as zero variance in every channel and is refused after the run.
+
+The drill-down (`CompareOptions.channels`) adds each layer's per-channel batch
+mean and variance, mean shift and KL: the drift monitor's `channel_drift`,
+on the batch instead of a window.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from bnfold.bn_statistics import drift_measures, worst_first
 from bnfold.package_format import ManifestLayer
-from bnfold.service.errors import Unprocessable
+from bnfold.service.drift import channel_drift
+from bnfold.service.errors import BadRequest, Unprocessable
+
+_QUERY_BOOLEANS = {"true": True, "false": False}
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    """What a compare returns besides the report: both modes' outputs, per-channel values.
+
+    A flag is set when the query string or the JSON body sets it (`return_outputs`
+    at the top level, `channels` in `parameters`): array bodies have only the query.
+    """
+
+    return_outputs: bool = False
+    channels: bool = False
+
+    @classmethod
+    def from_query(cls, query: Mapping[str, str]) -> CompareOptions:
+        """`?return_outputs=true&channels=true`; BadRequest for a value not true or false."""
+        flags: dict[str, bool] = {}
+        for key in ("return_outputs", "channels"):
+            value = query.get(key)
+            if value is not None and value.lower() not in _QUERY_BOOLEANS:
+                raise BadRequest(f"query parameter {key!r} must be true or false, got {value!r}")
+            flags[key] = value is not None and _QUERY_BOOLEANS[value.lower()]
+        return cls(**flags)
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, Any]) -> CompareOptions:
+        """From a V2 JSON body: top-level `return_outputs`, `parameters.channels`."""
+        return_outputs = fields.get("return_outputs", False)
+        if not isinstance(return_outputs, bool):
+            raise BadRequest("'return_outputs' must be a boolean")
+        channels = (fields.get("parameters") or {}).get("channels", False)
+        if not isinstance(channels, bool):
+            raise BadRequest("parameter 'channels' must be a boolean")
+        return cls(return_outputs, channels)
+
+    def __or__(self, other: CompareOptions) -> CompareOptions:
+        return CompareOptions(
+            self.return_outputs or other.return_outputs, self.channels or other.channels
+        )
 
 
 def check_batch_has_statistics(layers: Sequence[ManifestLayer], batch_size: int) -> None:
@@ -53,9 +100,10 @@ def check_batch_has_statistics(layers: Sequence[ManifestLayer], batch_size: int)
 
 
 def layer_drift(
-    layer: ManifestLayer, batch_mean: np.ndarray, batch_var: np.ndarray
+    layer: ManifestLayer, batch_mean: np.ndarray, batch_var: np.ndarray, channels: bool = False
 ) -> dict[str, Any]:
-    """How far one layer's batch statistics are from its running statistics."""
+    """How far one layer's batch statistics are from its running statistics; with
+    `channels`, per channel too."""
     try:
         measures = drift_measures(
             layer.running_mean, layer.running_var, layer.eps, batch_mean, batch_var
@@ -65,7 +113,12 @@ def layer_drift(
             f"layer {layer.name!r}: train.onnx returned {np.asarray(batch_mean).size} channel "
             f"statistics, the manifest has {layer.channels}"
         ) from None
-    return {"name": layer.name, "channels": layer.channels, **measures}
+    entry = {"name": layer.name, "channels": layer.channels, **measures}
+    if channels:
+        entry["channel_statistics"] = channel_drift(
+            layer.running_mean, layer.running_var, layer.eps, batch_mean, batch_var
+        )
+    return entry
 
 
 def _per_sample(array: np.ndarray, batch_size: int) -> np.ndarray:
@@ -120,10 +173,12 @@ def compare_report(
     layers: Sequence[ManifestLayer],
     statistics: Sequence[np.ndarray],
     batch_size: int,
+    channels: bool = False,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(per-output comparisons, per-layer drift worst first).
 
-    `statistics` holds each layer's batch mean and batch var, in layer order.
+    `statistics` holds each layer's batch mean and batch var, in layer order;
+    `channels` adds each layer's per-channel values.
     Raises `Unprocessable` when the train-mode run has no defined statistics.
     """
     statistic_names = [
@@ -155,7 +210,7 @@ def compare_report(
         )
     ]
     drift = [
-        layer_drift(layer, mean, var)
+        layer_drift(layer, mean, var, channels)
         for layer, mean, var in zip(layers, means, variances, strict=True)
     ]
     return outputs, worst_first(drift)

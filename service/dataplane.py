@@ -41,7 +41,7 @@ from bnfold.service.codec import (
     tensor_json,
 )
 from bnfold.service.drift_monitor import DriftConfig, DriftMonitor
-from bnfold.service.errors import BadRequest, NotFound, QueueFull, Unavailable, Unprocessable
+from bnfold.service.errors import NotFound, QueueFull, Unavailable, Unprocessable
 from bnfold.service.metrics import UNKNOWN_MODEL, ServiceMetrics, drift_families
 from bnfold.service.protocol import BACKEND, PLATFORM
 from bnfold.service.registry import ModelRegistry, ModelState
@@ -230,6 +230,21 @@ class DataPlane:
             }
         return config
 
+    def package_report(self, name: str, version: str | None) -> dict[str, Any]:
+        """GET .../package: the manifest this version was verified and loaded with, as the
+        converter wrote it (fields without a value left out). Read at load, never again: a
+        file changed on disk since then is not what is served, and is not shown."""
+        model = self.registry.get(name, version)
+        return {
+            "model_name": model.name,
+            "model_version": str(model.version),
+            "manifest": model.manifest.model_dump(mode="json", exclude_none=True),
+        }
+
+    def input_names(self, name: str, version: str | None) -> list[str]:
+        """The input names of the version a request for (`name`, `version`) hits."""
+        return [tensor.name for tensor in self.registry.get(name, version).inputs]
+
     def model_ready(self, name: str, version: str | None) -> dict[str, Any]:
         """`{"name", "ready": true}`; raises NotFound (unknown) or Unavailable (not ready)."""
         self.check_ready()
@@ -343,13 +358,18 @@ class DataPlane:
         )
 
     async def compare(
-        self, name: str, version: str | None, request: DecodedRequest
+        self,
+        name: str,
+        version: str | None,
+        request: DecodedRequest,
+        options: compare.CompareOptions,
     ) -> dict[str, Any]:
-        """Run both graphs on one batch; never touches any state (the graphs are pure)."""
+        """Run both graphs on one batch; never touches any state (the graphs are pure).
+
+        `options` (from the query string) add to what the body's own fields ask for.
+        """
         self.check_ready()
-        return_outputs = request.fields.get("return_outputs", False)
-        if not isinstance(return_outputs, bool):
-            raise BadRequest("'return_outputs' must be a boolean")
+        options = options | compare.CompareOptions.from_fields(request.fields)
         model = self.registry.get(name, version)
         feeds = check_inputs(model, request.inputs)
         output_names = select_outputs(model, request.outputs)
@@ -384,6 +404,7 @@ class DataPlane:
             model.layers,
             train_arrays[len(output_names) :],
             batch_size,
+            options.channels,
         )
         report: dict[str, Any] = {
             "model_name": model.name,
@@ -394,7 +415,7 @@ class DataPlane:
         }
         if request.id is not None:
             report["id"] = request.id
-        if return_outputs:
+        if options.return_outputs:
             report["eval_outputs"] = [
                 tensor_json(name, array)
                 for name, array in zip(output_names, eval_arrays, strict=True)

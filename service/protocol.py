@@ -288,8 +288,14 @@ class InferenceResponse(_Response):
 
 
 class CompareRequest(InferenceRequest):
+    parameters: Parameters | None = Field(
+        None,
+        description="`channels`: also return each BatchNorm layer's per-channel values "
+        "(as `?channels=true`). `binary_data_output` is ignored: compare answers in JSON.",
+    )
     return_outputs: bool = Field(
-        False, description="Also return both modes' outputs (JSON tensors)."
+        False,
+        description="Also return both modes' outputs (JSON tensors); as `?return_outputs=true`.",
     )
 
 
@@ -312,6 +318,18 @@ class Spread(_Response):
     max: float
 
 
+class ChannelStatistics(_Response):
+    """Per channel, in channel order: the drill-down behind a layer's spreads. Drift: the BN's
+    input pooled over the window; compare: the batch statistics train.onnx normalises with."""
+
+    mean: list[float] = Field(description="Mean of the BN's input (window or batch).")
+    var: list[float] = Field(description="Biased variance of the BN's input (window or batch).")
+    mean_shift: list[float] = Field(description="|mean - running mean| / sqrt(running var + eps).")
+    kl_divergence: list[float] = Field(
+        description="KL(N(mean, var) || N(running mean, running var)), in nats."
+    )
+
+
 class LayerDrift(_Response):
     name: str
     channels: int
@@ -324,6 +342,9 @@ class LayerDrift(_Response):
     max_abs_log_var_ratio: float
     kl_divergence: Spread = Field(
         description="KL(N(batch) || N(running)) per channel, in nats: the sort key (mean)."
+    )
+    channel_statistics: Omittable[ChannelStatistics] = Field(
+        None, description="Only with `?channels=true` (or `parameters.channels`)."
     )
 
 
@@ -374,15 +395,6 @@ class CompareResponse(_Response):
     train_outputs: Omittable[list[JsonOutput]] = Field(
         None, description="train.onnx's outputs; only with `return_outputs`."
     )
-
-
-class ChannelStatistics(_Response):
-    """Per channel, in channel order: the drill-down behind a layer's spreads."""
-
-    mean: list[float] = Field(description="Mean of the BN's input over the window.")
-    var: list[float] = Field(description="Biased variance of the BN's input over the window.")
-    mean_shift: list[float] = Field(description="|mean - running mean| / sqrt(running var + eps).")
-    kl_divergence: list[float] = Field(description="KL(N(live) || N(running)), in nats.")
 
 
 class LayerWindowDrift(_Response):
@@ -481,6 +493,86 @@ class DriftResponse(_Response):
     verdict: Omittable[DriftVerdict] = None
     layers: Omittable[list[LayerWindowDrift]] = Field(
         None, description="Every BN layer, largest mean KL first; layers without data last."
+    )
+
+
+class PackageReportResponse(_Response):
+    """The package a version serves, as the server verified and loaded it."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_name": "digits_mlp",
+                    "model_version": "2",
+                    "manifest": {
+                        "schema_version": 2,
+                        "name": "digits_mlp",
+                        "version": 2,
+                        "created": "2026-12-02T11:20:41+00:00",
+                        "source": {"kind": "builtin", "ref": "digits_mlp", "sha256": "df2c7d18…"},
+                        "tool_versions": {"bnfold": "0.1.0", "onnxruntime": "1.32.0", "opset": 17},
+                        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}],
+                        "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, 10]}],
+                        "batchnorm": {
+                            "total": 2,
+                            "folded": [
+                                {"name": "body.1", "into": "body.0", "direction": "forward"},
+                                {"name": "head.0", "into": "head.2", "direction": "backward"},
+                            ],
+                            "kept": [],
+                            "layers": [
+                                {
+                                    "name": "body.1",
+                                    "channels": 2,
+                                    "eps": 1e-05,
+                                    "channel_axis": 1,
+                                    "input_rank": 2,
+                                    "running_mean": [-0.183, 0.0695],
+                                    "running_var": [0.129, 0.0843],
+                                    "batch_mean_output": "body.1.batch_mean",
+                                    "batch_var_output": "body.1.batch_var",
+                                }
+                            ],
+                        },
+                        "batching": {},
+                        "files": {
+                            "calibration.onnx": "c9d35e3f…",
+                            "model.onnx": "82f9ea64…",
+                            "train.onnx": "eac358e2…",
+                        },
+                        "recalibrations": [
+                            {
+                                "from_version": 1,
+                                "method": "sequential",
+                                "samples": 300,
+                                "data_sha256": "4f1b2c9e…",
+                                "data": "a .npy request body",
+                                "created": "2026-12-02T11:20:41+00:00",
+                            }
+                        ],
+                        "verification": {
+                            "eval": {"max_abs_err": 6.1e-06, "samples": 21, "passed": True},
+                            "train": {"max_abs_err": 3.7e-06, "samples": 276, "passed": True},
+                            "max_abs_err": 6.1e-06,
+                            "passed": True,
+                            "tolerance": {"atol": 1e-05, "rtol": 0.0001},
+                        },
+                        "node_counts": {"batchnorm_before": 2, "batchnorm_after": 0},
+                    },
+                }
+            ]
+        }
+    )
+
+    model_name: str
+    model_version: str
+    manifest: dict[str, Any] = Field(
+        description="manifest.json as the version was loaded with it (fields without a value "
+        "left out; docs/package-format.md): `batchnorm.folded` (name, into, direction), "
+        "`batchnorm.kept` (name, reason), `batchnorm.layers` (running statistics), "
+        "`verification`, `inputs`/`outputs`, `source`, `tool_versions`, `created`, "
+        "`recalibrations` (oldest first), `files` (sha256 each)."
     )
 
 
@@ -607,6 +699,7 @@ WIRE_MODELS: Final[tuple[type[BaseModel], ...]] = (
     CompareRequest,
     CompareResponse,
     DriftResponse,
+    PackageReportResponse,
     RepositoryIndexRequest,
     RepositoryLoadRequest,
 )

@@ -30,6 +30,7 @@ from bnfold.service.protocol import (
     ModelConfigResponse,
     ModelMetadataResponse,
     ModelReadyResponse,
+    PackageReportResponse,
     ReadyResponse,
     RepositoryModel,
     ServerMetadataResponse,
@@ -69,6 +70,8 @@ CALLS: dict[str, Call] = {
     "version ready": Call(ModelReadyResponse, "GET", "/v2/models/mlp/versions/1/ready"),
     "model config": Call(ModelConfigResponse, "GET", "/v2/models/mlp/config"),
     "datatypes config": Call(ModelConfigResponse, "GET", "/v2/models/dtypes/versions/1/config"),
+    "package": Call(PackageReportResponse, "GET", "/v2/models/mlp/package"),
+    "version package": Call(PackageReportResponse, "GET", "/v2/models/pixels/versions/1/package"),
     "index": Call(list[RepositoryModel], "POST", "/v2/repository/index", {}),
     "ready index": Call(list[RepositoryModel], "POST", "/v2/repository/index", {"ready": True}),
     "infer": Call(InferenceResponse, "POST", "/v2/models/mlp/infer", _request(BATCH, id="r-1")),
@@ -81,6 +84,9 @@ CALLS: dict[str, Call] = {
         "POST",
         "/v2/models/pixels/compare",
         _request(IMAGES, "image", id="c-1", return_outputs=True),
+    ),
+    "compare with channels": Call(
+        CompareResponse, "POST", "/v2/models/mlp/compare?channels=true", _request(BATCH)
     ),
     "unknown model": Call(ErrorResponse, "GET", "/v2/models/digitz", status=404),
     "unknown route": Call(ErrorResponse, "GET", "/v2/nothing", status=404),
@@ -142,6 +148,8 @@ def test_the_answers_cover_the_optional_fields(answers: dict[str, Any]) -> None:
     assert answers["infer"]["id"] == "r-1" and "id" not in answers["infer without id"]
     assert {"id", "eval_outputs", "train_outputs"}.isdisjoint(answers["compare"])
     assert {"id", "eval_outputs", "train_outputs"} <= set(answers["compare with outputs"])
+    assert "channel_statistics" not in answers["compare"]["batchnorm"][0]
+    assert "channel_statistics" in answers["compare with channels"]["batchnorm"][0]
     assert {entry["state"] for entry in answers["index"]} == {"READY", "UNAVAILABLE"}
 
 
@@ -227,6 +235,11 @@ def _changed(body: Any, path: tuple[str | int, ...], value: object) -> Any:
         ("compare", ("batchnorm", 0, "running_mean"), [0.0]),
         ("compare", ("eval_outputs",), None),
         ("compare with outputs", ("train_outputs", 0, "parameters"), {"binary_data_size": 72}),
+        ("compare with channels", ("batchnorm", 0, "channel_statistics", "var_ratio"), [1.0]),
+        ("compare with channels", ("batchnorm", 0, "channel_statistics", "mean"), _DROP),
+        ("package", ("manifest_path",), "mlp/1/manifest.json"),
+        ("package", ("manifest",), _DROP),
+        ("package", ("model_version",), 1),
         ("unknown model", ("code",), 404),
     ],
 )

@@ -25,9 +25,11 @@ from bnfold.service.protocol import (
     ModelConfigResponse,
     ModelMetadataResponse,
     ModelReadyResponse,
+    PackageReportResponse,
     RepositoryIndexRequest,
     RepositoryLoadRequest,
 )
+from bnfold.service.rest.arrays import NPY_TYPES, NPZ_TYPES
 from bnfold.service.rest.responses import JSON
 
 TITLE = "bnfold"
@@ -149,10 +151,22 @@ INFER: dict[str, Any] = {
     "Tensors as JSON (`data` flat or nested, row-major) or as Triton binary tensor data.",
 }
 
-COMPARE: dict[str, Any] = {
-    "response_model": CompareResponse,
-    "responses": errors(400, 404, 413, 422, 503),
-    "openapi_extra": _request_body(
+
+def _flag(name: str, description: str) -> dict[str, Any]:
+    """A boolean query parameter (`true` or `false`) of a route whose signature cannot
+    declare it (`DirectRoute`)."""
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": {"type": "boolean", "default": False},
+        "description": description,
+    }
+
+
+def _compare_extra() -> dict[str, Any]:
+    """compare's bodies (V2 JSON, binary tensors, .npy, .npz) and its query flags."""
+    extra = _request_body(
         CompareRequest,
         {
             "compare": {
@@ -165,15 +179,57 @@ COMPARE: dict[str, Any] = {
                     }
                 ],
                 "return_outputs": False,
+                "parameters": {"channels": True},
             }
         },
-    ),
+    )
+    content = extra["requestBody"]["content"]
+    content[NPY_TYPES[1]]["description"] += (
+        " Without that header, the body is a .npy array as for application/x-npy."
+    )
+    content[NPY_TYPES[0]] = {
+        "schema": {"type": "string", "format": "binary"},
+        "description": "One .npy array (np.save): the input of a one-input model. Options "
+        "in the query string.",
+    }
+    content[NPZ_TYPES[0]] = {
+        "schema": {"type": "string", "format": "binary"},
+        "description": "An .npz (np.savez, np.savez_compressed; also as application/zip): one "
+        "array per input name; a one-input model also takes a single array of any name. At "
+        "most 64 members, inflating to at most the decode budget (max_decode_bytes, 413 "
+        "above). Options in the query string.",
+    }
+    extra["parameters"] = [
+        _flag("channels", "Also return each BatchNorm layer's per-channel values."),
+        _flag("return_outputs", "Also return both modes' outputs (JSON tensors)."),
+    ]
+    return extra
+
+
+COMPARE: dict[str, Any] = {
+    "response_model": CompareResponse,
+    "responses": errors(400, 404, 413, 422, 503),
+    "openapi_extra": _compare_extra(),
     "description": "Runs model.onnx (eval: running statistics) and train.onnx (train: "
     "batch statistics) on the same batch. Per output: max/mean absolute difference, "
     "relative L2, cosine similarity, argmax agreement. Per BatchNorm layer, worst "
     "first: batch mean vs running mean in running standard deviations, batch/running "
-    "variance ratio, KL divergence. The batch needs more than one value per BN "
-    "channel (422 otherwise). Stateless: eval results never change.",
+    "variance ratio, KL divergence; with `channels`, each channel's batch mean and "
+    "variance, mean shift and KL. The batch needs more than one value per BN channel "
+    "(422 otherwise). The body is V2 tensors (JSON or binary), one .npy array (one-input "
+    "models) or an .npz of arrays by input name; the arrays must fit the model as V2 "
+    "tensors do (422). Stateless: eval results never change.",
+}
+
+PACKAGE_REPORT: dict[str, Any] = {
+    "response_model": PackageReportResponse,
+    "responses": errors(404, 503),
+    "description": "The manifest the version was verified and loaded with: which BatchNorm "
+    "layers were folded into what and which were kept and why, their running statistics, "
+    "the verification of the folded graphs against the source, inputs and outputs, the "
+    "source, tool versions, creation time and the recalibrations that led to it. Without "
+    "a version: the version unversioned inference hits. Read at load time, never from "
+    "the disk at request time.",
 }
 
 DRIFT: dict[str, Any] = {

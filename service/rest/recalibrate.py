@@ -2,8 +2,10 @@
 
 Three bodies, told apart by Content-Type and content:
 
-* `application/x-npy` (or `application/octet-stream`): one .npy array, the
-  inputs of a one-input model; options in the query string
+* a .npy (`application/x-npy`, or `application/octet-stream` without
+  `Inference-Header-Content-Length`): one array, the inputs of a one-input
+  model; or an .npz (`application/x-npz`, `application/zip`): one array per
+  input name (`arrays`, as compare reads them); options in the query string
   (`?method=batch&version=1&max_samples=256&batch_size=32`);
 * a V2 inference body (JSON, or JSON plus binary tensors with
   `Inference-Header-Content-Length`): the inputs by name, options in
@@ -17,7 +19,6 @@ body. The work itself is `Recalibrations.run` (service/recalibration.py).
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
@@ -27,17 +28,17 @@ from starlette.responses import Response
 from bnfold.service.codec import decode_request, parse_json_object
 from bnfold.service.errors import BadRequest, Unavailable
 from bnfold.service.recalibration import RESERVOIR, RecalibrationOptions, Recalibrations
+from bnfold.service.rest.arrays import NPY_TYPES, NPZ_TYPES, array_body_kind, held_arrays
 from bnfold.service.rest.bodies import held_body, run_sized
 from bnfold.service.rest.requests import require_admin
 from bnfold.service.rest.responses import json_response
 
-NPY_TYPES = ("application/x-npy", "application/octet-stream")
-
 RECALIBRATE_DOCS: dict[str, Any] = {
     "description": (
         "Re-estimates the model's BatchNorm running statistics on unlabeled inputs (a .npy "
-        "body, V2 tensors, or the live-input reservoir), re-folds and verifies them into a new "
-        "version written beside the old one, loads it, and answers with each layer's drift "
+        "or .npz body, V2 tensors, or the live-input reservoir), re-folds and verifies them "
+        "into a new version written beside the old one, loads it, and answers with each "
+        "layer's drift "
         "before and after. Under the `latest` version policy unversioned requests move to the "
         "new version; unloading it "
         "(`POST /v2/repository/models/{m}/versions/{v}/unload`) rolls back. One recalibration "
@@ -60,26 +61,20 @@ def recalibrations_of(request: Request) -> Recalibrations:
     return recalibrations
 
 
-def _load_npy(body: bytes) -> np.ndarray:
-    try:
-        return np.load(io.BytesIO(body), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise BadRequest(f"the body is not a .npy array: {exc}") from None
-
-
 async def read_recalibration(
     request: Request,
 ) -> tuple[np.ndarray | dict[str, np.ndarray] | None, RecalibrationOptions, str]:
     """(inputs or None for the reservoir, options, what the manifest records as the data)."""
     settings = request.app.state.settings
-    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    kind = array_body_kind(request)
+    if kind is not None:
+        options = RecalibrationOptions.parse(dict(request.query_params))
+        async with held_arrays(request, kind) as arrays:
+            return arrays, options, f"a .{kind} request body"
     async with held_body(request, settings.max_body_bytes, request.app.state.decode_budget) as (
         body,
         header_length,
     ):
-        if media_type in NPY_TYPES:
-            options = RecalibrationOptions.parse(dict(request.query_params))
-            return await run_sized(len(body), _load_npy, body), options, "a .npy request body"
         json_end = len(body) if header_length is None else header_length
         fields = await run_sized(json_end, parse_json_object, memoryview(body)[:json_end])
         parameters = fields.get("parameters") or {}
@@ -93,9 +88,9 @@ async def read_recalibration(
         if "inputs" not in fields:
             if source != RESERVOIR:
                 raise BadRequest(
-                    "send the calibration inputs (V2 'inputs', or a .npy body with "
-                    f"Content-Type {NPY_TYPES[0]}), or parameters.source = '{RESERVOIR}' for "
-                    "the live inputs the server kept"
+                    f"send the calibration inputs (V2 'inputs', a .npy body with Content-Type "
+                    f"{NPY_TYPES[0]} or an .npz with {NPZ_TYPES[0]}), or parameters.source = "
+                    f"'{RESERVOIR}' for the live inputs the server kept"
                 )
             return None, options, "live inputs (reservoir)"
         if source not in (None, "request"):

@@ -5,7 +5,8 @@ FastAPI validate a tensor body: the pydantic models in `protocol` only document
 the wire format (`openapi`). Inference and compare sit on `DirectRoute`: no
 dependency solving on the fast path. Their request is admitted (server and
 model ready, room in the queue) before its body is read, and the body's decode
-budget is held until the data plane's answer is built.
+budget is held until the data plane's answer is built. Compare also takes its
+inputs as a .npy or .npz body (`arrays`), its options then in the query string.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import Response
 
+from bnfold.service.compare import CompareOptions
 from bnfold.service.metrics import CONTENT_TYPE
 from bnfold.service.protocol import (
     DriftResponse,
@@ -25,6 +27,7 @@ from bnfold.service.protocol import (
     ServerMetadataResponse,
 )
 from bnfold.service.rest import openapi
+from bnfold.service.rest.arrays import array_body_kind, array_request, held_arrays, inputs_by_name
 from bnfold.service.rest.requests import (
     DataPlaneDep,
     check_load_body,
@@ -113,6 +116,18 @@ def model_routes() -> APIRouter:
     ) -> Response:
         return json_response(dataplane.model_config(model_name, model_version))
 
+    @router.get(f"{MODEL_PATH}/package", summary="Package report", **openapi.PACKAGE_REPORT)
+    async def package(model_name: str, dataplane: DataPlaneDep) -> Response:
+        return json_response(dataplane.package_report(model_name, None))
+
+    @router.get(
+        f"{VERSION_PATH}/package", summary="Package report of a version", **openapi.PACKAGE_REPORT
+    )
+    async def version_package(
+        model_name: str, model_version: str, dataplane: DataPlaneDep
+    ) -> Response:
+        return json_response(dataplane.package_report(model_name, model_version))
+
     @router.get(
         f"{MODEL_PATH}/drift",
         summary="BatchNorm drift of live traffic",
@@ -151,11 +166,20 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
 
 
 async def _compare(request: Request, name: str, version: str | None) -> Response:
+    """A V2 body as inference decodes it, or a .npy/.npz body (`arrays`) mapped to the
+    model's input names; either way the data plane checks the tensors against the model."""
     dataplane = dataplane_of(request)
     with dataplane.metrics.track(dataplane.model_label(name), "compare"):
+        options = CompareOptions.from_query(request.query_params)
         dataplane.admit_compare(name, version)
-        async with decoded_body(request) as decoded:
-            report = await dataplane.compare(name, version, decoded)
+        kind = array_body_kind(request)
+        if kind is None:
+            async with decoded_body(request) as decoded:
+                report = await dataplane.compare(name, version, decoded, options)
+        else:
+            async with held_arrays(request, kind) as arrays:
+                inputs = inputs_by_name(arrays, dataplane.input_names(name, version))
+                report = await dataplane.compare(name, version, array_request(inputs), options)
     return json_response(report)
 
 
