@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 BNFOLD := $(VENV)/bin/bnfold
 STAMP  := $(VENV)/.bnfold-installed
 
-.PHONY: serve test test-soak lint repository bench bench-convert bench-onnx-fold bench-serve bench-recalibrate clean
+.PHONY: serve test browser screenshots test-soak lint repository bench bench-convert bench-onnx-fold bench-serve bench-recalibrate clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,9 +22,24 @@ serve: repository
 	$(BNFOLD) serve
 
 ## Lint and run the whole test suite (what CI runs).
-test: $(STAMP)
+test: $(STAMP) browser
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
+
+## The browser tests (tests/browser) drive Debian's chromium, installed here when missing
+## and we are root; playwright's own browser download is never used. Without it they skip,
+## except under CI=true, where they fail.
+browser:
+	@test -x /usr/bin/chromium || \
+		if [ "$$(id -u)" != 0 ]; then \
+			echo "chromium is not installed (installing it needs root): the browser tests will skip"; \
+		elif ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }; then \
+			echo "installing chromium failed: the browser tests will skip (and fail under CI=true)"; \
+		fi
+
+## Rewrite the console's screenshots in docs/console/ from the browser tests.
+screenshots: $(STAMP) browser
+	BNFOLD_UPDATE_SCREENSHOTS=1 $(PY) -m pytest -m browser tests/browser
 
 ## The reliability soak variants: the same cases, minutes of load (RELIABILITY.md).
 test-soak: $(STAMP)

@@ -47,3 +47,31 @@ def digits_dataset() -> DigitsSplit:
         pixels, labels, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=labels
     )
     return DigitsSplit(train_inputs, train_labels, test_inputs, test_labels)
+
+
+#: Held-out images the web console ships as its demo batch (service/console/static/demo/).
+DEMO_BATCH_SIZE: Final = 128
+
+
+def demo_batch(count: int = DEMO_BATCH_SIZE) -> dict[str, object]:
+    """The first `count` held-out images as the console's demo batch: raw pixels 0..16.
+
+    The console (bnfold.service.console) is torch- and scikit-learn-free, so it
+    ships these images as a JSON file instead of loading the digits; they are
+    the held-out split, never trained on, so the accuracy the console shows is
+    a test accuracy. Regenerate with
+    `python -c "import json; from bnfold.models.data import demo_batch; print(json.dumps(demo_batch()))"`.
+    """
+    split = digits_dataset()
+    pixels = np.rint(split.test_inputs[:count] * PIXEL_MAX).astype(int)
+    return {
+        "description": (
+            f"The first {count} held-out images of the UCI optical digits (scikit-learn's "
+            "load_digits, bnfold's fixed 80/20 split): 8x8 pixels, values 0..16, row-major."
+        ),
+        "licence": "UCI ML Repository, Optical Recognition of Handwritten Digits: CC BY 4.0",
+        "pixel_max": int(PIXEL_MAX),
+        "image_shape": [8, 8],
+        "labels": split.test_labels[:count].tolist(),
+        "pixels": pixels.tolist(),
+    }

@@ -65,7 +65,10 @@ EPILOG = """Examples:
 
   BNFOLD_ADMIN_TOKEN=s3cret bnfold serve    enable load/unload (Bearer s3cret)
 
-Then: curl localhost:8000/v2/models/digits_mlp ; API docs at http://127.0.0.1:8000/docs
+  bnfold serve --no-console             no web console at /ui (the API docs stay at /docs)
+
+Then: open http://127.0.0.1:8000/ui/ (the web console), http://127.0.0.1:8000/docs (API
+docs), or curl localhost:8000/v2/models/digits_mlp
 """
 
 BUILD_HINT = (

@@ -244,6 +244,9 @@ class Settings(BaseSettings):
         description="Bearer token enabling load/unload; unset disables them. Prefer the "
         "environment variable: command lines are visible to other users.",
     )
+    console: bool = Field(
+        True, description="The web console at /ui (static files; uses the public API only)."
+    )
     log_level: LogLevel = Field(LogLevel.INFO, description="debug also logs every request.")
     shutdown_grace_seconds: Annotated[float, OptionNames("--shutdown-grace")] = Field(
         30.0, ge=0, description="Seconds in-flight requests get to finish on shutdown."

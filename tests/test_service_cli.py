@@ -103,6 +103,7 @@ def test_help_lists_every_setting_with_examples() -> None:
         "max_header_bytes",
         "max_header_count",
         "admin_token",
+        "console",
         "log_level",
         "shutdown_grace_seconds",
         "drift_monitoring",

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 from bnfold.service.batch_policy import BatchPolicy
 from bnfold.service.batching import Batcher
+from bnfold.service.console.hosting import ConsoleFiles, console_routes, docs_routes
 from bnfold.service.dataplane import DataPlane, server_version
 from bnfold.service.drift_monitor import DriftConfig, DriftMonitor
 from bnfold.service.metrics import ServiceMetrics
@@ -88,6 +89,8 @@ def _lifespan(
             settings.session_threads,
             time.perf_counter() - started,
         )
+        if settings.console:
+            logger.info("web console at /ui/, API docs at /docs")
         drift.start()
         metrics.add_source(dataplane.drift_metric_families)
         dataplane.ready = True
@@ -114,6 +117,10 @@ def create_app(settings: Settings, providers: tuple[str, ...] | None = None) -> 
         version=server_version(),
         description=openapi.DESCRIPTION,
         lifespan=_lifespan(settings, providers),
+        # Our own /docs (console/hosting.py): Swagger UI vendored, no CDN; no ReDoc.
+        docs_url=None,
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
     )
     app.state.settings = settings
     app.state.metrics = ServiceMetrics()
@@ -128,6 +135,9 @@ def create_app(settings: Settings, providers: tuple[str, ...] | None = None) -> 
         recalibration_routes(),
     ):
         app.include_router(router)
+    console_files = ConsoleFiles.load(openapi.TITLE)
+    app.include_router(docs_routes(console_files))
+    app.include_router(console_routes(console_files, enabled=settings.console))
     openapi.install_openapi(app)
     return app
 
