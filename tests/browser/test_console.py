@@ -112,6 +112,26 @@ def test_repository_page_lists_every_version_and_renders_a_hostile_name_as_text(
     screenshot(page, "repository")
 
 
+def test_unload_and_load_with_the_admin_token(page: Page, console: ConsoleServer) -> None:
+    model = "digits_mobilenet"
+    base = console.base_url
+    open_page(page, console)
+    page.fill("#admin-token", console.token)
+    page.click("#token-form button[type=submit]")
+    row = page.locator(f'tr[data-model="{model}"]')
+    row.get_by_role("button", name="Unload").click()
+    expect(page.get_by_text(f"Unload {model} version 1: done.")).to_be_visible()
+    assert httpx.get(f"{base}/v2/models/{model}/ready").status_code != 200
+    state = next(
+        e for e in httpx.post(f"{base}/v2/repository/index", json={}).json() if e["name"] == model
+    )
+    expect(row.locator(".badge")).to_have_text(state["state"])
+    row.get_by_role("button", name="Load").click()
+    expect(page.get_by_text(f"Load {model}: done.")).to_be_visible()
+    expect(row.locator(".badge")).to_have_text("READY")
+    assert httpx.get(f"{base}/v2/models/{model}/ready").status_code == 200
+
+
 def test_model_page_shows_the_package_report(
     page: Page, console: ConsoleServer, screenshot: Callable[..., Path]
 ) -> None:
@@ -183,6 +203,42 @@ def test_compare_an_uploaded_npy_and_npz(
     page.set_input_files("#compare-file", str(tmp_path / "batch.npz"))
     page.click("#compare-upload")
     expect(page.locator("#compare-summary")).to_contain_text("Batch of 48 on digits_resnet")
+
+
+def test_compare_a_pasted_v2_body_and_show_its_error(
+    page: Page, console: ConsoleServer, page_errors: PageErrors
+) -> None:
+    pixels, _ = demo_pixels(brightness=0.4)
+    body = {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": [8, 64],
+                "datatype": "FP32",
+                "data": pixels[:8].ravel().tolist(),
+            }
+        ]
+    }
+    expected = httpx.post(f"{console.base_url}/v2/models/digits_mlp/compare", json=body).json()
+    open_page(page, console, "#/compare/digits_mlp")
+    page.get_by_label("Paste V2 JSON").check()
+    page.fill("#compare-json", json.dumps(body))
+    page.click("#compare-paste")
+    expect(page.locator("#compare-summary")).to_contain_text("Batch of 8 on digits_mlp")
+    assert (
+        page.locator("#compare-result svg.bars g.bar").first.get_attribute("data-layer")
+        == (expected["batchnorm"][0]["name"])
+    )
+    # a body that does not fit: the server's message, shown as text
+    page_errors.allow("status of 422")
+    body["inputs"][0]["shape"] = [8, 63]
+    body["inputs"][0]["data"] = body["inputs"][0]["data"][: 8 * 63]
+    page.fill("#compare-json", json.dumps(body))
+    page.click("#compare-paste")
+    error = httpx.post(f"{console.base_url}/v2/models/digits_mlp/compare", json=body).json()[
+        "error"
+    ]
+    expect(page.get_by_role("alert")).to_contain_text(error)
 
 
 def test_compare_demo_slider_raises_the_drift_and_lowers_eval_accuracy(
@@ -261,6 +317,18 @@ def test_drift_rises_with_shifted_traffic_and_recalibration_rolls_forward_and_ba
     rows = page.locator("#recalibration-result svg.bars g.bar")
     expect(rows).to_have_count(len(manifest(console, DRIFT_MODEL, 2)["batchnorm"]["layers"]))
     screenshot(page, "recalibrate", full_page=True)
+
+    # the new version's report (in a second tab) lists where its statistics came from
+    report = page.context.new_page()
+    open_page(report, console, f"#/model/{DRIFT_MODEL}/2")
+    history = manifest(console, DRIFT_MODEL, 2)["recalibrations"]
+    rows = report.locator("section", has=report.locator("#recalibration-title")).locator("tbody tr")
+    expect(rows).to_have_count(len(history))
+    cells = rows.first.locator("td")
+    expect(cells.nth(0)).to_have_text(str(history[0]["from_version"]))
+    expect(cells.nth(1)).to_have_text(history[0]["method"])
+    expect(cells.nth(2)).to_have_text(str(history[0]["samples"]))
+    report.close()
 
     page.click("#rollback")
     expect(page.get_by_text("Version 2 unloaded")).to_be_visible()
