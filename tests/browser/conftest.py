@@ -258,6 +258,18 @@ def add_hostile_model(repository: Path, source: str = "digits_mlp") -> str:
     return HOSTILE_MODEL
 
 
+def console_settings(repository: Path) -> Settings:
+    """The console tests' server: admin token set, every inference request sampled for drift
+    over a 60 s window (so a few demo requests move the verdict)."""
+    return Settings(
+        repository=repository,
+        device="cpu",
+        admin_token=ADMIN_TOKEN,
+        drift_sample_fraction=1.0,
+        drift_window_seconds=60,
+    )
+
+
 @pytest.fixture(scope="module")
 def console_server(
     digits_repository: Path, tmp_path_factory: pytest.TempPathFactory
@@ -268,14 +280,7 @@ def console_server(
         digits_repository, tmp_path_factory.mktemp("console") / "repository"
     )
     add_hostile_model(repository)
-    settings = Settings(
-        repository=repository,
-        device="cpu",
-        admin_token=ADMIN_TOKEN,
-        drift_sample_fraction=1.0,
-        drift_window_seconds=60,
-    )
-    with running_server(settings) as server:
+    with running_server(console_settings(repository)) as server:
         ready = httpx.get(f"{server.url}/v2/models/{quote(HOSTILE_MODEL, safe='')}/ready")
         assert ready.status_code == 200, ready.text
         yield ConsoleServer(server, ADMIN_TOKEN, repository)

@@ -25,7 +25,13 @@ from torch import nn
 
 from bnfold.service.settings import Settings
 
-from .conftest import HOSTILE_MODEL, ConsoleServer, PageErrors, add_hostile_model
+from .conftest import (
+    HOSTILE_MODEL,
+    ConsoleServer,
+    PageErrors,
+    add_hostile_model,
+    console_settings,
+)
 from convert_helpers import calibrated, convert_module
 from service_packages import copy_repository
 from service_server import ADMIN_TOKEN, running_server
@@ -59,14 +65,7 @@ def console(
     add_hostile_model(repository)
     shape = (2, 1, 6, 6)
     convert_module(calibrated(KeptBatchNorm(), shape), shape, repository, name=KEPT_MODEL)
-    settings = Settings(
-        repository=repository,
-        device="cpu",
-        admin_token=ADMIN_TOKEN,
-        drift_sample_fraction=1.0,
-        drift_window_seconds=60,
-    )
-    with running_server(settings) as server:
+    with running_server(console_settings(repository)) as server:
         yield ConsoleServer(server, ADMIN_TOKEN, repository)
 
 
