@@ -110,6 +110,7 @@ COPY --from=build /opt/bnfold/repository /models
 ENV BNFOLD_REPOSITORY=/models \
     BNFOLD_HOST=0.0.0.0 \
     BNFOLD_PORT=8000 \
+    BNFOLD_GRPC_PORT=8001 \
     BNFOLD_DEVICE=auto \
     BNFOLD_SHUTDOWN_GRACE_SECONDS=8
 # Mount your own repository (REPO/NAME/VERSION packages) here.
@@ -119,7 +120,8 @@ USER 10001:10001
 # relative path can land in / (packages never read relative to it: external data
 # comes from the package's own hashed files).
 WORKDIR /opt/bnfold
-EXPOSE 8000
+# REST (KServe V2 HTTP), then gRPC (KServe V2 GRPCInferenceService), as Triton's ports.
+EXPOSE 8000 8001
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "/opt/bnfold/healthcheck.py"]
 # Exec form: bnfold is PID 1 and gets SIGTERM itself; uvicorn then stops accepting,

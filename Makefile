@@ -50,9 +50,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 ## Benchmarks: the converter, ONNX folding against its peers, serving, then recalibration
-## (BENCHMARKS.md). The serving benchmark drives
-## load with wrk (Debian's package, installed here when missing and we are root), else
-## with its own bounded Python client.
+## (BENCHMARKS.md). The serving benchmark drives load with wrk (REST) and h2load (gRPC;
+## Debian's wrk and nghttp2-client, installed here when missing and we are root), else
+## with its own bounded Python clients for both.
 bench: bench-convert bench-onnx-fold bench-serve bench-recalibrate
 
 bench-convert: $(STAMP)
@@ -62,9 +62,9 @@ bench-onnx-fold: $(STAMP)
 	$(PY) benchmarks/onnx_fold_bench.py --write
 
 bench-serve: $(STAMP)
-	@command -v wrk >/dev/null || \
-		{ [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq wrk; } || \
-		echo "wrk is not installed (installing it needs root): the serving benchmark uses its Python client"
+	@{ command -v wrk && command -v h2load; } >/dev/null || \
+		{ [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq wrk nghttp2-client; } || \
+		echo "wrk or h2load is not installed (installing them needs root): the serving benchmark uses its Python clients"
 	$(PY) benchmarks/serve_bench.py
 
 ## Accuracy of the digits models under a shift, recalibrated by `bnfold recalibrate` and by

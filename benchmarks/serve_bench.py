@@ -4,7 +4,8 @@ In one run, on 127.0.0.1 only, for the digits MLP (tiny) and the ImageNet-shaped
 ResNet-18 (heavy), at 1, 8 and 32 concurrent clients, each sending one sample
 per request:
 
-  1. bnfold (`bnfold serve`, its defaults), V2 JSON and binary tensors;
+  1. bnfold (`bnfold serve`, its defaults), V2 JSON and binary tensors over REST, and
+     the V2 gRPC protocol (raw tensors), one server for the three;
   2. the hand-written FastAPI + onnxruntime JSON server (benchmarks/baseline_server.py);
   3. onnxruntime called in-process, at its best batch size and threading (the limit);
   4. an empty FastAPI POST handler (benchmarks/empty_server.py, the HTTP ceiling).
@@ -15,7 +16,9 @@ clients (`--drift-only` runs just that and writes just its section).
 
 Load comes from wrk (one thread, keep-alive connections, a Lua script for the
 POST bodies); without wrk, from a bounded asyncio client in this process
-(slower: its numbers are the client's as much as the server's). Every point
+(slower: its numbers are the client's as much as the server's). gRPC load comes
+from a bounded asyncio grpcio client in this process, one connection a client,
+the same way (no gRPC load generator is in the registries: serving/load.py). Every point
 runs `--duration` seconds after a one-second warm-up. Also measured: bnfold's
 start-to-ready time and memory on the default repository, the memory of
 `--workers 2`, and the session options and batching delay the defaults were
@@ -48,7 +51,7 @@ from serving.results import MODELS, ServeResults, read_results, save_results
 from serving.runs import bench_repeats, bench_servers, bench_startup, bench_tuning, bench_workers
 
 RESULTS = WORK / "results.json"
-PACKAGES = ("onnxruntime", "fastapi", "uvicorn", "uvloop", "httptools", "orjson", "numpy")
+PACKAGES = ("onnxruntime", "fastapi", "uvicorn", "uvloop", "httptools", "orjson", "numpy", "grpcio")
 
 
 def _default_fraction() -> float:

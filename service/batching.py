@@ -21,15 +21,24 @@ so models never oversubscribe the cores between them.
 Only requests whose inputs agree on every dimension but the first are merged
 (the datatypes are fixed by the manifest); the run asks for the union of the
 outputs the merged requests selected. A request with more rows than
-`max_batch_size` runs alone. With batching off (`BatchPolicy`), each request
-is a run of its own, still through the bounded queue.
+`max_batch_size` runs alone. With preferred batch sizes (a load's Triton
+config), a run takes the largest preferred size the queued rows fill and does
+not wait for more (`BatchPolicy.batch_ready`, `batch_limit` decide). With
+batching off (`BatchPolicy`), each request is a run of its own, still through
+the bounded queue.
 
 Failure isolation: when a merged run fails, every request in it is run again
 alone, so only the request that cannot run gets its error (422).
 
+Cancellation: a caller cancelled while its request waits (the client went
+away) takes the request out of the queue at once (`withdraw`): it never runs,
+never counts against `max_queue_size`, and a batch gathering rows never waits
+for it. A request already taken by a run thread runs with its batch; its
+answer is dropped.
+
 Threads: the queue is shared under a lock; the event loop appends, run threads
-take. Futures and metrics are only touched on the event loop (a finished run
-hands its outcomes back with `call_soon_threadsafe`).
+take. Futures, metrics and statistics are only touched on the event loop (a
+finished run hands its outcomes back with `call_soon_threadsafe`).
 """
 
 from __future__ import annotations
@@ -49,10 +58,15 @@ from bnfold.service.errors import QueueFull, Unavailable
 from bnfold.service.metrics import ServiceMetrics
 from bnfold.service.runs import RUN_ERRORS, run_failed
 from bnfold.service.sessions import LoadedModel
+from bnfold.service.statistics import Execution
 
 logger = logging.getLogger("bnfold.service")
 
-Outcome = list[np.ndarray] | Exception
+Outcome = tuple[list[np.ndarray], Execution] | Exception
+
+
+# One request's answer: its outputs, its wait in the queue (ns), the run that served it.
+Served = tuple[list[np.ndarray], int, Execution]
 
 
 @dataclass(eq=False)
@@ -64,7 +78,7 @@ class _Pending:
     rows: int
     signature: tuple[tuple[int, ...], ...]
     enqueued: float
-    future: asyncio.Future[list[np.ndarray]]
+    future: asyncio.Future[Served]
 
 
 @dataclass(frozen=True)
@@ -73,38 +87,47 @@ class _RunResult:
     finished: float
     rows: int
     outcomes: list[Outcome]
+    executions: list[Execution]  # the runs that succeeded
 
 
 def _run_alone(session: ort.InferenceSession, model_name: str, request: _Pending) -> Outcome:
+    started = time.perf_counter_ns()
     try:
-        return session.run(list(request.output_names), request.feeds)
+        outputs = session.run(list(request.output_names), request.feeds)
     except RUN_ERRORS as exc:
         return run_failed(model_name, exc)
+    return outputs, Execution(request.rows, 0, time.perf_counter_ns() - started, 0)
 
 
 def _run_merged(
     session: ort.InferenceSession, model_name: str, batch: list[_Pending], names: list[str]
 ) -> list[Outcome] | None:
     """One run on the concatenated batch, split back per request; None if it cannot be used."""
+    merging = time.perf_counter_ns()
     feeds = {
         name: np.concatenate([request.feeds[name] for request in batch]) for name in batch[0].feeds
     }
     rows = sum(request.rows for request in batch)
+    running = time.perf_counter_ns()
     try:
         outputs = session.run(names, feeds)
     except RUN_ERRORS:
         return None
+    splitting = time.perf_counter_ns()
     if any(output.ndim == 0 or output.shape[0] != rows for output in outputs):
         logger.warning("%s: outputs of a merged run are not batch-major; running alone", model_name)
         return None
     position = {name: index for index, name in enumerate(names)}
-    outcomes: list[Outcome] = []
+    split: list[list[np.ndarray]] = []
     offset = 0
     for request in batch:
         end = offset + request.rows
-        outcomes.append([outputs[position[name]][offset:end] for name in request.output_names])
+        split.append([outputs[position[name]][offset:end] for name in request.output_names])
         offset = end
-    return outcomes
+    execution = Execution(
+        rows, running - merging, splitting - running, time.perf_counter_ns() - splitting
+    )
+    return [(request_outputs, execution) for request_outputs in split]
 
 
 def run_batch(
@@ -116,7 +139,13 @@ def run_batch(
     if outcomes is None:
         outcomes = [_run_alone(session, model_name, request) for request in batch]
     rows = sum(request.rows for request in batch)
-    return _RunResult(started, time.perf_counter(), rows, outcomes)
+    executions: list[Execution] = []
+    for outcome in outcomes:
+        if not isinstance(outcome, Exception) and (
+            not executions or outcome[1] is not executions[-1]
+        ):
+            executions.append(outcome[1])
+    return _RunResult(started, time.perf_counter(), rows, outcomes, executions)
 
 
 class ModelQueue:
@@ -144,6 +173,7 @@ class ModelQueue:
         self._compute_time = metrics.compute.labels(model.name, "eval")
         self._run_rows = metrics.run_batch_size.labels(model.name)
         self._run_requests = metrics.run_requests.labels(model.name)
+        self._statistics = metrics.statistics.of(model)
         for index in range(threads):
             threading.Thread(
                 target=self._serve,
@@ -163,10 +193,10 @@ class ModelQueue:
 
     def submit(
         self, feeds: dict[str, np.ndarray], output_names: Sequence[str]
-    ) -> asyncio.Future[list[np.ndarray]]:
+    ) -> asyncio.Future[Served]:
         """Queue one validated request; raises `QueueFull` when `max_queue_size` are waiting."""
         self.check_room()
-        future: asyncio.Future[list[np.ndarray]] = self._loop.create_future()
+        future: asyncio.Future[Served] = self._loop.create_future()
         first = next(iter(feeds.values()))
         rows = int(first.shape[0]) if first.ndim else 1
         signature = tuple(array.shape[1:] for array in feeds.values())
@@ -176,9 +206,20 @@ class ModelQueue:
             self._pending_rows += rows
             # A futex wake-up only when a run thread is waiting, and not for a thread that
             # waits for company until the batch is full or its deadline passes.
-            if not self._gathering or self._pending_rows >= self.policy.max_batch_size:
+            if not self._gathering or self.policy.batch_ready(self._pending_rows):
                 self._arrived.notify()
         return future
+
+    def withdraw(self, future: asyncio.Future[Served]) -> bool:
+        """Take the request of `future` (its caller went away) out of the queue; False when
+        a run thread has taken it already (it runs, its answer is dropped)."""
+        with self._lock:
+            for request in self._pending:
+                if request.future is future:
+                    self._pending.remove(request)
+                    self._pending_rows -= request.rows
+                    return True
+        return False
 
     def retire(self) -> None:
         """Take no more requests from the batcher's table; run the queued ones, then stop."""
@@ -201,22 +242,29 @@ class ModelQueue:
         if isinstance(result, BaseException):
             self._settle(batch, [result] * len(batch))  # a bug, not the input: 500 for all
             return
+        started = result.started
         for request in batch:
-            self._queue_time.observe(result.started - request.enqueued)
-        self._compute_time.observe(result.finished - result.started)
+            self._queue_time.observe(started - request.enqueued)
+        self._compute_time.observe(result.finished - started)
         self._run_rows.observe(result.rows)
         self._run_requests.observe(len(batch))
-        self._settle(batch, result.outcomes)
+        for execution in result.executions:
+            self._statistics.record_execution(execution)
+        for request, outcome in zip(batch, result.outcomes, strict=True):
+            future = request.future
+            if future.done():  # the caller went away
+                continue
+            if isinstance(outcome, Exception):
+                future.set_exception(outcome)
+            else:
+                queue_ns = int((started - request.enqueued) * 1e9)
+                future.set_result((outcome[0], queue_ns, outcome[1]))
 
     @staticmethod
-    def _settle(batch: Sequence[_Pending], outcomes: Sequence[BaseException | Outcome]) -> None:
-        for request, outcome in zip(batch, outcomes, strict=True):
-            if request.future.done():  # the caller went away
-                continue
-            if isinstance(outcome, BaseException):
-                request.future.set_exception(outcome)
-            else:
-                request.future.set_result(outcome)
+    def _settle(batch: Sequence[_Pending], errors: Sequence[BaseException]) -> None:
+        for request, error in zip(batch, errors, strict=True):
+            if not request.future.done():  # else the caller went away
+                request.future.set_exception(error)
 
     # ------------------------------------------------------------ run thread side
 
@@ -246,13 +294,18 @@ class ModelQueue:
                 return
 
     def _next_batch(self) -> list[_Pending]:
-        """Wait, up to the oldest request's deadline, for `max_batch_size` rows; take a batch."""
+        """Wait, up to the oldest request's deadline, for a full batch (`max_batch_size` rows or
+        a preferred size: `BatchPolicy.batch_ready`); take a batch.
+
+        The oldest is looked up again after each wake-up: when it was withdrawn, the next
+        one's deadline counts (and with none left, there is nothing to wait for).
+        """
+        delay = self.policy.max_queue_delay_seconds
         with self._lock:
-            if self.policy.batching and self.policy.max_queue_delay_us and self._pending:
-                deadline = self._pending[0].enqueued + self.policy.max_queue_delay_seconds
+            if self.policy.batching and self.policy.max_queue_delay_us:
                 self._gathering = True
-                while self._pending_rows < self.policy.max_batch_size:
-                    remaining = deadline - time.perf_counter()
+                while self._pending and not self.policy.batch_ready(self._pending_rows):
+                    remaining = self._pending[0].enqueued + delay - time.perf_counter()
                     if remaining <= 0 or self._retired:
                         break
                     self._arrived.wait(remaining)
@@ -267,7 +320,7 @@ class ModelQueue:
         batch: list[_Pending] = []
         rows = 0
         kept: deque[_Pending] = deque()
-        limit = self.policy.max_batch_size if self.policy.batching else 0
+        limit = self.policy.batch_limit(self._pending_rows) if self.policy.batching else 0
         while self._pending:
             request = self._pending.popleft()
             if request.future.cancelled():
@@ -326,9 +379,21 @@ class Batcher:
 
     async def run(
         self, model: LoadedModel, feeds: dict[str, np.ndarray], output_names: Sequence[str]
-    ) -> list[np.ndarray]:
-        """`model.eval_session` on `feeds`, possibly merged with other requests' rows."""
-        return await self.queue(model).submit(feeds, output_names)
+    ) -> Served:
+        """`model.eval_session` on `feeds`, possibly merged with other requests' rows.
+
+        Cancelled while queued, the request leaves the queue and never runs; while running,
+        its run finishes for the others and its answer is dropped. Either way it is
+        counted in `bnfold_requests_cancelled_total` and the cancellation goes on.
+        """
+        queue = self.queue(model)
+        future = queue.submit(feeds, output_names)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            stage = "queued" if queue.withdraw(future) else "running"
+            self._metrics.cancelled.labels(model.name, stage).inc()
+            raise
 
     def retire(self, name: str) -> None:
         """After a load or unload of `name`: its queues drain and stop holding the old sessions."""

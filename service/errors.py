@@ -1,20 +1,37 @@
-"""The service's errors: one hierarchy, each class carrying its HTTP status.
+"""The service's errors: one hierarchy, each class carrying its HTTP status and gRPC code.
 
 Code raises the most specific error where it finds the problem; the REST
 layer's one exception handler (`rest.errors`) turns any of them into the V2
-error body `{"error": "..."}`. Only a bug is a 500. No web framework here: the
-data plane, the registry and the codec raise these without importing one.
+error body `{"error": "..."}`, the gRPC layer (`grpc.status`) into an aborted
+call with `grpc_code`. Only a bug is a 500 / INTERNAL: a client's mistake never
+is. No web framework here, nor grpcio: the data plane, the registry and the
+codec raise these without importing either; a code is the name of its
+`grpc.StatusCode` member.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
+
+# The `grpc.StatusCode` names the hierarchy uses (grpc.status turns one into the member).
+GrpcCode = Literal[
+    "INVALID_ARGUMENT",
+    "UNAUTHENTICATED",
+    "PERMISSION_DENIED",
+    "NOT_FOUND",
+    "UNIMPLEMENTED",
+    "FAILED_PRECONDITION",
+    "RESOURCE_EXHAUSTED",
+    "UNAVAILABLE",
+    "INTERNAL",
+]
 
 
 class BnfoldServiceError(Exception):
     """Base of every error the service reports to a client."""
 
     status_code: ClassVar[int] = 500
+    grpc_code: ClassVar[GrpcCode] = "INTERNAL"
 
     def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -26,12 +43,14 @@ class BadRequest(BnfoldServiceError):
     """Malformed JSON, tensor or parameter: the request cannot be read."""
 
     status_code = 400
+    grpc_code = "INVALID_ARGUMENT"
 
 
 class Unauthorized(BnfoldServiceError):
     """Missing or wrong admin bearer token."""
 
     status_code = 401
+    grpc_code = "UNAUTHENTICATED"
 
     def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message, headers={"WWW-Authenticate": "Bearer", **(headers or {})})
@@ -41,16 +60,19 @@ class Forbidden(BnfoldServiceError):
     """The endpoint is switched off (admin endpoints without BNFOLD_ADMIN_TOKEN)."""
 
     status_code = 403
+    grpc_code = "PERMISSION_DENIED"
 
 
 class NotFound(BnfoldServiceError):
     """Unknown model, version or route."""
 
     status_code = 404
+    grpc_code = "NOT_FOUND"
 
 
 class MethodNotAllowed(BnfoldServiceError):
     status_code = 405
+    grpc_code = "UNIMPLEMENTED"
 
 
 class Conflict(BnfoldServiceError):
@@ -58,6 +80,8 @@ class Conflict(BnfoldServiceError):
     running, the package cannot be recalibrated, the repository cannot take a new version."""
 
     status_code = 409
+    # the request is fine, the model's state is not (gRPC's guide: retry after fixing the state)
+    grpc_code = "FAILED_PRECONDITION"
 
 
 class PayloadTooLarge(BnfoldServiceError):
@@ -65,24 +89,30 @@ class PayloadTooLarge(BnfoldServiceError):
     estimated decoding cost alone exceeds the decode budget (`max_decode_bytes`)."""
 
     status_code = 413
+    # gRPC's own code for a message over max_receive_message_length
+    grpc_code = "RESOURCE_EXHAUSTED"
 
 
 class UnsupportedMediaType(BnfoldServiceError):
     """A Content-Encoding the service cannot decode."""
 
     status_code = 415
+    grpc_code = "INVALID_ARGUMENT"
 
 
 class Unprocessable(BnfoldServiceError):
     """Well-formed, but does not fit the model: names, shapes, datatypes, batch statistics."""
 
     status_code = 422
+    grpc_code = "INVALID_ARGUMENT"
 
 
 class Unavailable(BnfoldServiceError):
     """Known but not ready: a broken or unloaded package, a server shutting down."""
 
     status_code = 503
+    # with retry pushback when the error carries Retry-After (grpc.status)
+    grpc_code = "UNAVAILABLE"
 
 
 class QueueFull(Unavailable):

@@ -21,6 +21,7 @@ series stay bounded whatever the models.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from abc import ABC, abstractmethod
 from bisect import bisect_left
@@ -40,8 +41,11 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from bnfold.service.errors import as_service_error
+from bnfold.service.statistics import InferenceStatistics
 
 UNKNOWN_MODEL = "_unknown"
+# nginx's "client closed request": the client went away before its answer (no response is sent)
+CLIENT_CLOSED_REQUEST = 499
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (
     0.0001,
@@ -297,6 +301,14 @@ class ServiceMetrics:
             ["model"],
             _BATCH_BUCKETS,
         )
+        self.cancelled = Counter(
+            "bnfold_requests_cancelled",
+            "Inference requests whose client went away (HTTP disconnect, gRPC cancel) while "
+            "queued (dropped, never run) or running (the run finished, the answer dropped).",
+            ["model", "stage"],
+        )
+        # Triton's statistics extension (GET .../stats), counted on the same thread
+        self.statistics = InferenceStatistics()
         metrics = [value for value in vars(self).values() if isinstance(value, _Metric)]
         self.registry = CollectorRegistry()
         self._families = _Families(metrics)
@@ -311,7 +323,8 @@ class ServiceMetrics:
 
     @contextmanager
     def track(self, model: str, endpoint: str) -> Iterator[None]:
-        """Count one request with its outcome (from the error it raised, if any) and latency."""
+        """Count one request with its outcome (from the error it raised, if any) and latency;
+        a cancelled one (its client went away, or the shutdown grace ended) as 499."""
         started = time.perf_counter()
         gauge = self.in_flight.labels(endpoint)
         gauge.inc()
@@ -320,6 +333,9 @@ class ServiceMetrics:
             yield
         except Exception as exc:
             code = as_service_error(exc).status_code
+            raise
+        except asyncio.CancelledError:
+            code = CLIENT_CLOSED_REQUEST
             raise
         finally:
             gauge.dec()

@@ -92,6 +92,7 @@ class ServerMetadataResponse(_Response):
                         "binary_tensor_data",
                         "model_repository",
                         "model_configuration",
+                        "statistics",
                         "bnfold_compare",
                         "bnfold_drift",
                     ],
@@ -103,8 +104,9 @@ class ServerMetadataResponse(_Response):
     name: str
     version: str
     extensions: list[str] = Field(
-        description="Triton's extensions the server implements, `bnfold_compare` (the "
-        "compare endpoint) and `bnfold_drift` (the drift endpoint)."
+        description="Triton's extensions the server implements (`statistics`: GET "
+        ".../stats), `bnfold_compare` (the compare endpoint) and `bnfold_drift` (the drift "
+        "endpoint)."
     )
 
 
@@ -603,8 +605,14 @@ class RepositoryModel(_Response):
 class RepositoryLoadRequest(_Request):
     parameters: Parameters | None = Field(
         None,
-        description="Triton's load parameters: load refuses any (400), as packages come from "
-        "the repository on disk; unload ignores them.",
+        description="Triton's load parameters. A model load takes `config`: Triton's model "
+        "configuration as a JSON string (tritonclient's `load_model(name, config=...)`), of "
+        "which bnfold honours max_batch_size and dynamic_batching's "
+        "max_queue_delay_microseconds, preferred_batch_size and "
+        "default_queue_policy.max_queue_size (any other field: 400 naming it); it lasts until "
+        "the next load without one. Any other parameter (Triton's `file:` uploads) is refused "
+        "(400): packages come from the repository on disk. A version load takes none; unload "
+        "ignores them.",
     )
 
 
@@ -633,9 +641,27 @@ class QueuePolicy(_Response):
 
 
 class DynamicBatching(_Response):
-    preferred_batch_size: list[int] = Field(description="The policy's max_batch_size.")
+    preferred_batch_size: list[int] = Field(
+        description="The preferred batch sizes a load's config set, else the policy's "
+        "max_batch_size."
+    )
     max_queue_delay_microseconds: int
     default_queue_policy: QueuePolicy
+
+
+class WarmupInput(_Response):
+    data_type: ConfigDatatype = Field(examples=["TYPE_FP32"])
+    dims: list[int] = Field(description="The full shape, batch axis included.")
+    zero_data: Literal[True]
+
+
+class WarmupSample(_Response):
+    """One warm-up run of model.onnx (Triton's `model_warmup` entry): zeros of `dims`."""
+
+    name: str = Field(examples=["zeros_32_rows"])
+    batch_size: Literal[1] = Field(description="1: the rows are in `dims` (max_batch_size 0).")
+    count: Literal[1]
+    inputs: dict[str, WarmupInput]
 
 
 @with_config(_CLOSED)
@@ -690,6 +716,121 @@ class ModelConfigResponse(_Response):
     dynamic_batching: Omittable[DynamicBatching] = Field(
         None, description="Only when the model batches (its metadata says why not otherwise)."
     )
+    model_warmup: Omittable[list[WarmupSample]] = Field(
+        None,
+        description="The warm-up runs of model.onnx made before the version reported READY "
+        "(absent with --no-warmup, or when no row fits the body limit).",
+    )
+
+
+class StatisticDuration(_Response):
+    """A count and its total time: sample it twice for the average between the samples."""
+
+    count: int = Field(ge=0, description="How many times it happened.")
+    ns: int = Field(ge=0, description="Their total duration in nanoseconds.")
+
+
+class InferStatistics(_Response):
+    """Per request, Triton's fields; the counts of queue and compute_* are the successes."""
+
+    success: StatisticDuration = Field(
+        description="Successful requests, whole: tensors read, queued, run, response written."
+    )
+    fail: StatisticDuration = Field(
+        description="Requests that failed once their model version was known: tensors that do "
+        "not fit (422), a full queue (503), a failed run, a client gone (cancelled). A body "
+        "that cannot be read (400) is not counted, as in Triton."
+    )
+    queue: StatisticDuration = Field(
+        description="Waiting in the batcher's queue, from entering it to its run starting."
+    )
+    compute_input: StatisticDuration = Field(
+        description="Reading the request's tensors into arrays and merging them into the run's "
+        "batch."
+    )
+    compute_infer: StatisticDuration = Field(
+        description="The onnxruntime run (a merged run's whole time, for each of its requests)."
+    )
+    compute_output: StatisticDuration = Field(
+        description="Splitting the run's outputs per request and writing the response."
+    )
+    cache_hit: StatisticDuration = Field(description="Always zero: no response cache.")
+    cache_miss: StatisticDuration = Field(description="Always zero: no response cache.")
+
+
+class InferBatchStatistics(_Response):
+    """The runs of one batch size (rows after the batcher merged requests)."""
+
+    batch_size: int = Field(ge=1)
+    compute_input: StatisticDuration = Field(description="Merging the requests' inputs.")
+    compute_infer: StatisticDuration = Field(description="The onnxruntime runs.")
+    compute_output: StatisticDuration = Field(description="Splitting the outputs per request.")
+
+
+class ModelStatistics(_Response):
+    """One loaded model version since it was loaded (a reload starts from zero)."""
+
+    name: str
+    version: str
+    last_inference: int = Field(
+        description="When its last run finished, in milliseconds since the epoch (0: never)."
+    )
+    inference_count: int = Field(
+        description="Rows (axis 0) of the successful requests: one request of 64 rows counts 64."
+    )
+    execution_count: int = Field(
+        description="onnxruntime runs; requests the batcher merged count once."
+    )
+    inference_stats: InferStatistics
+    batch_stats: list[InferBatchStatistics] = Field(description="By batch size, ascending.")
+
+
+class ModelStatisticsResponse(_Response):
+    """Triton's statistics extension (its gRPC ModelStatisticsResponse as JSON)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_stats": [
+                        {
+                            "name": "digits_mlp",
+                            "version": "1",
+                            "last_inference": 1764672000000,
+                            "inference_count": 6,
+                            "execution_count": 2,
+                            "inference_stats": {
+                                "success": {"count": 3, "ns": 910000},
+                                "fail": {"count": 0, "ns": 0},
+                                "queue": {"count": 3, "ns": 120000},
+                                "compute_input": {"count": 3, "ns": 60000},
+                                "compute_infer": {"count": 3, "ns": 300000},
+                                "compute_output": {"count": 3, "ns": 45000},
+                                "cache_hit": {"count": 0, "ns": 0},
+                                "cache_miss": {"count": 0, "ns": 0},
+                            },
+                            "batch_stats": [
+                                {
+                                    "batch_size": 2,
+                                    "compute_input": {"count": 1, "ns": 0},
+                                    "compute_infer": {"count": 1, "ns": 100000},
+                                    "compute_output": {"count": 1, "ns": 0},
+                                },
+                                {
+                                    "batch_size": 4,
+                                    "compute_input": {"count": 1, "ns": 8000},
+                                    "compute_infer": {"count": 1, "ns": 100000},
+                                    "compute_output": {"count": 1, "ns": 3000},
+                                },
+                            ],
+                        }
+                    ]
+                }
+            ]
+        }
+    )
+
+    model_stats: list[ModelStatistics]
 
 
 WIRE_MODELS: Final[tuple[type[BaseModel], ...]] = (

@@ -15,6 +15,12 @@ unloading it rolls back) or `specific` (REPO/NAME/config.json's
 `default_version`, else the highest version ready when the model was loaded;
 new versions are served only when asked for by number until the model is
 reloaded).
+
+A version is READY only after its warm-up (`sessions.warm_up`, unless
+`SessionConfig.warmup` is off): a warm-up run that fails leaves it UNAVAILABLE
+with the reason. `load(name, config)` takes Triton's config override
+(`load_config`): it applies to every version of the model, those loaded later
+by `load_version` too, until the next `load` of the model without one.
 """
 
 from __future__ import annotations
@@ -22,20 +28,24 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from bnfold.package_format import ManifestError, parse_version
 from bnfold.service.batch_policy import BatchPolicy
 from bnfold.service.errors import NotFound, PackageError, Unavailable
+from bnfold.service.load_config import ConfigOverride, parse_config_override
 from bnfold.service.repository import (
     PackageLocation,
     read_model_config,
     read_package,
     scan_repository,
 )
-from bnfold.service.sessions import LoadedModel, SessionConfig, load_model
+from bnfold.service.sessions import LoadedModel, SessionConfig, load_model, warm_up
+from bnfold.service.warmup import describe_runs
 
 logger = logging.getLogger("bnfold.service")
 
@@ -70,10 +80,15 @@ def relative_to_repository(reason: str, repository: Path) -> str:
 
 
 def _load_version(
-    location: PackageLocation, config: SessionConfig, batching_defaults: BatchPolicy
+    location: PackageLocation,
+    config: SessionConfig,
+    batching_defaults: BatchPolicy,
+    override: ConfigOverride,
 ) -> ModelVersion:
     try:
-        model = load_model(read_package(location), config, batching_defaults)
+        model = load_model(read_package(location), config, batching_defaults, override)
+        if config.warmup:
+            model = warm_up(model, config.warmup_max_bytes)
     except Exception as exc:  # one package, whatever is wrong with it, never stops the rest
         if not isinstance(exc, PackageError):
             logger.exception("loading %s version %d failed", location.name, location.version)
@@ -88,6 +103,14 @@ def _load_version(
         model.load_seconds,
         ", ".join(model.providers),
     )
+    if config.warmup:
+        logger.info(
+            "warmed up %s version %d in %.1f ms: %s",
+            model.name,
+            model.version,
+            model.warmup_seconds * 1e3,
+            describe_runs(model.warmup),
+        )
     return ModelVersion(model.name, model.version, ModelState.READY, "", model)
 
 
@@ -108,13 +131,18 @@ class ModelRegistry:
         self._table: Table = {}
         # under the `specific` policy: the version unversioned requests hit, per model
         self._pinned: dict[str, int] = {}
+        # the config override of the last load of each model that had one
+        self._overrides: dict[str, ConfigOverride] = {}
         self._lock = threading.Lock()
 
     def _load_locations(self, locations: list[PackageLocation]) -> Table:
         table: Table = {}
         for location in locations:
             table.setdefault(location.name, {})[location.version] = _load_version(
-                location, self.config, self.batching_defaults
+                location,
+                self.config,
+                self.batching_defaults,
+                self._overrides.get(location.name, ConfigOverride()),
             )
         return table
 
@@ -147,28 +175,37 @@ class ModelRegistry:
             )
 
     def load_all(self) -> list[ModelVersion]:
-        """Scan the repository and (re)load every package. Blocking."""
+        """Scan the repository and (re)load every package, without config overrides. Blocking."""
         with self._lock:
+            self._overrides = {}
             self._table = self._load_locations(scan_repository(self.repository))
             for name, versions in self._table.items():
                 self._pin(name, versions)
             return self.index()
 
-    def load(self, name: str) -> list[ModelVersion]:
+    def load(self, name: str, config: Mapping[str, Any] | None = None) -> list[ModelVersion]:
         """(Re)load every version of `name` from disk: new versions appear, removed ones go.
 
-        Raises `NotFound` when the repository has no such model directory (a model
+        `config`: Triton's config override (`load_config`), kept for the model until
+        its next load without one; None drops the one it had.
+
+        Raises `BadRequest` for a config bnfold cannot honour (nothing is loaded),
+        `NotFound` when the repository has no such model directory (a model
         deleted from disk is dropped from the table), and
         `Unavailable` with the reasons when no version of it could be loaded.
         """
+        override = None if config is None else parse_config_override(config, name)
         with self._lock:
             locations = [
                 location for location in scan_repository(self.repository) if location.name == name
             ]
+            others = {key: value for key, value in self._overrides.items() if key != name}
             if not locations:
                 # gone from disk: stop serving what memory still holds of it
                 self._table = {key: value for key, value in self._table.items() if key != name}
+                self._overrides = others
                 raise NotFound(f"the repository has no model {name!r}")
+            self._overrides = others if override is None else {**others, name: override}
             versions = self._load_locations(locations)[name]
             self._table = {**self._table, name: versions}
             self._pin(name, versions)
@@ -191,7 +228,8 @@ class ModelRegistry:
         )
         if location is None:
             raise NotFound(f"the repository has no version {version} of model {name!r}")
-        entry = _load_version(location, self.config, self.batching_defaults)
+        override = self._overrides.get(name, ConfigOverride())
+        entry = _load_version(location, self.config, self.batching_defaults, override)
         with self._lock:
             versions = {**self._table.get(name, {}), version: entry}
             self._table = {**self._table, name: versions}

@@ -1,5 +1,9 @@
 """`bnfold serve`: parse options into `Settings`, make sure there is something to serve, run uvicorn.
 
+REST and the KServe V2 gRPC protocol (service/grpc/, on `--grpc-port`, Triton's
+8001 by default) run in the one process the app's lifespan starts: uvicorn
+serves REST, the lifespan starts and stops the gRPC server on the same event loop.
+
 The options are generated from the `Settings` fields (`_option_parameters`):
 names from the field (or its `OptionNames`), help from its description, and
 its environment variable and default appended, so nothing here repeats a
@@ -35,6 +39,7 @@ from pydantic import SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 
 from bnfold.service.errors import DeviceUnavailable
+from bnfold.service.grpc.server import grpc_address
 from bnfold.service.providers import resolve_providers
 from bnfold.service.repository import scan_repository
 from bnfold.service.rest.app import configure_logging, create_app
@@ -67,8 +72,10 @@ EPILOG = """Examples:
 
   bnfold serve --no-console             no web console at /ui (the API docs stay at /docs)
 
+  bnfold serve --grpc-port 9001         gRPC on another port (--no-grpc: REST only)
+
 Then: open http://127.0.0.1:8000/ui/ (the web console), http://127.0.0.1:8000/docs (API
-docs), or curl localhost:8000/v2/models/digits_mlp
+docs), or curl localhost:8000/v2/models/digits_mlp; tritonclient.grpc talks to localhost:8001
 """
 
 BUILD_HINT = (
@@ -85,7 +92,7 @@ def _serve_command() -> Callable[..., None]:
     """`serve`, whose signature (what Typer turns into options) is `_option_parameters()`."""
 
     def serve(**options: Any) -> None:
-        """Serve a model repository over the KServe V2 inference protocol (REST)."""
+        """Serve a model repository over the KServe V2 inference protocol (REST and gRPC)."""
         try:
             settings = settings_from_options(options)
         except ValidationError as exc:
@@ -109,10 +116,11 @@ def start_server(settings: Settings) -> None:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     logger.info(
-        "bnfold serve: repository %s, device %s -> %s",
+        "bnfold serve: repository %s, device %s -> %s, gRPC %s",
         settings.repository,
         settings.device.value,
         ", ".join(providers),
+        grpc_address(settings.host, settings.grpc_port) if settings.grpc else "off",
     )
     options = uvicorn_options(settings)
     if settings.workers == 1:

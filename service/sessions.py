@@ -13,7 +13,10 @@ an optimised copy.
 
 `load_model` also checks each session against the manifest: the manifest is
 what requests are validated against, so a disagreement is a broken package,
-and resolves the model's batching policy (`batch_policy`).
+and resolves the model's batching policy (`batch_policy`), a load's config
+override (`load_config`) first. `warm_up` then runs zeros through every
+session (warmup.py says which runs and why) before the registry reports the
+version READY; `SessionConfig.warmup` (`--warmup/--no-warmup`) turns it off.
 
 Session options (threads, execution mode, memory arena, spinning) come from
 `SessionConfig`; the server's defaults are the ones that measured best on the
@@ -54,8 +57,10 @@ from bnfold.package_format import (
 from bnfold.service.batch_policy import BatchPolicy, resolve_policy
 from bnfold.service.errors import PackageError
 from bnfold.service.external_data import external_file_table
+from bnfold.service.load_config import ConfigOverride
 from bnfold.service.repository import VerifiedPackage
 from bnfold.service.settings import ExecutionMode, Settings
+from bnfold.service.warmup import WarmupRun, plan_warmup, zero_feeds
 
 logger = logging.getLogger("bnfold.service")
 
@@ -74,6 +79,10 @@ class SessionConfig:
     spinning: bool = False
     #: Open calibration.onnx when the package has one (drift monitoring on).
     calibration_graph: bool = True
+    #: Run the warm-up (`warm_up`) before a loaded version is served.
+    warmup: bool = True
+    #: The most bytes of inputs a warm-up run may take: the largest request body.
+    warmup_max_bytes: int = Settings.model_fields["max_body_bytes"].default
 
     @classmethod
     def from_settings(cls, settings: Settings, providers: tuple[str, ...]) -> SessionConfig:
@@ -85,6 +94,8 @@ class SessionConfig:
             memory_arena=settings.memory_arena,
             spinning=settings.allow_spinning,
             calibration_graph=settings.drift_monitoring,
+            warmup=settings.warmup,
+            warmup_max_bytes=settings.max_body_bytes,
         )
 
     def for_calibration(self) -> SessionConfig:
@@ -112,6 +123,8 @@ class LoadedModel:
     `calibration_session` is None when the drift monitor cannot use the package,
     and `calibration_reason` says why; `calibration_outputs` are the per-layer
     `input_mean, input_var, input_count` outputs it runs, in manifest order.
+    `warmup` are the warm-up runs made (none with warm-up off), in
+    `warmup_seconds`.
     """
 
     name: str
@@ -126,6 +139,8 @@ class LoadedModel:
     calibration_session: ort.InferenceSession | None = None
     calibration_reason: str = SCHEMA_1_REASON
     calibration_outputs: tuple[str, ...] = ()
+    warmup: tuple[WarmupRun, ...] = ()
+    warmup_seconds: float = 0.0
 
     @property
     def inputs(self) -> tuple[ManifestTensor, ...]:
@@ -261,9 +276,13 @@ def load_model(
     package: VerifiedPackage,
     config: SessionConfig,
     batching_defaults: BatchPolicy = BatchPolicy(),
+    override: ConfigOverride = ConfigOverride(),
 ) -> LoadedModel:
     """Open and check the sessions of `package`. Raises `PackageError` with the reason
-    (model.onnx and train.onnx; calibration.onnx only decides whether drift is monitored)."""
+    (model.onnx and train.onnx; calibration.onnx only decides whether drift is monitored).
+
+    `override`: a load's Triton config (`load_config`), above REPO/NAME/config.json.
+    """
     started = time.perf_counter()
     location, manifest = package.location, package.manifest
     sessions = {}
@@ -291,12 +310,57 @@ def load_model(
         providers=tuple(sessions[EVAL_GRAPH].get_providers()),
         load_seconds=time.perf_counter() - started,
         batching=resolve_policy(
-            (package.config.batching, manifest.batching),
+            (override.batching, package.config.batching, manifest.batching),
             manifest.inputs,
             manifest.outputs,
             batching_defaults,
+            override.preferred_batch_sizes,
         ),
         calibration_session=calibration_session,
         calibration_reason=calibration_reason,
         calibration_outputs=calibration_outputs(manifest) if calibration_session else (),
+    )
+
+
+def warm_up(model: LoadedModel, max_bytes: int) -> LoadedModel:
+    """`model` once its warm-up runs are made (`plan_warmup`, inputs of at most
+    `max_bytes`), with them recorded.
+
+    Raises `PackageError` naming the graph and rows when model.onnx or train.onnx
+    cannot run zeros: a version that fails them would fail requests. A failing
+    calibration.onnx only takes the drift monitor off the version, as when it
+    cannot be opened.
+    """
+    started = time.perf_counter()
+    plan = plan_warmup(
+        model.batching,
+        model.inputs,
+        calibration=model.calibration_session is not None,
+        max_bytes=max_bytes,
+    )
+    sessions = {EVAL_GRAPH: model.eval_session, TRAIN_GRAPH: model.train_session}
+    if model.calibration_session is not None:
+        sessions[CALIBRATION_GRAPH] = model.calibration_session
+    made: list[WarmupRun] = []
+    for run in plan:
+        try:
+            sessions[run.graph].run(None, zero_feeds(model.inputs, run.rows))
+        except Exception as exc:
+            rows = f"{run.rows} row{'' if run.rows == 1 else 's'}"
+            reason = f"{run.graph} failed its warm-up run on zeros of {rows}: {exc}"
+            if run.graph != CALIBRATION_GRAPH:
+                raise PackageError(reason) from exc
+            logger.warning(
+                "%s version %d serves without drift monitoring: %s",
+                model.name,
+                model.version,
+                reason,
+            )
+            model = dataclasses.replace(
+                model, calibration_session=None, calibration_reason=reason, calibration_outputs=()
+            )
+            continue
+        made.append(run)
+    return dataclasses.replace(
+        model, warmup=tuple(made), warmup_seconds=time.perf_counter() - started
     )

@@ -247,6 +247,24 @@ class Settings(BaseSettings):
     console: bool = Field(
         True, description="The web console at /ui (static files; uses the public API only)."
     )
+    # gRPC (service/grpc/): the KServe V2 GRPCInferenceService beside REST, as Triton.
+    grpc: Annotated[bool, OptionNames("--grpc/--no-grpc")] = Field(
+        True, description="Serve the KServe V2 gRPC protocol on --grpc-port too."
+    )
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="TCP port of the gRPC server (Triton's); 0 picks one."
+    )
+    warmup: Annotated[bool, OptionNames("--warmup/--no-warmup")] = Field(
+        True,
+        description="Run warm-up batches (zeros, at the batch sizes the batcher will use) on "
+        "each version before it reports READY, as Triton's model warmup does.",
+    )
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OpenTelemetry: export spans of infer/compare (request, queue, run, encode) "
+        "over OTLP/HTTP to this URL (e.g. http://collector:4318/v1/traces); unset: tracing "
+        "off, at no cost.",
+    )
     log_level: LogLevel = Field(LogLevel.INFO, description="debug also logs every request.")
     shutdown_grace_seconds: Annotated[float, OptionNames("--shutdown-grace")] = Field(
         30.0, ge=0, description="Seconds in-flight requests get to finish on shutdown."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +12,12 @@ import pytest
 from bnfold.service.settings import Settings
 
 from service_packages import build_test_repository
-from service_server import RunningServer, admin_server, running_server
+from service_server import ADMIN_TOKEN, RunningServer, admin_server, grpc_settings, running_server
+
+# Settings read the environment: every test server runs without gRPC unless its test turns
+# it on (with grpc_port=0). A real `bnfold serve` would take Triton's port 8001, which
+# another server, or a test running beside this one, may hold. Child processes inherit it.
+os.environ["BNFOLD_GRPC"] = "false"
 
 # ---------------------------------------------------------------- service fixtures
 
@@ -64,4 +70,29 @@ def digits_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def digits_service(digits_repository: Path) -> Iterator[RunningServer]:
     with running_server(Settings(repository=digits_repository, device="cpu")) as server:
+        yield server
+
+
+# ---------------------------------------------------------------- gRPC fixtures
+
+
+@pytest.fixture(scope="session")
+def grpc_repository(service_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The service test packages plus `lookup` (INT64 in) and `slow` (a run whose length
+    the batch size sets, tests/reliability/packages.py); read-only for tests."""
+    from reliability.packages import write_slow
+
+    from service_packages import copy_repository, write_lookup
+
+    repository = copy_repository(service_repository, tmp_path_factory.mktemp("grpc") / "repo")
+    write_lookup(repository)
+    write_slow(repository)
+    return repository
+
+
+@pytest.fixture(scope="session")
+def grpc_service(grpc_repository: Path) -> Iterator[RunningServer]:
+    """One server with REST and gRPC for the read-only gRPC tests, admin token set."""
+    settings = grpc_settings(grpc_repository, admin_token=ADMIN_TOKEN)
+    with running_server(settings) as server:
         yield server

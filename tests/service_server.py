@@ -1,7 +1,9 @@
 """A real uvicorn server in a background thread, for the service tests.
 
 Port 0: the kernel picks a free port and uvicorn reports it, so parallel test
-runs never collide. The server runs the app's lifespan exactly as `bnfold
+runs never collide. gRPC is off unless the settings turn it on (conftest.py sets
+BNFOLD_GRPC=false for the whole run: 8001 is Triton's port and may be taken);
+gRPC tests pass `grpc=True, grpc_port=0` and read the chosen port here. The server runs the app's lifespan exactly as `bnfold
 serve` does, with the uvicorn options `bnfold serve` uses (protocol, request-head
 limits, shutdown grace: `uvicorn_options`); leaving the context shuts it down
 gracefully.
@@ -42,6 +44,14 @@ class RunningServer:
         """host:port, as tritonclient wants it."""
         return f"{self.host}:{self.port}"
 
+    @property
+    def grpc_address(self) -> str:
+        """host:port of the gRPC server, as tritonclient.grpc wants it (gRPC must be on)."""
+        port = self.app.state.grpc_port
+        if port is None:
+            raise RuntimeError("this test server runs without gRPC: Settings(grpc=True, ...)")
+        return f"{self.host}:{port}"
+
 
 @contextmanager
 def running_server(settings: Settings) -> Iterator[RunningServer]:
@@ -73,3 +83,10 @@ def admin_server(repository: Path) -> Iterator[RunningServer]:
     settings = Settings(repository=repository, device="cpu", admin_token=ADMIN_TOKEN)
     with running_server(settings) as server:
         yield server
+
+
+def grpc_settings(repository: Path, **settings: object) -> Settings:
+    """A CPU server with gRPC, on a free port unless `settings` name one (conftest.py turns
+    gRPC off by default)."""
+    defaults: dict[str, object] = {"device": "cpu", "grpc": True, "grpc_port": 0}
+    return Settings(repository=repository, **{**defaults, **settings})

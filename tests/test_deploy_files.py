@@ -38,6 +38,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 PYPROJECT = ROOT / "pyproject.toml"
 PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
 PORT = 8000
+GRPC_PORT = 8001  # Triton's; the KServe predictor routes REST only (one port)
 LIVE, READY = "/v2/health/live", "/v2/health/ready"
 # The oldest Kubernetes the manifests claim (autoscaling/v2, startup probes, seccomp
 # fields are all GA there) and the newest schema kubernetes-validate ships.
@@ -140,7 +141,8 @@ def test_runtime_runs_as_non_root_on_port_8000_with_healthcheck_and_sigterm() ->
     runtime = dockerfile().final
     env = runtime.env()
     assert runtime_uid() >= 1000
-    assert runtime.last("EXPOSE").arguments == str(PORT) == env["BNFOLD_PORT"]
+    assert runtime.last("EXPOSE").arguments.split() == [env["BNFOLD_PORT"], env["BNFOLD_GRPC_PORT"]]
+    assert (env["BNFOLD_PORT"], env["BNFOLD_GRPC_PORT"]) == (str(PORT), str(GRPC_PORT))
     assert env["BNFOLD_HOST"] == "0.0.0.0"
     assert env["BNFOLD_DEVICE"] == "auto"
     assert runtime.last("STOPSIGNAL").arguments == "SIGTERM"
@@ -282,10 +284,12 @@ def test_kubernetes_manifests_pass_the_strict_schema(version: str) -> None:
         kubernetes_validate.validate(document, version, strict=True)
 
 
-def check_serving_container(container: dict[str, Any], *, image: str) -> None:
+def check_serving_container(
+    container: dict[str, Any], *, image: str, ports: tuple[int, ...] = (PORT, GRPC_PORT)
+) -> None:
     """What every bnfold container in a manifest must agree on with the image and service."""
     assert container["image"] == image
-    assert [port["containerPort"] for port in container["ports"]] == [PORT]
+    assert [port["containerPort"] for port in container["ports"]] == list(ports)
     for probe, path in (("readinessProbe", READY), ("livenessProbe", LIVE)):
         assert container[probe]["httpGet"] == {"path": path, "port": PORT}, probe
     resources = container["resources"]
@@ -317,13 +321,15 @@ def test_deployment_probes_ports_images_and_resources(name: str, device: str) ->
         assert env_of(container)["BNFOLD_DEVICE"] == "cpu"
 
 
-def test_services_route_to_their_deployments_on_port_8000() -> None:
+def test_services_route_to_their_deployments_on_ports_8000_and_8001() -> None:
     services = of_kind("Service")
     assert {service["metadata"]["name"] for service in services} == {"bnfold", "bnfold-gpu"}
     for service in services:
         pods = deployment(service["metadata"]["name"])["spec"]["template"]["metadata"]["labels"]
         assert service["spec"]["selector"].items() <= pods.items()
-        assert [port["targetPort"] for port in service["spec"]["ports"]] == [PORT]
+        assert [port["targetPort"] for port in service["spec"]["ports"]] == [PORT, GRPC_PORT]
+        (grpc,) = [port for port in service["spec"]["ports"] if port["name"] == "grpc"]
+        assert grpc["appProtocol"] == "kubernetes.io/h2c"
 
 
 def test_hpa_scales_the_cpu_deployment() -> None:
@@ -366,7 +372,7 @@ def test_kserve_inference_service_is_a_v2_custom_predictor() -> None:
     # custom predictor's protocolVersion (validated to v1 or v2 by KServe).
     assert container["name"] == "kserve-container"
     assert env_of(container)["PROTOCOL"] == "v2"
-    check_serving_container(container, image=image_names()["cpu"])
+    check_serving_container(container, image=image_names()["cpu"], ports=(PORT,))
     assert predictor["annotations"]["prometheus.kserve.io/port"] == str(PORT)
     assert predictor["annotations"]["prometheus.kserve.io/path"] == "/metrics"
     assert predictor["scaleMetric"] in {"cpu", "memory", "concurrency", "rps"}
@@ -409,7 +415,7 @@ def test_compose_runs_the_image_and_prometheus_scrapes_its_metrics() -> None:
     bnfold, prometheus = services["bnfold"], services["prometheus"]
     assert bnfold["image"] == image_names()["cpu"]
     assert bnfold["build"]["context"] == "."
-    assert [port.rsplit(":", 1)[1] for port in bnfold["ports"]] == [str(PORT)]
+    assert [port.rsplit(":", 1)[1] for port in bnfold["ports"]] == [str(PORT), str(GRPC_PORT)]
     stop = float(bnfold["stop_grace_period"].removesuffix("s"))
     assert float(dockerfile().final.env()["BNFOLD_SHUTDOWN_GRACE_SECONDS"]) < stop
     assert DIGEST.search(prometheus["image"])

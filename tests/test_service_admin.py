@@ -88,10 +88,16 @@ def test_unload_and_load_over_http(admin_service: RunningServer) -> None:
         assert client.post("/v2/repository/models/nope/unload", headers=AUTH).status_code == 404
         broken = client.post("/v2/repository/models/broken_hash/load", headers=AUTH)
         assert broken.status_code == 503 and "sha256 of model.onnx" in broken.json()["error"]
+        # Triton's model file upload: packages come from the disk only (a `config` override
+        # is tests/test_service_load_config.py's)
         uploads = client.post(
-            "/v2/repository/models/mlp/load", headers=AUTH, json={"parameters": {"config": "{}"}}
+            "/v2/repository/models/mlp/load",
+            headers=AUTH,
+            json={"parameters": {"file:1/model.onnx": "AAAA"}},
         )
         assert uploads.status_code == 400
+        assert "repository on disk" in uploads.json()["error"]
+        assert "file:1/model.onnx" in uploads.json()["error"]
         for not_an_object in (0, [], "", False, 1, "x"):
             refused = client.post(
                 "/v2/repository/models/mlp/load", headers=AUTH, json={"parameters": not_an_object}

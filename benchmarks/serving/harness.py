@@ -67,10 +67,14 @@ def input_shape(repository: Path, model: str) -> tuple[int, ...]:
     return tuple(1 if dim == -1 else dim for dim in tensor.shape)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def free_port(*taken: int) -> int:
+    """A port nothing listens on now, other than `taken` (ports already handed out)."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port not in taken:
+            return port
 
 
 def _ready(url: str) -> bool:
@@ -144,8 +148,13 @@ def serve(name: str, command: Sequence[str], port: int) -> Iterator[Server]:
         log.close()
 
 
-def bnfold_command(repository: Path | None, port: int, *options: str) -> list[str]:
+def bnfold_command(
+    repository: Path | None, port: int, *options: str, grpc_port: int = 0
+) -> list[str]:
+    """`bnfold serve` on `port`, its gRPC server (on by default, as in production) on
+    `grpc_port`: 0 picks a free one, never Triton's 8001 that another server may hold."""
     command = [*BNFOLD, "serve", "--port", str(port), "--device", "cpu", "--log-level", "warning"]
+    command += ["--grpc-port", str(grpc_port)]
     if repository is not None:
         command += ["--repository", str(repository)]
     return [*command, *options]

@@ -31,9 +31,12 @@ def bench_servers(
     stats: dict[str, dict] = {"peak_rss_mb": {}, "rows_per_run": {}}
     bodies = {model: write_bodies(repository, model) for model in MODELS}
     port = free_port()
+    grpc_port = free_port(port)
+    bnfold = bnfold_command(repository, port, grpc_port=grpc_port)  # the same for each transport
     runs = [
-        ("bnfold JSON", bnfold_command(repository, port), "json"),
-        ("bnfold binary", bnfold_command(repository, port), "binary"),
+        ("bnfold JSON", bnfold, "json"),
+        ("bnfold binary", bnfold, "binary"),
+        ("bnfold gRPC", bnfold, "grpc"),
         ("hand-written FastAPI", baseline_command(repository, port), "json"),
         ("empty handler", empty_command(port), "json"),
         ("empty handler, binary body", empty_command(port), "binary"),
@@ -41,7 +44,11 @@ def bench_servers(
     for name, command, encoding in runs:
         with serve(name, command, port) as server:
             for model in MODELS:
-                url = f"{server.url}/v2/models/{model}/infer"
+                url = (
+                    f"grpc://127.0.0.1:{grpc_port}"
+                    if encoding == "grpc"
+                    else f"{server.url}/v2/models/{model}/infer"
+                )
                 check_answer(url, bodies[model][encoding])
                 for clients in concurrency:
                     result = load(

@@ -1,4 +1,5 @@
-"""The app: `create_app(settings)` builds it and includes the routers; its lifespan loads models.
+"""The app: `create_app(settings)` builds it and includes the routers; its lifespan loads models
+and runs the gRPC server (service/grpc/) beside REST, on the same event loop and data plane.
 
 `bnfold serve` resolves the execution providers before it starts uvicorn (a
 `--device cuda` without a GPU fails there, with one line) and hands them to
@@ -21,6 +22,8 @@ from bnfold.service.batching import Batcher
 from bnfold.service.console.hosting import ConsoleFiles, console_routes, docs_routes
 from bnfold.service.dataplane import DataPlane, server_version
 from bnfold.service.drift_monitor import DriftConfig, DriftMonitor
+from bnfold.service.grpc.server import GrpcServer, start_grpc_server
+from bnfold.service.grpc.servicer import InferenceServicer
 from bnfold.service.metrics import ServiceMetrics
 from bnfold.service.providers import resolve_providers
 from bnfold.service.recalibration import Recalibrations
@@ -45,7 +48,8 @@ def _lifespan(
     settings: Settings, providers: tuple[str, ...] | None
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     """Start-up: load the repository (in a thread), build the data plane, start the drift
-    monitor's worker; shut-down: stop the worker, drain runs."""
+    monitor's worker and the gRPC server (`app.state.grpc_port`: its port, None when off);
+    shut-down: drain gRPC calls (uvicorn has drained REST), stop the worker, drain runs."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -91,12 +95,19 @@ def _lifespan(
         )
         if settings.console:
             logger.info("web console at /ui/, API docs at /docs")
+        grpc_server: GrpcServer | None = None
+        if settings.grpc:  # first: a port in use fails the start before the drift worker runs
+            servicer = InferenceServicer(dataplane, app.state.decode_budget, settings.admin_token)
+            grpc_server = await start_grpc_server(settings, servicer)
+        app.state.grpc_port = grpc_server.port if grpc_server is not None else None
         drift.start()
         metrics.add_source(dataplane.drift_metric_families)
         dataplane.ready = True
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(settings.shutdown_grace_seconds)
             dataplane.ready = False
             metrics.remove_source(dataplane.drift_metric_families)
             batcher.close()

@@ -25,6 +25,7 @@ from bnfold.service.protocol import (
     ModelConfigResponse,
     ModelMetadataResponse,
     ModelReadyResponse,
+    ModelStatisticsResponse,
     PackageReportResponse,
     RepositoryIndexRequest,
     RepositoryLoadRequest,
@@ -35,7 +36,7 @@ from bnfold.service.rest.responses import JSON
 TITLE = "bnfold"
 DESCRIPTION = (
     "KServe V2 / Open Inference Protocol inference on BatchNorm-folded ONNX packages, with "
-    "Triton's binary tensor, model configuration and repository extensions, a "
+    "Triton's binary tensor, model configuration, repository and statistics extensions, a "
     "train-vs-eval comparison endpoint, and BatchNorm drift monitoring of live traffic."
 )
 
@@ -121,6 +122,14 @@ MODEL_CONFIG: dict[str, Any] = {
     "responses": errors(404, 503),
     "description": "Triton's model configuration for this onnxruntime model "
     "(max_batch_size 0: dims include the -1 batch axis).",
+}
+
+MODEL_STATISTICS: dict[str, Any] = {
+    "response_model": ModelStatisticsResponse,
+    "responses": errors(404),
+    "description": "Triton's statistics extension: per loaded version, successful rows "
+    "(inference_count), onnxruntime runs (execution_count), per-request success / fail / "
+    "queue / compute times, runs by batch size. Counted since the version was loaded.",
 }
 
 INFER: dict[str, Any] = {
@@ -260,9 +269,13 @@ _ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 REPOSITORY_LOAD: dict[str, Any] = {
     "responses": _ADMIN_RESPONSES,
-    "openapi_extra": _optional_body(RepositoryLoadRequest, {}),
+    "openapi_extra": _optional_body(
+        RepositoryLoadRequest,
+        {"parameters": {"config": '{"max_batch_size": 16}'}},
+    ),
     "description": "Re-reads every version of the model from the repository, checking the "
-    "manifest and hashes again. Needs `Authorization: Bearer <BNFOLD_ADMIN_TOKEN>`.",
+    "manifest and hashes again; `parameters.config` overrides the batching fields of its "
+    "configuration (Triton's). Needs `Authorization: Bearer <BNFOLD_ADMIN_TOKEN>`.",
 }
 
 REPOSITORY_UNLOAD: dict[str, Any] = {

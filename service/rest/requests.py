@@ -5,11 +5,13 @@ in module globals. Bodies are read within the app's body limit and decode
 budget (`bodies`). `DataPlaneDep` and `require_admin` are FastAPI dependencies
 for ordinary routes; the `DirectRoute` endpoints (inference, compare) call
 `dataplane_of` instead, since they may not declare dependencies.
+`disconnect_watcher` notices a client that goes away while its inference waits.
 """
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any
 
@@ -18,7 +20,9 @@ from fastapi import Depends, Request
 from bnfold.service.codec import DecodedRequest
 from bnfold.service.dataplane import DataPlane
 from bnfold.service.errors import BadRequest, Forbidden, Unauthorized, Unavailable
+from bnfold.service.load_config import decode_config_parameter
 from bnfold.service.rest.bodies import decoded_request, read_json_object
+from bnfold.service.rest.disconnects import DisconnectWatcher
 
 
 def dataplane_of(request: Request) -> DataPlane:
@@ -49,18 +53,48 @@ async def index_ready_only(request: Request) -> bool:
     return ready_only
 
 
-async def check_load_body(request: Request) -> None:
-    """A load body: empty, or empty `parameters`; packages come from the disk, never a request."""
+async def _load_parameters(request: Request) -> dict[str, Any]:
     parameters = (await json_body(request)).get("parameters", {})
     if parameters is None:
-        parameters = {}
+        return {}
     if not isinstance(parameters, dict):
         raise BadRequest("'parameters' must be a JSON object")
+    return parameters
+
+
+def _refuse_parameters(names: Any, allowed: str) -> None:
+    raise BadRequest(
+        f"load takes {allowed}: packages come from the repository on disk, "
+        f"not from the request (got {', '.join(sorted(names))})"
+    )
+
+
+async def check_load_body(request: Request) -> None:
+    """A version load body: empty, or empty `parameters`; packages come from the disk."""
+    parameters = await _load_parameters(request)
     if parameters:
-        raise BadRequest(
-            "load takes no parameters: packages come from the repository on disk, "
-            f"not from the request (got {', '.join(sorted(parameters))})"
-        )
+        _refuse_parameters(parameters, "no parameters")
+
+
+async def load_config(request: Request) -> Mapping[str, Any] | None:
+    """A model load body's Triton config override (`parameters.config`, a JSON string, as
+    tritonclient's `load_model(name, config=...)` sends it), None without one. Any other
+    parameter (Triton's `file:` model files) is refused: packages come from the disk."""
+    parameters = await _load_parameters(request)
+    others = [name for name in parameters if name != "config"]
+    if others:
+        _refuse_parameters(others, "no parameter but 'config'")
+    config = parameters.get("config")
+    return None if config is None else decode_config_parameter(config)
+
+
+def disconnect_watcher(request: Request) -> DisconnectWatcher:
+    """The app's `DisconnectWatcher`, made on first use (it needs the running event loop)."""
+    state = request.app.state
+    watcher = getattr(state, "disconnect_watcher", None)
+    if watcher is None:
+        watcher = state.disconnect_watcher = DisconnectWatcher()
+    return watcher
 
 
 async def get_dataplane(request: Request) -> DataPlane:

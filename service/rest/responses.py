@@ -9,7 +9,8 @@ from fastapi import Request
 from fastapi.routing import APIRoute
 from starlette.responses import Response
 
-from bnfold.service.codec import EncodedResponse, dumps
+from bnfold.service.codec import DecodedRequest, EncodedResponse, dumps, encode_response
+from bnfold.service.dataplane import Prediction
 from bnfold.service.protocol import INFERENCE_HEADER
 
 JSON = "application/json"
@@ -17,6 +18,21 @@ JSON = "application/json"
 
 def json_response(payload: Any, status_code: int = 200) -> Response:
     return Response(content=dumps(payload), status_code=status_code, media_type=JSON)
+
+
+def encode_prediction(prediction: Prediction, request: DecodedRequest) -> EncodedResponse:
+    """The V2 response to `request`: each output JSON or binary, as the request asks."""
+    model = prediction.model
+    header: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version)}
+    if request.id is not None:
+        header["id"] = request.id
+    return encode_response(
+        header,
+        [
+            (output_name, array, request.binary_for(output_name))
+            for output_name, array in zip(prediction.output_names, prediction.arrays, strict=True)
+        ],
+    )
 
 
 def inference_response(encoded: EncodedResponse) -> Response:

@@ -11,14 +11,16 @@ inputs as a .npy or .npz body (`arrays`), its options then in the query string.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, Literal
+import asyncio
+import time
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import Response
 
 from bnfold.service.compare import CompareOptions
-from bnfold.service.metrics import CONTENT_TYPE
+from bnfold.service.dataplane import request_output_names
+from bnfold.service.metrics import CLIENT_CLOSED_REQUEST, CONTENT_TYPE
 from bnfold.service.protocol import (
     DriftResponse,
     LiveResponse,
@@ -28,16 +30,24 @@ from bnfold.service.protocol import (
 )
 from bnfold.service.rest import openapi
 from bnfold.service.rest.arrays import array_body_kind, array_request, held_arrays, inputs_by_name
+from bnfold.service.rest.disconnects import forget_cancellation
 from bnfold.service.rest.requests import (
     DataPlaneDep,
     check_load_body,
     dataplane_of,
     decoded_body,
+    disconnect_watcher,
     index_ready_only,
     json_body,
+    load_config,
     require_admin,
 )
-from bnfold.service.rest.responses import DirectRoute, inference_response, json_response
+from bnfold.service.rest.responses import (
+    DirectRoute,
+    encode_prediction,
+    inference_response,
+    json_response,
+)
 
 MODEL_PATH = "/v2/models/{model_name}"
 ChannelsQuery = Annotated[
@@ -81,6 +91,23 @@ def health_routes() -> APIRouter:
 
 def model_routes() -> APIRouter:
     router = APIRouter(tags=["models"])
+
+    # before MODEL_PATH: "stats" is not a model name here, as in Triton
+    @router.get("/v2/models/stats", summary="Statistics of every model", **openapi.MODEL_STATISTICS)
+    async def statistics(dataplane: DataPlaneDep) -> Response:
+        return json_response(dataplane.model_statistics(None, None))
+
+    @router.get(f"{MODEL_PATH}/stats", summary="Model statistics", **openapi.MODEL_STATISTICS)
+    async def model_statistics(model_name: str, dataplane: DataPlaneDep) -> Response:
+        return json_response(dataplane.model_statistics(model_name, None))
+
+    @router.get(
+        f"{VERSION_PATH}/stats", summary="Model version statistics", **openapi.MODEL_STATISTICS
+    )
+    async def version_statistics(
+        model_name: str, model_version: str, dataplane: DataPlaneDep
+    ) -> Response:
+        return json_response(dataplane.model_statistics(model_name, model_version))
 
     @router.get(MODEL_PATH, summary="Model metadata", **openapi.MODEL_METADATA)
     async def metadata(model_name: str, dataplane: DataPlaneDep) -> Response:
@@ -157,11 +184,32 @@ def model_routes() -> APIRouter:
 
 
 async def _infer(request: Request, name: str, version: str | None) -> Response:
+    """Decode, `DataPlane.predict`, encode; a client that disconnects while its request waits
+    cancels it (`disconnects`: dropped from the queue, never run) and gets no answer."""
     dataplane = dataplane_of(request)
-    with dataplane.metrics.track(dataplane.model_label(name), "infer"):
-        dataplane.admit_infer(name, version)
-        async with decoded_body(request) as decoded:
-            encoded = await dataplane.infer(name, version, decoded)
+    watch = disconnect_watcher(request).watch(request)
+    try:
+        with dataplane.metrics.track(dataplane.model_label(name), "infer"):
+            dataplane.admit_infer(name, version)
+            reading = time.perf_counter_ns()
+            async with decoded_body(request) as decoded:
+                decode_ns = time.perf_counter_ns() - reading
+                with watch:
+                    prediction = await dataplane.predict(
+                        name, version, decoded.inputs, request_output_names(decoded)
+                    )
+                encoding = time.perf_counter_ns()
+                try:
+                    encoded = encode_prediction(prediction, decoded)
+                except Exception:
+                    dataplane.record_failure(prediction, time.perf_counter_ns() - reading)
+                    raise
+                dataplane.record_success(prediction, decode_ns, time.perf_counter_ns() - encoding)
+    except asyncio.CancelledError:
+        if not watch.disconnected:
+            raise
+        forget_cancellation()
+        return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it: uvicorn drops it
     return inference_response(encoded)
 
 
@@ -217,12 +265,29 @@ def repository_routes() -> APIRouter:
     async def index(request: Request, dataplane: DataPlaneDep) -> Response:
         return json_response(dataplane.repository_index(await index_ready_only(request)))
 
-    admin_actions = (
-        ("load", "Load or reload a model (admin)", openapi.REPOSITORY_LOAD, check_load_body),
-        ("unload", "Unload a model (admin)", openapi.REPOSITORY_UNLOAD, json_body),
+    @router.post(
+        "/v2/repository/models/{model_name}/load",
+        summary="Load or reload a model (admin)",
+        name="load",
+        dependencies=[Depends(require_admin)],
+        **openapi.REPOSITORY_LOAD,
     )
-    for action, summary, documentation, check_body in admin_actions:
-        _admin_route(router, action, summary, documentation, check_body)
+    async def load(model_name: str, request: Request, dataplane: DataPlaneDep) -> Response:
+        await dataplane.load(model_name, await load_config(request))
+        return json_response({})
+
+    @router.post(
+        "/v2/repository/models/{model_name}/unload",
+        summary="Unload a model (admin)",
+        name="unload",
+        dependencies=[Depends(require_admin)],
+        **openapi.REPOSITORY_UNLOAD,
+    )
+    async def unload(model_name: str, request: Request, dataplane: DataPlaneDep) -> Response:
+        await json_body(request)
+        await dataplane.unload(model_name)
+        return json_response({})
+
     for action in ("load", "unload"):
         _version_admin_route(router, action)
 
@@ -251,27 +316,4 @@ def _version_admin_route(router: APIRouter, action: Literal["load", "unload"]) -
             if action == "load"
             else openapi.REPOSITORY_UNLOAD_VERSION
         ),
-    )(endpoint)
-
-
-def _admin_route(
-    router: APIRouter,
-    action: Literal["load", "unload"],
-    summary: str,
-    documentation: dict[str, Any],
-    check_body: Callable[[Request], Awaitable[object]],
-) -> None:
-    """POST /v2/repository/models/{model_name}/<action>, behind the admin token."""
-
-    async def endpoint(model_name: str, request: Request, dataplane: DataPlaneDep) -> Response:
-        await check_body(request)
-        await getattr(dataplane, action)(model_name)
-        return json_response({})
-
-    router.post(
-        f"/v2/repository/models/{{model_name}}/{action}",
-        summary=summary,
-        name=action,
-        dependencies=[Depends(require_admin)],
-        **documentation,
     )(endpoint)

@@ -77,6 +77,9 @@ def serve_command(repository: Path, *options: str) -> list[str]:
         "0",
         "--device",
         "cpu",
+        # gRPC on a free port too, never Triton's 8001 (another server may hold it)
+        "--grpc-port",
+        "0",
         *options,
     ]
 
