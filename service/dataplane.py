@@ -46,6 +46,7 @@ from bnfold.service.registry import ModelRegistry, ModelState
 from bnfold.service.runs import Runner
 from bnfold.service.sessions import LoadedModel
 from bnfold.service.statistics import Execution
+from bnfold.service.tracing import Tracing
 from bnfold.service.warmup import triton_model_warmup
 
 SERVER_NAME = "bnfold"
@@ -190,6 +191,8 @@ class DataPlane:
         # queue, so this is its bound (the model's max_queue_size)
         self._comparing: Counter[tuple[str, int]] = Counter()
         self.metrics = metrics
+        # OpenTelemetry (tracing.py): None, tracing off, unless the app sets one
+        self.tracing: Tracing | None = None
         self.ready = False
 
     def model_label(self, name: str) -> str:

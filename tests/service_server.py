@@ -24,6 +24,7 @@ from fastapi import FastAPI
 from bnfold.service.rest.app import create_app
 from bnfold.service.server_options import uvicorn_options
 from bnfold.service.settings import Settings
+from bnfold.service.tracing import Tracing
 
 START_TIMEOUT_SECONDS = 30.0
 ADMIN_TOKEN = "test-admin-token"
@@ -54,8 +55,8 @@ class RunningServer:
 
 
 @contextmanager
-def running_server(settings: Settings) -> Iterator[RunningServer]:
-    app = create_app(settings)
+def running_server(settings: Settings, tracing: Tracing | None = None) -> Iterator[RunningServer]:
+    app = create_app(settings, tracing=tracing)
     options = {**uvicorn_options(settings), "host": "127.0.0.1", "port": 0, "log_level": "warning"}
     config = uvicorn.Config(app, lifespan="on", **options)
     server = uvicorn.Server(config)

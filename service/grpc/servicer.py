@@ -40,6 +40,7 @@ from bnfold.service.grpc.tensors import (
 )
 from bnfold.service.load_config import decode_config_parameter
 from bnfold.service.rest.bodies import DecodeBudget, run_sized
+from bnfold.service.tracing import NO_SPAN, RequestSpan
 
 Context = grpc.aio.ServicerContext
 ENDPOINT = "grpc_infer"
@@ -151,7 +152,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: service_pb2.ModelInferRequest, context: Context
     ) -> service_pb2.ModelInferResponse:
-        return await self._infer(request)
+        return await self._infer(request, context)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[service_pb2.ModelInferRequest], context: Context
@@ -160,7 +161,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         one gets its error in `error_message` and the stream goes on."""
         async for request in request_iterator:
             try:
-                response = await self._infer(request)
+                response = await self._infer(request, context)
             except Exception as exc:
                 error = service_error(exc, "ModelStreamInfer")
                 failed = service_pb2.ModelInferResponse(
@@ -175,14 +176,23 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 yield service_pb2.ModelStreamInferResponse(infer_response=response)
 
     async def _infer(
-        self, request: service_pb2.ModelInferRequest
+        self, request: service_pb2.ModelInferRequest, context: Context
     ) -> service_pb2.ModelInferResponse:
         """Admit, decode within the decode budget, `DataPlane.predict`, encode; statistics
         as `predict` documents. A call the client cancels is cancelled here too: dropped
         from the queue if it has not run (the batcher counts it)."""
         dataplane = self.dataplane
         name, version = request.model_name, _version(request.model_version)
-        with dataplane.metrics.track(dataplane.model_label(name), ENDPOINT):
+        tracing = dataplane.tracing
+        span = (
+            NO_SPAN
+            if tracing is None
+            else RequestSpan(
+                tracing, "infer", "grpc", name, version, dict(context.invocation_metadata() or ())
+            )
+        )
+        span.identify(request.id or None)
+        with span, dataplane.metrics.track(dataplane.model_label(name), ENDPOINT):
             dataplane.admit_infer(name, version)
             with self.decode_budget.share() as share:
                 share.hold(decode_cost(request), "decoding this request")
@@ -190,7 +200,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 inputs = await run_sized(share.cost, decode_inputs, request)
                 output_names = requested_outputs(request)
                 decode_ns = time.perf_counter_ns() - reading
+                span.decoded(decode_ns)
                 prediction = await dataplane.predict(name, version, inputs, output_names)
+                span.predicted(prediction)
                 encoding = time.perf_counter_ns()
                 try:
                     response = await run_sized(
@@ -205,7 +217,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 except Exception:
                     dataplane.record_failure(prediction, time.perf_counter_ns() - reading)
                     raise
-                dataplane.record_success(prediction, decode_ns, time.perf_counter_ns() - encoding)
+                encode_ns = time.perf_counter_ns() - encoding
+                dataplane.record_success(prediction, decode_ns, encode_ns)
+                span.encoded(encode_ns)
             return response
 
     # ------------------------------------------------------------ repository (admin)

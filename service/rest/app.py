@@ -40,6 +40,7 @@ from bnfold.service.rest.routes import (
 from bnfold.service.runs import ExecutorRunner, run_executor
 from bnfold.service.sessions import SessionConfig
 from bnfold.service.settings import LogLevel, Settings
+from bnfold.service.tracing import Tracing
 
 logger = logging.getLogger("bnfold.service")
 
@@ -71,6 +72,7 @@ def _lifespan(
         batcher = Batcher(metrics, runs)
         drift = DriftMonitor(DriftConfig.from_settings(settings))
         dataplane = DataPlane(registry, ExecutorRunner(executor, metrics), batcher, metrics, drift)
+        dataplane.tracing = app.state.tracing
         app.state.dataplane = dataplane
         app.state.recalibrations = Recalibrations(
             registry,
@@ -113,15 +115,22 @@ def _lifespan(
             batcher.close()
             await asyncio.to_thread(drift.close)
             await asyncio.to_thread(executor.shutdown, wait=True)
+            if dataplane.tracing is not None:
+                await asyncio.to_thread(dataplane.tracing.shutdown)
 
     return lifespan
 
 
-def create_app(settings: Settings, providers: tuple[str, ...] | None = None) -> FastAPI:
+def create_app(
+    settings: Settings,
+    providers: tuple[str, ...] | None = None,
+    tracing: Tracing | None = None,
+) -> FastAPI:
     """The service for `settings`; models load when the app starts (its lifespan).
 
     `providers`: the execution providers `resolve_providers(settings.device)`
-    chose; None resolves them at start-up.
+    chose; None resolves them at start-up. `tracing`: where spans go; None exports
+    them over OTLP when `settings.otlp_endpoint` is set, else tracing is off.
     """
     app = FastAPI(
         title=openapi.TITLE,
@@ -134,6 +143,9 @@ def create_app(settings: Settings, providers: tuple[str, ...] | None = None) -> 
         swagger_ui_oauth2_redirect_url=None,
     )
     app.state.settings = settings
+    if tracing is None and settings.otlp_endpoint:
+        tracing = Tracing.otlp(settings.otlp_endpoint, server_version())
+    app.state.tracing = tracing
     app.state.metrics = ServiceMetrics()
     fix_malloc_thresholds()
     app.state.decode_budget = DecodeBudget(settings.decode_budget)

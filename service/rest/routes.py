@@ -48,6 +48,7 @@ from bnfold.service.rest.responses import (
     inference_response,
     json_response,
 )
+from bnfold.service.tracing import request_span
 
 MODEL_PATH = "/v2/models/{model_name}"
 ChannelsQuery = Annotated[
@@ -188,23 +189,29 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     cancels it (`disconnects`: dropped from the queue, never run) and gets no answer."""
     dataplane = dataplane_of(request)
     watch = disconnect_watcher(request).watch(request)
+    span = request_span(dataplane.tracing, "infer", "http", name, version, request.headers)
     try:
-        with dataplane.metrics.track(dataplane.model_label(name), "infer"):
+        with span, dataplane.metrics.track(dataplane.model_label(name), "infer"):
             dataplane.admit_infer(name, version)
             reading = time.perf_counter_ns()
             async with decoded_body(request) as decoded:
                 decode_ns = time.perf_counter_ns() - reading
+                span.decoded(decode_ns)
+                span.identify(decoded.id)
                 with watch:
                     prediction = await dataplane.predict(
                         name, version, decoded.inputs, request_output_names(decoded)
                     )
+                span.predicted(prediction)
                 encoding = time.perf_counter_ns()
                 try:
                     encoded = encode_prediction(prediction, decoded)
                 except Exception:
                     dataplane.record_failure(prediction, time.perf_counter_ns() - reading)
                     raise
-                dataplane.record_success(prediction, decode_ns, time.perf_counter_ns() - encoding)
+                encode_ns = time.perf_counter_ns() - encoding
+                dataplane.record_success(prediction, decode_ns, encode_ns)
+                span.encoded(encode_ns)
     except asyncio.CancelledError:
         if not watch.disconnected:
             raise
@@ -217,17 +224,25 @@ async def _compare(request: Request, name: str, version: str | None) -> Response
     """A V2 body as inference decodes it, or a .npy/.npz body (`arrays`) mapped to the
     model's input names; either way the data plane checks the tensors against the model."""
     dataplane = dataplane_of(request)
-    with dataplane.metrics.track(dataplane.model_label(name), "compare"):
+    span = request_span(dataplane.tracing, "compare", "http", name, version, request.headers)
+    with span, dataplane.metrics.track(dataplane.model_label(name), "compare"):
         options = CompareOptions.from_query(request.query_params)
         dataplane.admit_compare(name, version)
         kind = array_body_kind(request)
+        reading = time.perf_counter_ns()
         if kind is None:
             async with decoded_body(request) as decoded:
+                running = time.perf_counter_ns()
+                span.decoded(running - reading)
+                span.identify(decoded.id)
                 report = await dataplane.compare(name, version, decoded, options)
         else:
             async with held_arrays(request, kind) as arrays:
                 inputs = inputs_by_name(arrays, dataplane.input_names(name, version))
+                running = time.perf_counter_ns()
+                span.decoded(running - reading)
                 report = await dataplane.compare(name, version, array_request(inputs), options)
+        span.ran(time.perf_counter_ns() - running)
     return json_response(report)
 
 
