@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 BNFOLD := $(VENV)/bin/bnfold
 STAMP  := $(VENV)/.bnfold-installed
 
-.PHONY: serve test browser screenshots test-soak lint repository bench bench-convert bench-onnx-fold bench-serve bench-recalibrate clean
+.PHONY: serve test browser screenshots test-soak lint repository bench bench-convert bench-onnx-fold bench-serve bench-recalibrate bench-warmup clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -53,7 +53,7 @@ lint: $(STAMP)
 ## (BENCHMARKS.md). The serving benchmark drives load with wrk (REST) and h2load (gRPC;
 ## Debian's wrk and nghttp2-client, installed here when missing and we are root), else
 ## with its own bounded Python clients for both.
-bench: bench-convert bench-onnx-fold bench-serve bench-recalibrate
+bench: bench-convert bench-onnx-fold bench-serve bench-recalibrate bench-warmup
 
 bench-convert: $(STAMP)
 	$(PY) benchmarks/convert_bench.py
@@ -71,6 +71,10 @@ bench-serve: $(STAMP)
 ## torch's update_bn; ResNet-18's recalibration time; the drift endpoint before and after.
 bench-recalibrate: $(STAMP)
 	$(PY) benchmarks/recalibration_bench.py
+
+## What --warmup costs at start and saves the first request (fresh servers, on/off interleaved).
+bench-warmup: $(STAMP)
+	$(PY) benchmarks/warmup_bench.py
 
 clean:
 	rm -rf $(VENV) models/repository models/.cache

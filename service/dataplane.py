@@ -322,6 +322,15 @@ class DataPlane:
         loaded = self._loaded_models()
         self.drift.keep_only(loaded)
         self.metrics.statistics.keep_only(loaded)
+        self.prepare(loaded)
+
+    def prepare(self, models: Sequence[LoadedModel] | None = None) -> None:
+        """Build each version's batcher queue and its run threads before the first request,
+        which would otherwise pay for them (0.3 to 1.1 ms measured on the MLP, whose request
+        takes 0.5). The sessions' warm-up (warmup.py) makes the first run as fast as the
+        next; this shortens the first request's way to it."""
+        for model in self._loaded_models() if models is None else models:
+            self.batcher.queue(model)
 
     def recent_inputs(self, name: str, version: int) -> dict[str, np.ndarray]:
         """The drift monitor's reservoir of live inputs of `name` version `version`."""

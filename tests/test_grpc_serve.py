@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import socket
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +61,59 @@ def test_workers_share_one_grpc_port(service_repository: Path) -> None:
         assert GRPC_LOG.findall(server.log_text()) == [str(port), str(port)]
         for rows in range(1, 9):  # new connections: the kernel spreads them over both
             infer_mlp(f"127.0.0.1:{port}", rows)
+
+
+def test_sigterm_starts_the_grpc_drain_beside_the_rest_one(grpc_repository: Path) -> None:
+    """SIGTERM while a REST request runs for seconds: gRPC refuses new calls at once (its
+    drain began with the signal, not after REST's), the REST request is answered, the
+    process exits cleanly, well within one grace period."""
+    import signal
+    import time
+
+    import httpx
+    from reliability.harness import wait_for_metric
+
+    rows, width = 9000, 256  # about three seconds of the slow model
+    batch = np.random.default_rng(5).normal(size=(rows, width)).astype(np.float32)
+    body = {
+        "inputs": [
+            {
+                "name": "x",
+                "shape": [rows, width],
+                "datatype": "FP32",
+                "data": batch.ravel().tolist(),
+            }
+        ]
+    }
+    with server_process(grpc_repository, "--shutdown-grace", "20", "--threads", "1") as server:
+        (port,) = GRPC_LOG.findall(server.log_text())
+        answers: dict[str, object] = {}
+
+        def rest_call() -> None:
+            answers["rest"] = httpx.post(
+                f"{server.url}/v2/models/slow/infer", json=body, timeout=60
+            )
+
+        caller = threading.Thread(target=rest_call)
+        caller.start()
+        wait_for_metric(server.url, "bnfold_requests_in_flight", 1, 30, endpoint="infer")
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+        refused = None
+        while refused is None and time.monotonic() - started < 2:
+            try:
+                client.is_server_live()
+            except Exception as error:
+                refused = error
+            time.sleep(0.02)
+        client.close()
+        assert refused is not None, "gRPC still took calls 2 s after SIGTERM"
+        assert caller.is_alive(), "the REST request should still be running: pick more rows"
+        caller.join(60)
+        # uvicorn re-raises the SIGTERM it caught once it has shut down: killed by it, cleanly
+        assert server.process.wait(30) in (0, -signal.SIGTERM)
+        elapsed = time.monotonic() - started
+    assert answers["rest"].status_code == 200
+    assert elapsed < 20
+    assert "gRPC: draining calls in flight" in server.log_text()
