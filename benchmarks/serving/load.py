@@ -29,6 +29,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -163,20 +164,8 @@ def python_load(url: str, body: Body, concurrency: int, seconds: float) -> Load:
         finally:
             writer.close()
 
-    async def run() -> float:
-        started = time.perf_counter()
-        await asyncio.gather(*(client(started + seconds) for _ in range(concurrency)))
-        return time.perf_counter() - started
-
-    elapsed = asyncio.run(run())
-    ordered = sorted(latencies) or [float("nan")]
-    return Load(
-        len(latencies),
-        elapsed,
-        errors,
-        ordered[len(ordered) // 2] * 1e3,
-        ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e3,
-    )
+    elapsed = asyncio.run(_drive(client, concurrency, seconds))
+    return _summary(latencies, elapsed, errors)
 
 
 def _framed(body: Body) -> Path:
@@ -237,20 +226,8 @@ def grpc_load(url: str, body: Body, concurrency: int, seconds: float) -> Load:
                     errors += 1
                 latencies.append(time.perf_counter() - sent)
 
-    async def run() -> float:
-        started = time.perf_counter()
-        await asyncio.gather(*(client(started + seconds) for _ in range(concurrency)))
-        return time.perf_counter() - started
-
-    elapsed = asyncio.run(run())
-    ordered = sorted(latencies) or [float("nan")]
-    return Load(
-        len(latencies),
-        elapsed,
-        errors,
-        ordered[len(ordered) // 2] * 1e3,
-        ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e3,
-    )
+    elapsed = asyncio.run(_drive(client, concurrency, seconds))
+    return _summary(latencies, elapsed, errors)
 
 
 def _c_generators() -> bool:
@@ -303,3 +280,21 @@ def check_answer(url: str, body: Body) -> None:
     with urllib.request.urlopen(request, timeout=60) as response:
         if response.status != 200:
             raise RuntimeError(f"{url} answered {response.status}")
+
+
+async def _drive(client: Any, concurrency: int, seconds: float) -> float:
+    """Run `concurrency` copies of `client(deadline)` until the deadline; the seconds taken."""
+    started = time.perf_counter()
+    await asyncio.gather(*(client(started + seconds) for _ in range(concurrency)))
+    return time.perf_counter() - started
+
+
+def _summary(latencies: list[float], elapsed: float, errors: int) -> Load:
+    ordered = sorted(latencies) or [float("nan")]
+    return Load(
+        len(latencies),
+        elapsed,
+        errors,
+        ordered[len(ordered) // 2] * 1e3,
+        ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e3,
+    )
