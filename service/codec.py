@@ -188,13 +188,19 @@ def _shape(name: str, value: object) -> list[int]:
         isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in value
     ):
         raise BadRequest(f"input '{name}': 'shape' must be an array of non-negative integers")
-    if len(value) > MAX_RANK:
+    return describable_shape(name, value)
+
+
+def describable_shape(name: str, shape: list[int]) -> list[int]:
+    """`shape` (non-negative dims) unless numpy could not describe it: a rank above its
+    limit, or more elements than an index can count (400). REST and gRPC both check here."""
+    if len(shape) > MAX_RANK:
         raise BadRequest(
-            f"input '{name}': 'shape' has {len(value)} dimensions; at most {MAX_RANK} are supported"
+            f"input '{name}': 'shape' has {len(shape)} dimensions; at most {MAX_RANK} are supported"
         )
-    if math.prod(dim for dim in value if dim) > _MAX_ELEMENTS:
-        raise BadRequest(f"input '{name}': shape {value} is too large for any tensor")
-    return value
+    if math.prod(dim for dim in shape if dim) > _MAX_ELEMENTS:
+        raise BadRequest(f"input '{name}': shape {shape} is too large for any tensor")
+    return shape
 
 
 def _json_array(name: str, data: object, shape: list[int], datatype: str, count: int) -> np.ndarray:

@@ -29,7 +29,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2
 
 from bnfold.package_format import DATATYPE_OF_DTYPE, DATATYPES
-from bnfold.service.codec import MAX_RANK
+from bnfold.service.codec import describable_shape
 from bnfold.service.errors import BadRequest
 
 # The typed contents field of each datatype (grpc_service.proto, InferTensorContents).
@@ -58,8 +58,6 @@ _FIELD_DTYPES: dict[str, np.dtype] = {
 }
 _UNSUPPORTED_INPUT_PARAMETERS = ("shared_memory_region",)
 _UNSUPPORTED_OUTPUT_PARAMETERS = ("shared_memory_region", "classification")
-# Elements whose index and byte size numpy can still compute (8-byte items at most).
-_MAX_ELEMENTS = int(np.iinfo(np.intp).max) // 8
 
 
 def decode_cost(request: service_pb2.ModelInferRequest) -> int:
@@ -121,13 +119,7 @@ def _shape(name: str, dims: Sequence[int]) -> list[int]:
     shape = list(dims)
     if any(dim < 0 for dim in shape):
         raise BadRequest(f"input '{name}': shape {shape} has a negative dimension")
-    if len(shape) > MAX_RANK:
-        raise BadRequest(
-            f"input '{name}': shape has {len(shape)} dimensions; at most {MAX_RANK} are supported"
-        )
-    if math.prod(dim for dim in shape if dim) > _MAX_ELEMENTS:
-        raise BadRequest(f"input '{name}': shape {shape} is too large for any tensor")
-    return shape
+    return describable_shape(name, shape)
 
 
 def _raw_array(name: str, raw: bytes, shape: list[int], datatype: str) -> np.ndarray:
