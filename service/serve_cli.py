@@ -74,6 +74,8 @@ EPILOG = """Examples:
 
   bnfold serve --grpc-port 9001         gRPC on another port (--no-grpc: REST only)
 
+  bnfold serve --otlp-endpoint http://collector:4318/v1/traces    OpenTelemetry spans
+
 Then: open http://127.0.0.1:8000/ui/ (the web console), http://127.0.0.1:8000/docs (API
 docs), or curl localhost:8000/v2/models/digits_mlp; tritonclient.grpc talks to localhost:8001
 """
