@@ -81,6 +81,11 @@ class LogLevel(str, Enum):
     DEBUG = "debug"
 
 
+class LogFormat(str, Enum):
+    TEXT = "text"
+    JSON = "json"
+
+
 class OptionNames:
     """A setting's `bnfold serve` option names, when the field name in kebab case is not
     them: `Annotated[int, OptionNames("--threads", "--intra-op-threads")]`."""
@@ -266,8 +271,56 @@ class Settings(BaseSettings):
         "off, at no cost.",
     )
     log_level: LogLevel = Field(LogLevel.INFO, description="debug also logs every request.")
+    log_format: LogFormat = Field(
+        LogFormat.TEXT,
+        description="text: one readable line per record; json: one JSON object per line "
+        "(for log shippers), with the request id as a field.",
+    )
+    access_log: Annotated[bool, OptionNames("--access-log/--no-access-log")] = Field(
+        True,
+        description="One line per request: method, path, model, version, status, bytes in "
+        "and out, latency, request id (written off the event loop).",
+    )
     shutdown_grace_seconds: Annotated[float, OptionNames("--shutdown-grace")] = Field(
         30.0, ge=0, description="Seconds in-flight requests get to finish on shutdown."
+    )
+    drain_seconds: float = Field(
+        5.0,
+        ge=0,
+        le=3600,
+        description="On SIGTERM, seconds the server keeps accepting and answering while "
+        "/v2/health/ready says 503 (responses carry Connection: close), before it stops "
+        "listening and gives the requests in flight the shutdown grace; SIGINT (Ctrl-C) "
+        "skips it; 0: stop listening at once.",
+    )
+    # Slow and idle clients (http_protocol.py): what a reverse proxy would otherwise bound.
+    header_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="A request line and header fields must arrive within this many seconds "
+        "of their first byte (or of the connection opening): 408 and close after it.",
+    )
+    body_timeout_seconds: float = Field(
+        60.0,
+        gt=0,
+        le=86400,
+        description="A request body must arrive within this many seconds of its head: 408 "
+        "and close after it (64 MiB in 60 s needs about 1.1 MB/s; raise it for slow links).",
+    )
+    keep_alive_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="An idle keep-alive connection is closed after this many seconds "
+        "(keep it above a load balancer's idle timeout in front).",
+    )
+    max_connections: int = Field(
+        1024,
+        ge=1,
+        le=1_000_000,
+        description="Open HTTP connections per process; a request on one past it gets 503 + "
+        "Retry-After and the connection closes.",
     )
     # Drift monitoring (drift_monitor.py); the default fraction measured within the cost
     # target of the serving benchmark (BENCHMARKS.md).
