@@ -37,6 +37,7 @@ from typing import Any
 from bnfold.package_format import ManifestError, parse_version
 from bnfold.service.batch_policy import BatchPolicy
 from bnfold.service.errors import NotFound, PackageError, Unavailable
+from bnfold.service.heap import release_free_heap
 from bnfold.service.load_config import ConfigOverride, parse_config_override
 from bnfold.service.repository import (
     PackageLocation,
@@ -44,7 +45,13 @@ from bnfold.service.repository import (
     read_package,
     scan_repository,
 )
-from bnfold.service.sessions import LoadedModel, SessionConfig, load_model, warm_up
+from bnfold.service.sessions import (
+    LoadedModel,
+    SessionConfig,
+    load_model,
+    warm_up,
+    warmup_run_options,
+)
 from bnfold.service.warmup import describe_runs
 
 logger = logging.getLogger("bnfold.service")
@@ -88,7 +95,7 @@ def _load_version(
     try:
         model = load_model(read_package(location), config, batching_defaults, override)
         if config.warmup:
-            model = warm_up(model, config.warmup_max_bytes)
+            model = warm_up(model, config.warmup_max_bytes, warmup_run_options(config))
     except Exception as exc:  # one package, whatever is wrong with it, never stops the rest
         if not isinstance(exc, PackageError):
             logger.exception("loading %s version %d failed", location.name, location.version)
@@ -96,6 +103,8 @@ def _load_version(
         reason = relative_to_repository(message, location.repository or location.path.parent.parent)
         logger.warning("%s version %d unavailable: %s", location.name, location.version, reason)
         return ModelVersion(location.name, location.version, ModelState.UNAVAILABLE, reason)
+    finally:
+        release_free_heap()  # what parsing and optimising the graphs freed (sessions.py)
     logger.info(
         "loaded %s version %d in %.2f s on %s",
         model.name,

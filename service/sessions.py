@@ -24,10 +24,42 @@ serving benchmark (BENCHMARKS.md): sequential execution (the folded graphs are
 chains: parallel mode only adds scheduling), the arena on, no spinning, and one
 run on every CPU (`Settings.session_threads`).
 
+Memory (measured in BENCHMARKS.md, benchmarks/memory_bench.py). A session
+holds its graph's weights once, in onnxruntime's own (optimised, reblocked)
+copy; three things around it are not kept:
+
+* the graph bytes: onnxruntime's Python `InferenceSession` keeps the bytes it
+  was opened from, to re-create itself when an execution provider fails
+  during a run. On the CPU there is no other provider to fall back to, so a
+  CPU session lets go of them (`_release_graph_bytes`): 47 MB per ResNet-18
+  graph, three graphs per version.
+* one arena per session: with `memory_arena` on, every session allocates from
+  one CPU arena shared by the process (`shared_cpu_arena`, onnxruntime's
+  environment allocator), grown by what a run asks for rather than by powers
+  of two, so a ResNet-18 version's three graphs and its neighbours reuse one
+  another's free memory instead of each keeping its own largest run.
+* warm-up's growth: the warm-up runs before a graph's last one ask
+  onnxruntime to shrink that arena when they end (`warmup_run_options`),
+  returning the regions the run no longer uses. A 32-row ResNet-18 run takes
+  about 130 MB of activations; traffic that never merges 32 rows never needs
+  them, and traffic that does grows the arena again on its first such batch
+  (one allocation, measured within the run-to-run noise of a 32-row run).
+  The last run (one row for model.onnx) keeps its memory: the first request
+  reuses it, which is what tests/test_service_warmup.py's first-request test
+  measures (shrinking after it too made that request's run 5x the next).
+
+What glibc keeps of the freed parse and optimisation buffers (about 80 MB per
+ResNet-18 graph) the registry hands back after each load (`release_free_heap`).
+
 calibration.onnx (schema 2 packages) is opened only when drift monitoring is
 on (`SessionConfig.calibration_graph`), with one intra-op thread: the monitor
 runs it on a sample of the traffic, beside the serving runs, and must not
-compete with them for the cores. A calibration graph that cannot be opened
+compete with them for the cores. Nor for a lock: its worker runs at the lowest
+CPU priority (drift_monitor.py), and the shared arena is one mutex that every
+allocation of every session takes; a worker preempted while holding it would
+stall the serving run that waits for it until a core is idle for the worker
+(priority inversion). So its session allocates with plain malloc, no arena: a
+run every few seconds needs no cache of buffers, and no arena keeps its largest run. A calibration graph that cannot be opened
 or does not fit the manifest leaves the model serving, without drift
 monitoring (`LoadedModel.calibration_reason` says why): monitoring is an
 observer, never a reason to stop serving.
@@ -37,6 +69,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -99,13 +132,15 @@ class SessionConfig:
         )
 
     def for_calibration(self) -> SessionConfig:
-        """The drift monitor's: one thread, sequential, so it never competes with serving."""
+        """The drift monitor's: one thread, sequential, so it never competes with serving;
+        no memory arena, so it shares no lock with serving runs (module docstring)."""
         return dataclasses.replace(
             self,
             intra_op_threads=1,
             inter_op_threads=1,
             execution_mode=ExecutionMode.SEQUENTIAL,
             spinning=False,
+            memory_arena=False,
         )
 
 
@@ -155,6 +190,45 @@ class LoadedModel:
         return self.manifest.batchnorm.layers
 
 
+CPU = "CPUExecutionProvider"
+#: onnxruntime's CPU device in a run's arena shrink list
+_CPU_ARENA = "cpu:0"
+_ARENA_EXTEND_SAME_AS_REQUESTED = 1
+_shared_arena_lock = threading.Lock()
+_shared_arena_registered = False
+
+
+def shared_cpu_arena() -> None:
+    """Register the process's shared CPU arena with onnxruntime, once.
+
+    onnxruntime's environment (and so its allocators) is one per process: this
+    mirrors that state, it does not add any. Regions are allocated at the size
+    asked for (not the next power of two), so a shrink can return every region
+    no run uses, the first one included.
+    """
+    global _shared_arena_registered
+    with _shared_arena_lock:
+        if _shared_arena_registered:
+            return
+        ort.create_and_register_allocator(
+            ort.OrtMemoryInfo(
+                "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
+            ),
+            ort.OrtArenaCfg({"arena_extend_strategy": _ARENA_EXTEND_SAME_AS_REQUESTED}),
+        )
+        _shared_arena_registered = True
+
+
+def warmup_run_options(config: SessionConfig) -> ort.RunOptions | None:
+    """A warm-up run's options: shrink the shared CPU arena when the run ends (module
+    docstring). None without the arena, or off the CPU, where no such arena is shared."""
+    if not config.memory_arena or tuple(config.providers) != (CPU,):
+        return None
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", _CPU_ARENA)
+    return options
+
+
 def _options(config: SessionConfig) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -166,6 +240,9 @@ def _options(config: SessionConfig) -> ort.SessionOptions:
         else ort.ExecutionMode.ORT_SEQUENTIAL
     )
     options.enable_cpu_mem_arena = config.memory_arena
+    if config.memory_arena:
+        shared_cpu_arena()
+        options.add_session_config_entry("session.use_env_allocators", "1")
     options.log_severity_level = 3
     spin = "1" if config.spinning else "0"
     options.add_session_config_entry("session.intra_op.allow_spinning", spin)
@@ -183,7 +260,22 @@ def open_session(
     options.add_external_initializers_from_files_in_memory(
         names, buffers, [len(buffer) for buffer in buffers]
     )
-    return ort.InferenceSession(graph, options, providers=list(config.providers))
+    session = ort.InferenceSession(graph, options, providers=list(config.providers))
+    _release_graph_bytes(session)
+    return session
+
+
+def _release_graph_bytes(session: ort.InferenceSession) -> None:
+    """Let a CPU session drop the copy of its graph bytes onnxruntime's Python class keeps.
+
+    The class keeps them only to re-create the session on another provider
+    when a run fails in its execution provider (its `set_providers` fallback);
+    a CPU session has no other provider, so the fallback is turned off with
+    them. Sessions on another provider keep both.
+    """
+    if session.get_providers() == [CPU] and hasattr(session, "_model_bytes"):
+        session.disable_fallback()
+        session._model_bytes = None
 
 
 def _shape_fits(declared: tuple[int, ...], session_shape: list[object]) -> bool:
@@ -322,9 +414,12 @@ def load_model(
     )
 
 
-def warm_up(model: LoadedModel, max_bytes: int) -> LoadedModel:
+def warm_up(
+    model: LoadedModel, max_bytes: int, run_options: ort.RunOptions | None = None
+) -> LoadedModel:
     """`model` once its warm-up runs are made (`plan_warmup`, inputs of at most
-    `max_bytes`), with them recorded.
+    `max_bytes`), with them recorded. `run_options` (`warmup_run_options`: shrink the
+    arena) go with every run but each graph's last, whose memory the first requests reuse.
 
     Raises `PackageError` naming the graph and rows when model.onnx or train.onnx
     cannot run zeros: a version that fails them would fail requests. A failing
@@ -342,9 +437,12 @@ def warm_up(model: LoadedModel, max_bytes: int) -> LoadedModel:
     if model.calibration_session is not None:
         sessions[CALIBRATION_GRAPH] = model.calibration_session
     made: list[WarmupRun] = []
-    for run in plan:
+    last_of_graph = {run.graph: index for index, run in enumerate(plan)}
+    for index, run in enumerate(plan):
+        # a graph's last run (the one-row shape most first requests have) keeps its memory
+        shrink = run_options if index != last_of_graph[run.graph] else None
         try:
-            sessions[run.graph].run(None, zero_feeds(model.inputs, run.rows))
+            sessions[run.graph].run(None, zero_feeds(model.inputs, run.rows), shrink)
         except Exception as exc:
             rows = f"{run.rows} row{'' if run.rows == 1 else 's'}"
             reason = f"{run.graph} failed its warm-up run on zeros of {rows}: {exc}"

@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, numpy_helper
-from onnx.reference import ReferenceEvaluator
 
 #: One inferred dimension: a size, a symbolic name, or None when unknown.
 Dim = int | str | None
@@ -338,6 +337,9 @@ class GraphIndex:
         )
         model = onnx.helper.make_model(graph, opset_imports=list(self.model.opset_import))
         try:
+            # imported here: its op table costs a server 13 MB it never needs
+            from onnx.reference import ReferenceEvaluator
+
             (value,) = ReferenceEvaluator(model).run(None, {})
         except Exception:
             return None
