@@ -194,7 +194,7 @@ class _Sample:
 
 
 _STOP: Final = object()
-#: The worker's niceness: the lowest CPU priority (Linux; elsewhere the thread is left as is).
+#: The worker's niceness where SCHED_IDLE is refused: the lowest nice value.
 WORKER_NICENESS: Final = 19
 
 
@@ -202,12 +202,18 @@ def _lowest_priority() -> None:
     """Make the calling thread (the worker) yield the CPU to serving: the cores are shared,
     and a serving run split over all of them waits for whichever of its threads the worker
     displaced, so a measurement run at equal priority cost serving several times its own
-    CPU time (BENCHMARKS.md). On Linux a thread has its own nice value; raising it needs no
-    privilege."""
-    if sys.platform.startswith("linux"):
+    CPU time (BENCHMARKS.md). SCHED_IDLE, not nice 19: a nice-19 thread still gets a
+    slice beside a busy serving thread, an idle one only a core nothing else wants. Linux
+    schedules threads, so this is the worker's alone (its calibration session runs on one
+    intra-op thread: the calling one); neither needs a privilege."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (OSError, AttributeError):
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICENESS)
-        except OSError as exc:  # a sandbox may forbid it: measure at normal priority
+        except OSError as exc:  # a sandbox may forbid both: measure at normal priority
             logger.warning("drift monitor: cannot lower the worker's priority: %s", exc)
 
 
