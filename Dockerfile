@@ -106,13 +106,15 @@ COPY deploy/healthcheck.py /opt/bnfold/healthcheck.py
 # (packages are untrusted input it only reads, after checking their hashes).
 COPY --from=build /opt/bnfold/repository /models
 # Every `bnfold serve` option is a BNFOLD_* variable; `docker run -e` overrides these.
-# The shutdown grace stays under `docker stop`'s 10 s before SIGKILL.
+# The drain window plus the shutdown grace stay under `docker stop`'s 10 s before SIGKILL
+# (a longer `docker stop -t` / compose `stop_grace_period` allows longer ones).
 ENV BNFOLD_REPOSITORY=/models \
     BNFOLD_HOST=0.0.0.0 \
     BNFOLD_PORT=8000 \
     BNFOLD_GRPC_PORT=8001 \
     BNFOLD_DEVICE=auto \
-    BNFOLD_SHUTDOWN_GRACE_SECONDS=8
+    BNFOLD_DRAIN_SECONDS=3 \
+    BNFOLD_SHUTDOWN_GRACE_SECONDS=6
 # Mount your own repository (REPO/NAME/VERSION packages) here.
 VOLUME ["/models"]
 USER 10001:10001
@@ -124,8 +126,9 @@ WORKDIR /opt/bnfold
 EXPOSE 8000 8001
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "/opt/bnfold/healthcheck.py"]
-# Exec form: bnfold is PID 1 and gets SIGTERM itself; uvicorn then stops accepting,
-# lets in-flight requests finish (BNFOLD_SHUTDOWN_GRACE_SECONDS) and exits.
+# Exec form: bnfold is PID 1 and gets SIGTERM itself; it reports not-ready and keeps
+# answering for BNFOLD_DRAIN_SECONDS, then stops accepting, lets in-flight requests
+# finish (BNFOLD_SHUTDOWN_GRACE_SECONDS) and exits.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["bnfold"]
 CMD ["serve"]

@@ -36,6 +36,19 @@ never counts against `max_queue_size`, and a batch gathering rows never waits
 for it. A request already taken by a run thread runs with its batch; its
 answer is dropped.
 
+Tiny models run inline: handing a run to a run thread and its outcome back
+(a futex wake-up, the GIL changing hands twice, `call_soon_threadsafe` waking
+the event loop) costs the process INLINE_RUN_NS or more of CPU, several times a
+batch-1 run of the digits MLP (BENCHMARKS.md). So a request whose run the
+version's running estimate (`RunEstimate`, from every run it made) puts under
+that cost is run on the event loop itself, when nothing of that version is
+queued or running, no gathering delay is asked for, and a run slot of
+`concurrent_runs` is free at once (an inline run holds one like any run). An
+inline run has no await: nothing can queue behind it or cancel it while it
+runs, and its outcome, metrics and statistics are those of a run of one
+request. Everything else, and every model whose runs take longer, stays on the
+run threads, so under load requests still queue and merge there.
+
 Threads: the queue is shared under a lock; the event loop appends, run threads
 take. Futures, metrics and statistics are only touched on the event loop (a
 finished run hands its outcomes back with `call_soon_threadsafe`).
@@ -68,6 +81,53 @@ Outcome = tuple[list[np.ndarray], Execution] | Exception
 # One request's answer: its outputs, its wait in the queue (ns), the run that served it.
 Served = tuple[list[np.ndarray], int, Execution]
 
+#: A run the estimate puts under this many nanoseconds runs on the event loop: the
+#: process CPU that handing a run to a run thread and back costs, measured (module docstring).
+INLINE_RUN_NS = 40_000
+
+
+class RunEstimate:
+    """A version's running estimate of its session.run time and rows; event loop only.
+
+    Measured as the calling thread's CPU (`Execution.infer_cpu_ns`): the wall
+    time on a run thread includes waiting for the GIL after the run, which
+    made a 4 µs run look like 35. Exponential means that follow a faster run at
+    once (half way) and a slower one slowly (an eighth): a first run on a cold
+    thread took 200 µs where the next ones took 10, and a run the machine
+    preempted is not the model's cost either; a model whose runs are slow stays
+    slow in it. A run of `rows` rows is expected to cost the mean run, times
+    rows / mean rows when it has more: never less than a run of the rows the
+    mean came from, so a model with a large cost per run is not taken for cheap
+    by its merged runs' cost per row.
+    """
+
+    __slots__ = ("ns", "rows")
+    FASTER = 0.5  # weight of a run faster than the estimate
+    SLOWER = 0.125  # of a slower one
+
+    def __init__(self) -> None:
+        self.ns: float | None = None  # no run yet: nothing is known
+        self.rows = 1.0
+
+    def observe(self, execution: Execution) -> None:
+        ns, known = execution.infer_cpu_ns, self.ns
+        if known is None:
+            self.ns, self.rows = ns, execution.rows
+            return
+        weight = self.FASTER if ns < known else self.SLOWER
+        self.ns = known + weight * (ns - known)
+        self.rows += weight * (execution.rows - self.rows)
+
+    def below(self, rows: int, limit_ns: float) -> bool:
+        """Whether a run of `rows` rows is expected to take less than `limit_ns`."""
+        known = self.ns
+        return known is not None and known * max(1.0, rows / max(1.0, self.rows)) < limit_ns
+
+
+def _rows(feeds: dict[str, np.ndarray]) -> int:
+    first = next(iter(feeds.values()))
+    return int(first.shape[0]) if first.ndim else 1
+
 
 @dataclass(eq=False)
 class _Pending:
@@ -90,13 +150,21 @@ class _RunResult:
     executions: list[Execution]  # the runs that succeeded
 
 
-def _run_alone(session: ort.InferenceSession, model_name: str, request: _Pending) -> Outcome:
+def _run_alone(
+    session: ort.InferenceSession,
+    model_name: str,
+    feeds: dict[str, np.ndarray],
+    output_names: Sequence[str],
+    rows: int,
+) -> Outcome:
     started = time.perf_counter_ns()
+    cpu_started = time.thread_time_ns()
     try:
-        outputs = session.run(list(request.output_names), request.feeds)
+        outputs = session.run(list(output_names), feeds)
     except RUN_ERRORS as exc:
         return run_failed(model_name, exc)
-    return outputs, Execution(request.rows, 0, time.perf_counter_ns() - started, 0)
+    cpu_ns = time.thread_time_ns() - cpu_started
+    return outputs, Execution(rows, 0, time.perf_counter_ns() - started, 0, cpu_ns)
 
 
 def _run_merged(
@@ -109,10 +177,12 @@ def _run_merged(
     }
     rows = sum(request.rows for request in batch)
     running = time.perf_counter_ns()
+    cpu_started = time.thread_time_ns()
     try:
         outputs = session.run(names, feeds)
     except RUN_ERRORS:
         return None
+    cpu_ns = time.thread_time_ns() - cpu_started
     splitting = time.perf_counter_ns()
     if any(output.ndim == 0 or output.shape[0] != rows for output in outputs):
         logger.warning("%s: outputs of a merged run are not batch-major; running alone", model_name)
@@ -125,7 +195,7 @@ def _run_merged(
         split.append([outputs[position[name]][offset:end] for name in request.output_names])
         offset = end
     execution = Execution(
-        rows, running - merging, splitting - running, time.perf_counter_ns() - splitting
+        rows, running - merging, splitting - running, time.perf_counter_ns() - splitting, cpu_ns
     )
     return [(request_outputs, execution) for request_outputs in split]
 
@@ -137,7 +207,10 @@ def run_batch(
     started = time.perf_counter()
     outcomes = _run_merged(session, model_name, batch, names) if len(batch) > 1 else None
     if outcomes is None:
-        outcomes = [_run_alone(session, model_name, request) for request in batch]
+        outcomes = [
+            _run_alone(session, model_name, request.feeds, request.output_names, request.rows)
+            for request in batch
+        ]
     rows = sum(request.rows for request in batch)
     executions: list[Execution] = []
     for outcome in outcomes:
@@ -166,6 +239,7 @@ class ModelQueue:
         self._arrived = threading.Condition(self._lock)
         self._pending: deque[_Pending] = deque()
         self._pending_rows = 0
+        self._running = 0  # runs of this version on run threads now
         self._gathering = False
         self._retired = False
         self._output_order = [tensor.name for tensor in model.outputs]
@@ -174,6 +248,10 @@ class ModelQueue:
         self._run_rows = metrics.run_batch_size.labels(model.name)
         self._run_requests = metrics.run_requests.labels(model.name)
         self._statistics = metrics.statistics.of(model)
+        self._inline_runs = metrics.inline_runs.labels(model.name)
+        self._estimate = RunEstimate()
+        # a gathering delay asks requests to wait for company: then every run waits for it
+        self._may_run_inline = not (self.policy.batching and self.policy.max_queue_delay_us)
         for index in range(threads):
             threading.Thread(
                 target=self._serve,
@@ -197,8 +275,7 @@ class ModelQueue:
         """Queue one validated request; raises `QueueFull` when `max_queue_size` are waiting."""
         self.check_room()
         future: asyncio.Future[Served] = self._loop.create_future()
-        first = next(iter(feeds.values()))
-        rows = int(first.shape[0]) if first.ndim else 1
+        rows = _rows(feeds)
         signature = tuple(array.shape[1:] for array in feeds.values())
         request = _Pending(feeds, tuple(output_names), rows, signature, time.perf_counter(), future)
         with self._lock:
@@ -209,6 +286,37 @@ class ModelQueue:
             if not self._gathering or self.policy.batch_ready(self._pending_rows):
                 self._arrived.notify()
         return future
+
+    def run_inline(
+        self, feeds: dict[str, np.ndarray], output_names: Sequence[str]
+    ) -> Served | None:
+        """Run a request right here on the event loop when that is cheaper than a run thread
+        (module docstring); None when it is not, and the request must be `submit`ted.
+
+        Raises the run's error (`Unprocessable`) as a run thread's outcome would."""
+        rows = _rows(feeds)
+        if not (self._may_run_inline and self._estimate.below(rows, INLINE_RUN_NS)):
+            return None
+        with self._lock:
+            if self._pending or self._running or self._retired:
+                return None
+            if not self._concurrent_runs.acquire(blocking=False):
+                return None
+        try:
+            started = time.perf_counter()
+            outcome = _run_alone(
+                self.model.eval_session, self.model.name, feeds, output_names, rows
+            )
+            finished = time.perf_counter()
+        finally:
+            self._concurrent_runs.release()
+        self._inline_runs.inc()
+        self._queue_time.observe(0.0)
+        if isinstance(outcome, Exception):
+            self._record_run(finished - started, rows, 1, ())
+            raise outcome
+        self._record_run(finished - started, rows, 1, (outcome[1],))
+        return outcome[0], 0, outcome[1]
 
     def withdraw(self, future: asyncio.Future[Served]) -> bool:
         """Take the request of `future` (its caller went away) out of the queue; False when
@@ -245,11 +353,7 @@ class ModelQueue:
         started = result.started
         for request in batch:
             self._queue_time.observe(started - request.enqueued)
-        self._compute_time.observe(result.finished - started)
-        self._run_rows.observe(result.rows)
-        self._run_requests.observe(len(batch))
-        for execution in result.executions:
-            self._statistics.record_execution(execution)
+        self._record_run(result.finished - started, result.rows, len(batch), result.executions)
         for request, outcome in zip(batch, result.outcomes, strict=True):
             future = request.future
             if future.done():  # the caller went away
@@ -259,6 +363,17 @@ class ModelQueue:
             else:
                 queue_ns = int((started - request.enqueued) * 1e9)
                 future.set_result((outcome[0], queue_ns, outcome[1]))
+
+    def _record_run(
+        self, seconds: float, rows: int, requests: int, executions: Sequence[Execution]
+    ) -> None:
+        """On the event loop: one run's metrics, statistics and run-time estimate."""
+        self._compute_time.observe(seconds)
+        self._run_rows.observe(rows)
+        self._run_requests.observe(requests)
+        for execution in executions:
+            self._statistics.record_execution(execution)
+            self._estimate.observe(execution)
 
     @staticmethod
     def _settle(batch: Sequence[_Pending], errors: Sequence[BaseException]) -> None:
@@ -288,6 +403,8 @@ class ModelQueue:
                     )
                 except Exception as exc:
                     result = exc
+                with self._lock:
+                    self._running -= 1
             try:
                 self._loop.call_soon_threadsafe(self._finished, batch, result)
             except RuntimeError:  # the event loop is closed: nobody is waiting any more
@@ -340,6 +457,8 @@ class ModelQueue:
         kept.extend(self._pending)
         self._pending = kept
         self._pending_rows -= rows
+        if batch:
+            self._running += 1
         return batch
 
     def _output_names(self, batch: list[_Pending]) -> list[str]:
@@ -380,13 +499,17 @@ class Batcher:
     async def run(
         self, model: LoadedModel, feeds: dict[str, np.ndarray], output_names: Sequence[str]
     ) -> Served:
-        """`model.eval_session` on `feeds`, possibly merged with other requests' rows.
+        """`model.eval_session` on `feeds`, possibly merged with other requests' rows, or
+        right here when that is cheaper (`ModelQueue.run_inline`: nothing to cancel then).
 
         Cancelled while queued, the request leaves the queue and never runs; while running,
         its run finishes for the others and its answer is dropped. Either way it is
         counted in `bnfold_requests_cancelled_total` and the cancellation goes on.
         """
         queue = self.queue(model)
+        served = queue.run_inline(feeds, output_names)
+        if served is not None:
+            return served
         future = queue.submit(feeds, output_names)
         try:
             return await future

@@ -38,6 +38,7 @@ from bnfold.package_format import DATATYPE_OF_DTYPE, ManifestTensor, parse_versi
 from bnfold.service import compare
 from bnfold.service.batching import Batcher
 from bnfold.service.codec import DecodedRequest, tensor_json
+from bnfold.service.drain import DrainState
 from bnfold.service.drift_monitor import DriftConfig, DriftMonitor
 from bnfold.service.errors import NotFound, QueueFull, Unavailable, Unprocessable
 from bnfold.service.metrics import UNKNOWN_MODEL, ServiceMetrics, drift_families
@@ -194,10 +195,24 @@ class DataPlane:
         # OpenTelemetry (tracing.py): None, tracing off, unless the app sets one
         self.tracing: Tracing | None = None
         self.ready = False
+        # the drain window after SIGTERM (drain.py): not ready, still answering
+        self.drain = DrainState()
 
     def model_label(self, name: str) -> str:
         """`name` if the repository has it; a bounded label for metrics otherwise."""
         return name if self.registry.knows(name) else UNKNOWN_MODEL
+
+    def check_server_ready(self) -> None:
+        """Readiness (/v2/health/ready, gRPC ServerReady): `check_ready`, and no drain window.
+
+        In the window the server says not ready, so that balancers stop sending, and
+        still serves: the requests and model readiness checks go by `check_ready`.
+        """
+        if self.drain.draining:
+            raise Unavailable(
+                "the server is draining for shutdown: not ready, still answering requests"
+            )
+        self.check_ready()
 
     def check_ready(self) -> None:
         if not self.ready:

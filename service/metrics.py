@@ -301,6 +301,12 @@ class ServiceMetrics:
             ["model"],
             _BATCH_BUCKETS,
         )
+        self.inline_runs = Counter(
+            "bnfold_inline_runs",
+            "Runs of model.onnx made on the event loop, not a run thread: a tiny model's run "
+            "costs less than the hand-off (service/batching.py). Also in bnfold_run_batch_size.",
+            ["model"],
+        )
         self.cancelled = Counter(
             "bnfold_requests_cancelled",
             "Inference requests whose client went away (HTTP disconnect, gRPC cancel) while "

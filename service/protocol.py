@@ -79,6 +79,11 @@ class ErrorResponse(_Response):
     """Every error response, whatever its status."""
 
     error: str = Field(examples=["unknown model 'digitz'"])
+    request_id: str | None = Field(
+        None,
+        description="The request's id (X-Request-ID), for finding its log lines.",
+        examples=["3f9c2a7d1e4b8c60"],
+    )
 
 
 class ServerMetadataResponse(_Response):

@@ -17,7 +17,11 @@ both on Linux and macOS), with a capped request head (`uvicorn_options`, shared
 with the test server: server_options.py). With `--workers N` > 1, uvicorn starts N processes
 that each build the app from the environment (`create_app_from_env`), so the
 resolved settings are exported as `BNFOLD_*` variables first; every worker
-loads every model, so memory grows with N (README: Serving).
+loads every model, so memory grows with N (README: Serving). The workers are
+supervised by uvicorn's supervisor, but one that closes its own copy of the
+listening socket on SIGTERM (`WorkerSupervisor`): each worker drains
+(drain.py) and closes its copy, and then a new connection is refused, not
+left in a queue nobody accepts from.
 """
 
 from __future__ import annotations
@@ -25,18 +29,23 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import signal
+import socket
 import stat
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from enum import Enum
 from pathlib import Path
+from types import FrameType
 from typing import Any, get_args
 
 import typer
 import uvicorn
 from pydantic import SecretStr, ValidationError
 from pydantic.fields import FieldInfo
+from uvicorn.supervisors import Multiprocess
+from uvicorn.supervisors.multiprocess import Process
 
 from bnfold.service.errors import DeviceUnavailable
 from bnfold.service.grpc.server import grpc_address
@@ -110,7 +119,7 @@ def _serve_command() -> Callable[..., None]:
 
 def start_server(settings: Settings) -> None:
     """Check the device and the repository (exit 2 with one line when unusable), then serve."""
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     try:
         providers = resolve_providers(settings.device)
         ensure_repository(settings.repository)
@@ -126,17 +135,67 @@ def start_server(settings: Settings) -> None:
     )
     options = uvicorn_options(settings)
     if settings.workers == 1:
-        uvicorn.run(create_app(settings, providers), **options)
+        uvicorn.run(create_app(settings, providers, owns_process=True), **options)
         return
     os.environ.update(settings_environment(settings))
     for former in RENAMED:  # resolved above: the workers need not warn again
         os.environ.pop(environment_variable(former), None)
-    uvicorn.run(
-        "bnfold.service.rest.app:create_app_from_env",
-        factory=True,
-        workers=settings.workers,
-        **options,
+    run_workers(
+        uvicorn.Config(
+            "bnfold.service.rest.app:create_app_from_env",
+            factory=True,
+            workers=settings.workers,
+            **options,
+        )
     )
+
+
+def run_workers(config: uvicorn.Config) -> None:
+    """`uvicorn.run` for `config.workers` > 1, with bnfold's supervisor (below)."""
+    WorkerSupervisor(config, sockets=[config.bind_socket()]).run()
+
+
+class WorkerSupervisor(Multiprocess):
+    """uvicorn's supervisor of `--workers` processes (it restarts a dead one), which on
+    SIGTERM or SIGINT closes its own copy of the listening socket and passes SIGTERM on to
+    the workers at once, and again on each later signal.
+
+    uvicorn's kept that copy open until the workers had exited: once they had
+    closed theirs, connections queued on it with nobody to accept them, and were
+    reset when the supervisor exited. The workers keep their copies through their
+    drain window, so closing this one changes nothing until they close. uvicorn's
+    passes the signal on at its next poll (every 0.5 s) and once only, so a second
+    SIGTERM did not reach the workers. SIGINT goes on as SIGTERM, as in uvicorn's:
+    Ctrl-C in a terminal reaches the workers themselves (one process group), and a
+    second SIGINT would make uvicorn drop the requests in flight.
+    """
+
+    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket]) -> None:
+        super().__init__(config, sockets)
+        self._signalled: set[int] = set()
+        for exit_signal in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(exit_signal, self._on_exit_signal)
+
+    def _on_exit_signal(self, signum: int, frame: FrameType | None) -> None:
+        logger.info(
+            "%s: passed on to %d worker(s)", signal.Signals(signum).name, len(self.processes)
+        )
+        for listening in self.sockets:
+            listening.close()
+        for process in self.processes:
+            self._terminate(process)
+        self.should_exit.set()
+
+    def _terminate(self, process: Process) -> None:
+        if process.pid is not None and process.exitcode is None:
+            os.kill(process.pid, signal.SIGTERM)
+            self._signalled.add(process.pid)
+
+    def terminate_all(self) -> None:
+        """After the supervisor's loop: a worker started since the signal gets it too."""
+        for process in self.processes:
+            if process.pid not in self._signalled:
+                self._terminate(process)
 
 
 def settings_from_options(options: Mapping[str, Any]) -> Settings:

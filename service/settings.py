@@ -226,9 +226,10 @@ class Settings(BaseSettings):
     max_decode_bytes: int = Field(
         0,
         ge=0,
-        description="Estimated memory decoding the requests in flight may take: 413 for one "
-        "request above it, 503 + Retry-After while others hold it; 0: 8 x max body bytes "
-        "(a body of full-precision JSON floats is estimated at ~7x its size).",
+        description="Estimated memory reading and decoding the requests in flight may take: "
+        "413 for one request above it, 503 + Retry-After while others hold it; 0: "
+        "(concurrent runs + 8) x max body bytes, a binary body per run plus one body of "
+        "JSON floats (estimated at ~7.4x its size).",
     )
     # 64 KiB: above Envoy's 60 KiB, the proxy in front of KServe, so nothing it passes is
     # refused; at 1 MiB (the cap) a head still parses in milliseconds.
@@ -270,7 +271,9 @@ class Settings(BaseSettings):
         "over OTLP/HTTP to this URL (e.g. http://collector:4318/v1/traces); unset: tracing "
         "off, at no cost.",
     )
-    log_level: LogLevel = Field(LogLevel.INFO, description="debug also logs every request.")
+    log_level: LogLevel = Field(
+        LogLevel.INFO, description="debug also logs successful probes and each model run."
+    )
     log_format: LogFormat = Field(
         LogFormat.TEXT,
         description="text: one readable line per record; json: one JSON object per line "
@@ -435,8 +438,11 @@ class Settings(BaseSettings):
 
     @property
     def decode_budget(self) -> int:
-        """`max_decode_bytes`, or room for the largest body of JSON floats and then some."""
-        return self.max_decode_bytes or 8 * self.max_body_bytes
+        """`max_decode_bytes`, or room for a largest binary body per concurrent run (it costs
+        its size: the arrays are views of it) beside one largest body of full-precision JSON
+        floats, estimated at 7.4x its size (bodies.py), rounded up to 8x. The shipped
+        defaults (64 MiB bodies, 2 CPUs: one run on both) give 9 x 64 MiB = 576 MiB."""
+        return self.max_decode_bytes or (self.resolved_concurrent_runs + 8) * self.max_body_bytes
 
 
 def settings_environment(settings: Settings) -> dict[str, str]:

@@ -18,6 +18,9 @@ from service_server import ADMIN_TOKEN, RunningServer, admin_server, grpc_settin
 # it on (with grpc_port=0). A real `bnfold serve` would take Triton's port 8001, which
 # another server, or a test running beside this one, may hold. Child processes inherit it.
 os.environ["BNFOLD_GRPC"] = "false"
+# No drain window on SIGTERM (service/drain.py) unless a test asks for one with
+# --drain-seconds: the shutdown tests time what follows the signal.
+os.environ["BNFOLD_DRAIN_SECONDS"] = "0"
 
 # ---------------------------------------------------------------- service fixtures
 

@@ -156,7 +156,9 @@ def test_runtime_runs_as_non_root_on_port_8000_with_healthcheck_and_sigterm() ->
         instruction.arguments for instruction in runtime.all("COPY")
     ]
     assert READY in HEALTHCHECK_SCRIPT.read_text()
-    assert float(env["BNFOLD_SHUTDOWN_GRACE_SECONDS"]) < DOCKER_STOP_TIMEOUT_SECONDS
+    drain, grace = float(env["BNFOLD_DRAIN_SECONDS"]), float(env["BNFOLD_SHUTDOWN_GRACE_SECONDS"])
+    assert drain > 0
+    assert drain + grace < DOCKER_STOP_TIMEOUT_SECONDS
 
 
 def test_runtime_configuration_is_real_settings() -> None:
@@ -308,10 +310,13 @@ def test_deployment_probes_ports_images_and_resources(name: str, device: str) ->
     check_serving_container(container, image=image_names()[device])
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == runtime_uid()
-    # SIGKILL comes terminationGracePeriodSeconds after the preStop hook starts.
-    pause = float(container["lifecycle"]["preStop"]["exec"]["command"][1])
+    # SIGKILL comes terminationGracePeriodSeconds after SIGTERM; the server drains itself
+    # (service/drain.py): no preStop hook adds to that time or delays the signal.
+    assert "lifecycle" not in container
+    drain = float(env_of(container)["BNFOLD_DRAIN_SECONDS"])
     grace = float(env_of(container)["BNFOLD_SHUTDOWN_GRACE_SECONDS"])
-    assert pod["terminationGracePeriodSeconds"] > pause + grace
+    assert drain > 0
+    assert pod["terminationGracePeriodSeconds"] > drain + grace
     gpus = container["resources"]["limits"].get("nvidia.com/gpu")
     if device == "cuda":
         assert gpus == 1
@@ -417,7 +422,9 @@ def test_compose_runs_the_image_and_prometheus_scrapes_its_metrics() -> None:
     assert bnfold["build"]["context"] == "."
     assert [port.rsplit(":", 1)[1] for port in bnfold["ports"]] == [str(PORT), str(GRPC_PORT)]
     stop = float(bnfold["stop_grace_period"].removesuffix("s"))
-    assert float(dockerfile().final.env()["BNFOLD_SHUTDOWN_GRACE_SECONDS"]) < stop
+    image_env = dockerfile().final.env()
+    drain, grace = image_env["BNFOLD_DRAIN_SECONDS"], image_env["BNFOLD_SHUTDOWN_GRACE_SECONDS"]
+    assert float(drain) + float(grace) < stop
     assert DIGEST.search(prometheus["image"])
     assert prometheus["depends_on"]["bnfold"]["condition"] == "service_healthy"
     mounts = {volume.split(":")[0]: volume.split(":")[1] for volume in prometheus["volumes"]}

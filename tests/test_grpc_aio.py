@@ -135,9 +135,13 @@ def test_a_call_cancelled_while_queued_never_runs(
         async with triton_aio.InferenceServerClient(one_run.grpc_address) as client:
             runs_before = metric(one_run, "bnfold_run_requests_count", model="slow")
             in_flight = metric(one_run, "bnfold_requests_in_flight", endpoint="grpc_infer")
-            batch, tensor = slow_input(SLOW_ROWS)
+            # about two seconds of runs: the queued call surely waits, even on a busy machine
+            batch, tensor = slow_input(4 * SLOW_ROWS)
             running = asyncio.create_task(client.infer("slow", [tensor]))
             await wait_for_metric(one_run, "bnfold_requests_in_flight", in_flight + 1)
+            # in flight counts from the call's start; its 12 MB decode hops to a thread, and
+            # the small call must come after it into the queue
+            await asyncio.sleep(0.2)
             _, small = slow_input(1, seed=1)
             queued = asyncio.create_task(client.infer("slow", [small]))
             await wait_for_metric(one_run, "bnfold_requests_in_flight", in_flight + 2)
@@ -190,10 +194,9 @@ def test_a_full_queue_is_unavailable_with_retry_pushback(one_run: RunningServer)
 
     error = asyncio.run(run())
     assert error.code() is grpc.StatusCode.UNAVAILABLE
-    assert dict(error.trailing_metadata()) == {
-        "grpc-retry-pushback-ms": "1000",
-        "retry-after": "1",
-    }
+    trailing = dict(error.trailing_metadata())
+    assert trailing.pop("x-request-id")  # the call's id survives the abort's own metadata
+    assert trailing == {"grpc-retry-pushback-ms": "1000", "retry-after": "1"}
 
 
 # ---------------------------------------------------------------- limits

@@ -63,7 +63,7 @@ def test_wrong_or_missing_tokens_are_401(service: RunningServer, headers: dict[s
         response = client.post("/v2/repository/models/mlp/unload", headers=headers)
         assert response.status_code == 401
         assert response.headers["www-authenticate"] == "Bearer"
-        assert set(response.json()) == {"error"}
+        assert set(response.json()) == {"error", "request_id"}
         assert client.get("/v2/models/mlp/ready").status_code == 200
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import socket
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,8 +137,10 @@ def test_deflate_and_empty_bodies_still_read(client: httpx.Client) -> None:
 
 @pytest.fixture(scope="module")
 def dense_service(service_repository: Path) -> Iterator[RunningServer]:
-    """A 1 MiB body limit: the default decode budget is 8 MiB."""
-    settings = Settings(repository=service_repository, device="cpu", max_body_bytes=MIB)
+    """A 1 MiB body limit and one run: the default decode budget is 9 MiB."""
+    settings = Settings(
+        repository=service_repository, device="cpu", max_body_bytes=MIB, concurrent_runs=1
+    )
     with running_server(settings) as server:
         yield server
 
@@ -145,11 +148,11 @@ def dense_service(service_repository: Path) -> Iterator[RunningServer]:
 def test_a_dense_body_over_the_budget_is_413_before_it_is_decoded(
     dense_service: RunningServer,
 ) -> None:
-    """1 MiB of JSON zeros is under the body limit but would take ~90 MiB to decode."""
+    """1 MiB of JSON zeros is under the body limit but would take ~50 MiB to decode."""
     zeros = zeros_body(60_000)
     assert len(zeros) < MIB
     budget = dense_service.app.state.settings.decode_budget
-    assert budget == 8 * MIB
+    assert budget == 9 * MIB
     with httpx.Client(base_url=dense_service.url, timeout=30) as http:
         for endpoint in (INFER, COMPARE):
             for content, headers in ((zeros, {}), (gzip.compress(zeros), GZIP)):
@@ -301,13 +304,180 @@ def test_the_estimate_counts_json_items_and_binary_bytes_once() -> None:
     assert binary == decode_cost(header, None) + len(commas)
 
 
+# ---------------------------------------------------------------- reading within the budget
+
+READ_BUDGET = 8 * MIB
+HELD_BODY = 6 * MIB  # fits the budget alone, not beside another one
+
+
+def binary_body(size: int, seed: int = 0) -> tuple[bytes, dict[str, str], np.ndarray]:
+    """A binary MLP request of about `size` bytes and its batch."""
+    rows = size // 32
+    batch = np.random.default_rng(seed).normal(size=(rows, 8)).astype(np.float32)
+    header = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [rows, 8],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": batch.nbytes},
+                }
+            ]
+        }
+    )
+    return header + batch.tobytes(), {INFERENCE_HEADER: str(len(header))}, batch
+
+
+def request_head(body: bytes, headers: dict[str, str], *extra: str) -> bytes:
+    lines = [f"POST {INFER} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()] + list(extra)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def read_response(connection: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One response (the service always sends Content-Length) from a blocking socket."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = connection.recv(65536)
+        assert chunk, f"the connection closed before a response: {received!r}"
+        received += chunk
+    head, _, rest = received.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {
+        name.strip().lower(): value.strip()
+        for name, _, value in (line.partition(":") for line in lines)
+    }
+    while len(rest) < int(headers["content-length"]):
+        chunk = connection.recv(65536)
+        assert chunk, "the connection closed inside a response"
+        rest += chunk
+    return int(status_line.split()[1]), headers, rest
+
+
+@pytest.fixture(scope="module")
+def read_service(service_repository: Path) -> Iterator[RunningServer]:
+    settings = Settings(
+        repository=service_repository,
+        device="cpu",
+        max_body_bytes=16 * MIB,
+        max_decode_bytes=READ_BUDGET,
+    )
+    with running_server(settings) as server:
+        yield server
+
+
+def wait_for_in_flight(server: RunningServer, predicate: Callable[[int], bool]) -> None:
+    budget: DecodeBudget = server.app.state.decode_budget
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    while not predicate(budget.in_flight):
+        assert time.monotonic() < deadline, f"the budget stayed at {budget.in_flight}"
+        time.sleep(0.001)
+
+
+def test_a_declared_body_is_held_before_it_is_read(read_service: RunningServer) -> None:
+    """A head declaring 6 MiB holds 6 MiB at once; a second 6 MiB body is refused 503 before
+    the client has sent it (keep-alive, Connection: close and chunked alike), and the answer
+    reaches the client, not a reset; once the first body is in, both are served exactly."""
+    body, headers, batch = binary_body(HELD_BODY)
+    with socket.create_connection(("127.0.0.1", read_service.port), timeout=30) as holder:
+        holder.sendall(request_head(body, headers) + body[:1024])
+        wait_for_in_flight(read_service, lambda held: held >= len(body))
+
+        with socket.create_connection(("127.0.0.1", read_service.port), timeout=30) as refused:
+            refused.sendall(request_head(body, headers) + body[:1024])  # the head, 1 KB more
+            status, answer_headers, answer = read_response(refused)  # answered unread
+            assert status == 503, answer
+            assert answer_headers["retry-after"] == "1"
+            message = orjson.loads(answer)["error"]
+            assert f"reading this {len(body)}-byte body" in message
+            assert f"{READ_BUDGET}-byte decode budget" in message
+            refused.sendall(body[1024:])  # the rest is read and dropped by uvicorn ...
+            small = mlp_body(3)
+            refused.sendall(request_head(small, {}) + small)  # ... and the connection lives on
+            assert read_response(refused)[0] == 200
+
+        with httpx.Client(base_url=read_service.url, timeout=30) as http:
+            closing = http.post(INFER, content=body, headers={**headers, "Connection": "close"})
+            assert closing.status_code == 503, closing.text
+            assert "decode budget" in error(closing, 503)
+
+            def pieces() -> Iterator[bytes]:  # no Content-Length: chunked
+                for start in range(0, len(body), MIB):
+                    yield body[start : start + MIB]
+
+            chunked = http.post(INFER, content=pieces(), headers=headers)
+            assert "reading this body (" in error(chunked, 503)
+
+        with socket.create_connection(("127.0.0.1", read_service.port), timeout=30) as closing:
+            closing.sendall(request_head(body, headers, "Connection: close") + body)
+            assert read_response(closing)[0] == 503  # read and dropped: no reset
+
+        holder.sendall(body[1024:])
+        status, _, answer = read_response(holder)
+        assert status == 200, answer
+    served = np.asarray(orjson.loads(answer)["outputs"][0]["data"], dtype=np.float32)
+    expected = mlp_reference(mlp_weights(MLP_SEEDS[2]), batch)["eval"]
+    tolerance = 32 * float(np.finfo(np.float32).eps) * float(np.abs(expected).max())
+    np.testing.assert_allclose(served.reshape(expected.shape), expected, rtol=0, atol=tolerance)
+    wait_for_in_flight(read_service, lambda held: held == 0)
+
+
+def test_a_body_given_up_midway_gives_its_share_back(read_service: RunningServer) -> None:
+    body, headers, _ = binary_body(HELD_BODY)
+    with socket.create_connection(("127.0.0.1", read_service.port), timeout=30) as holder:
+        holder.sendall(request_head(body, headers) + body[: len(body) // 2])
+        wait_for_in_flight(read_service, lambda held: held >= len(body))
+    wait_for_in_flight(read_service, lambda held: held == 0)
+    with httpx.Client(base_url=read_service.url, timeout=30) as http:
+        assert http.post(INFER, content=body, headers=headers).status_code == 200
+
+
+def test_a_chunked_body_is_held_as_it_grows_and_refused_when_it_stops_fitting(
+    read_service: RunningServer,
+) -> None:
+    """Chunked: each piece is held as it arrives, then twice the body for the join. Alone, a
+    3 MiB body fits (6 MiB joining) and a 6 MiB one does not (413: 12 MiB joining, no one
+    else's fault); beside a held 6 MiB body, a 3 MiB one is refused 503 as soon as its
+    pieces pass the 2 MiB left."""
+    small_body, headers, batch = binary_body(3 * MIB, seed=3)
+    large_body = binary_body(HELD_BODY)[0]
+
+    def pieces(body: bytes) -> Iterator[bytes]:  # a generator: httpx sends it chunked
+        for start in range(0, len(body), MIB // 4):
+            yield body[start : start + MIB // 4]
+
+    with httpx.Client(base_url=read_service.url, timeout=30) as http:
+        fits = http.post(INFER, content=pieces(small_body), headers=headers)
+        assert fits.status_code == 200, fits.text
+        served = np.asarray(fits.json()["outputs"][0]["data"], dtype=np.float32)
+        expected = mlp_reference(mlp_weights(MLP_SEEDS[2]), batch)["eval"]
+        tolerance = 32 * float(np.finfo(np.float32).eps) * float(np.abs(expected).max())
+        np.testing.assert_allclose(served.reshape(expected.shape), expected, atol=tolerance)
+        too_large = http.post(INFER, content=pieces(large_body), headers=headers)
+        assert "joining the" in error(too_large, 413) and f"{READ_BUDGET}-byte" in too_large.text
+        with socket.create_connection(("127.0.0.1", read_service.port), timeout=30) as holder:
+            holder.sendall(request_head(large_body, headers))
+            wait_for_in_flight(read_service, lambda held: held >= len(large_body))
+            refused = http.post(INFER, content=pieces(small_body), headers=headers)
+            message = error(refused, 503)
+            held_when_refused = int(message.split("(")[1].split()[0])
+            left = READ_BUDGET - len(large_body)
+            assert left < held_when_refused <= left + MIB, message
+    wait_for_in_flight(read_service, lambda held: held == 0)
+
+
 # ---------------------------------------------------------------- settings
 
 
-def test_the_default_budget_follows_the_body_limit() -> None:
-    assert Settings().decode_budget == 8 * 64 * MIB
-    assert Settings(max_body_bytes=MIB).decode_budget == 8 * MIB
+def test_the_default_budget_follows_the_body_limit_and_the_runs() -> None:
+    """A largest binary body per concurrent run beside one largest body of JSON floats."""
+    runs = Settings().resolved_concurrent_runs
+    assert Settings().decode_budget == (runs + 8) * 64 * MIB
+    assert Settings(max_body_bytes=MIB, concurrent_runs=3).decode_budget == 11 * MIB
     assert Settings(max_body_bytes=MIB, max_decode_bytes=3 * MIB).decode_budget == 3 * MIB
+    floats = mlp_body(20_000)  # full-precision float32 values as orjson writes them
+    assert decode_cost(floats, None) <= 8 * len(floats)
 
 
 def test_serve_takes_max_decode_bytes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvicorn
 from typer.testing import CliRunner
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -17,7 +18,7 @@ from bnfold.cli import app
 from bnfold.service import serve_cli
 from bnfold.service import settings as settings_module
 from bnfold.service.batch_policy import BatchPolicy
-from bnfold.service.http_protocol import HeadLimitedProtocol
+from bnfold.service.http_protocol import GuardedProtocol
 from bnfold.service.repository import PackageLocation, read_package
 from bnfold.service.rest.app import create_app_from_env
 from bnfold.service.runs import run_executor
@@ -43,14 +44,19 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.Monkey
 
 @pytest.fixture
 def captured_run(clean_environment: pytest.MonkeyPatch) -> dict[str, Any]:
-    """Replace uvicorn.run: record what it was asked to serve and how."""
+    """Replace uvicorn.run and the workers' supervisor: record what they were asked to
+    serve and how."""
     captured: dict[str, Any] = {}
 
     def fake_run(application: Any, **options: Any) -> None:
         captured["app"] = application
         captured.update(options)
 
+    def fake_run_workers(config: uvicorn.Config) -> None:
+        fake_run(config.app, factory=config.factory, workers=config.workers)
+
     clean_environment.setattr(serve_cli.uvicorn, "run", fake_run)
+    clean_environment.setattr(serve_cli, "run_workers", fake_run_workers)
     return captured
 
 
@@ -97,9 +103,9 @@ def test_one_worker_serves_the_app_on_uvloop_and_httptools(
     result = runner.invoke(app, ["serve", "-r", str(tmp_path), "--max-batch-size", "8"])
     assert result.exit_code == 0, result.output
     assert captured_run["loop"] == "uvloop"
-    # httptools, through the protocol that caps request heads (service/http_protocol.py)
+    # httptools, through the protocol that guards against clients (service/http_protocol.py)
     protocol = captured_run["http"].func
-    assert issubclass(protocol, HttpToolsProtocol) and protocol is HeadLimitedProtocol
+    assert issubclass(protocol, HttpToolsProtocol) and protocol is GuardedProtocol
     assert "workers" not in captured_run
     settings: Settings = captured_run["app"].state.settings
     assert BatchPolicy.from_settings(settings) == BatchPolicy(max_batch_size=8)

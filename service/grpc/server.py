@@ -15,23 +15,18 @@ shared socket); a single process does not take a port another process holds.
 Shutdown: `stop(grace)` refuses new calls at once and gives the calls in
 flight `shutdown_grace_seconds` to finish, then cancels them. uvicorn runs the
 app's shutdown only after it has drained REST, so waiting for it would put
-the two grace periods end to end (16 s in the image, past Docker's 10 s stop
-timeout). `stop_on_exit_signal` therefore starts gRPC's drain from the same
-SIGTERM / SIGINT that starts uvicorn's: it chains a handler in front of
-uvicorn's (which installs its own with signal.signal, in each worker's main
-thread), and the lifespan's `stop` then waits for that drain. A server run in
-another thread (the tests') has no signals: its lifespan stops gRPC itself.
+the two grace periods end to end. The drain window (drain.py) therefore begins
+gRPC's stop (`begin_stop`) at the moment it hands the exit signal to uvicorn,
+and the lifespan's `stop` then waits for that drain. During the window gRPC
+serves as before; only ServerReady says false. A server run in another thread
+(the tests') has no signals: its lifespan stops gRPC itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import FrameType
 
 import grpc.aio
 
@@ -83,32 +78,6 @@ class GrpcServer:
         """Refuse new calls, let those in flight finish within `grace_seconds`, cancel the rest
         (or wait for the drain an exit signal began)."""
         await self.begin_stop(grace_seconds)
-
-
-def stop_on_exit_signal(server: GrpcServer, grace_seconds: float) -> Callable[[], None]:
-    """Begin `server`'s drain on SIGINT/SIGTERM, before passing the signal on to the handler
-    already installed (uvicorn's); returns what puts the previous handlers back. Outside the
-    main thread (no signals there) it does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    loop = asyncio.get_running_loop()
-    previous: dict[int, Callable[[int, FrameType | None], object] | int | None] = {}
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        loop.call_soon_threadsafe(server.begin_stop, grace_seconds)
-        passed_on = previous.get(signum)
-        if callable(passed_on):
-            passed_on(signum, frame)
-
-    for exit_signal in (signal.SIGINT, signal.SIGTERM):
-        previous[exit_signal] = signal.signal(exit_signal, handler)
-
-    def restore() -> None:
-        for exit_signal, passed_on in previous.items():
-            if signal.getsignal(exit_signal) is handler:
-                signal.signal(exit_signal, passed_on)
-
-    return restore
 
 
 async def start_grpc_server(settings: Settings, servicer: InferenceServicer) -> GrpcServer:

@@ -27,9 +27,11 @@ import grpc.aio
 from pydantic import SecretStr
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from bnfold.service.access_log import AccessLog
 from bnfold.service.dataplane import DataPlane
 from bnfold.service.errors import BadRequest, NotFound, Unavailable
 from bnfold.service.grpc import messages
+from bnfold.service.grpc.access import logs_calls
 from bnfold.service.grpc.admin import check_admin_token
 from bnfold.service.grpc.status import reports_errors, service_error
 from bnfold.service.grpc.tensors import (
@@ -39,6 +41,7 @@ from bnfold.service.grpc.tensors import (
     requested_outputs,
 )
 from bnfold.service.load_config import decode_config_parameter
+from bnfold.service.request_log import note_model
 from bnfold.service.rest.bodies import DecodeBudget, run_sized
 from bnfold.service.tracing import NO_SPAN, RequestSpan
 
@@ -82,15 +85,22 @@ def _unimplemented(what: str, instead: str) -> str:
     return f"bnfold does not implement {what}: {instead}"
 
 
+@logs_calls
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    """KServe V2 over gRPC, with Triton's repository, configuration and statistics extensions."""
+    """KServe V2 over gRPC, with Triton's repository, configuration and statistics extensions;
+    every call with a request id and, given an `access_log`, an access line (`access`)."""
 
     def __init__(
-        self, dataplane: DataPlane, decode_budget: DecodeBudget, admin_token: SecretStr | None
+        self,
+        dataplane: DataPlane,
+        decode_budget: DecodeBudget,
+        admin_token: SecretStr | None,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.dataplane = dataplane
         self.decode_budget = decode_budget
         self.admin_token = admin_token
+        self.access_log = access_log
 
     # ------------------------------------------------------------ health and metadata
 
@@ -104,7 +114,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(
         self, request: service_pb2.ServerReadyRequest, context: Context
     ) -> service_pb2.ServerReadyResponse:
-        return service_pb2.ServerReadyResponse(ready=self.dataplane.ready)
+        try:
+            self.dataplane.check_server_ready()  # no while loading, draining, shutting down
+        except Unavailable:
+            return service_pb2.ServerReadyResponse(ready=False)
+        return service_pb2.ServerReadyResponse(ready=True)
 
     @reports_errors
     async def ModelReady(
@@ -202,6 +216,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 decode_ns = time.perf_counter_ns() - reading
                 span.decoded(decode_ns)
                 prediction = await dataplane.predict(name, version, inputs, output_names)
+                note_model(prediction.model.name, prediction.model.version)
                 span.predicted(prediction)
                 encoding = time.perf_counter_ns()
                 try:

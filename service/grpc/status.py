@@ -23,6 +23,7 @@ import grpc
 import grpc.aio
 
 from bnfold.service.errors import BnfoldServiceError, as_service_error
+from bnfold.service.request_log import REQUEST_ID_HEADER, current_request_id
 
 logger = logging.getLogger("bnfold.service")
 
@@ -68,6 +69,10 @@ def reports_errors(method: Rpc[Servicer, Request, Response]) -> Rpc[Servicer, Re
             raise
         except Exception as exc:
             error = service_error(exc, method.__name__)
-            await context.abort(status_code(error), error.message, trailing_metadata(error))
+            metadata = trailing_metadata(error)
+            request_id = current_request_id()
+            if metadata and request_id is not None:  # abort's metadata replaces the call's
+                metadata = (*metadata, (REQUEST_ID_HEADER, request_id))
+            await context.abort(status_code(error), error.message, metadata)
 
     return rpc

@@ -49,7 +49,7 @@ from bnfold.package_format import DATATYPE_OF_DTYPE
 from bnfold.service.codec import MAX_RANK, DecodedRequest
 from bnfold.service.errors import BadRequest, PayloadTooLarge
 from bnfold.service.protocol import INFERENCE_HEADER
-from bnfold.service.rest.bodies import read_body, run_sized
+from bnfold.service.rest.bodies import frozen, read_body, run_sized
 
 ArrayKind = Literal["npy", "npz"]
 NPY: Final = "npy"
@@ -288,7 +288,9 @@ async def held_arrays(request: Request, kind: ArrayKind) -> AsyncIterator[ArrayB
 
     One budget share, resized as it learns more: the body while it is read (and
     inflated, for a Content-Encoding), then the body plus what an .npz declares
-    it inflates to, before inflating it.
+    it inflates to, before inflating it. zipfile reads the .npz through a
+    BytesIO, which shares a `bytes` body but copies a buffer: a body read into
+    one (bodies.read_body) is made `bytes` first, twice its size held meanwhile.
     """
     state = request.app.state
     budget = state.decode_budget
@@ -296,7 +298,10 @@ async def held_arrays(request: Request, kind: ArrayKind) -> AsyncIterator[ArrayB
         body = await read_body(request, state.settings.max_body_bytes, share)
         if kind == NPY:
             share.hold(len(body), "reading this .npy")
-            yield await run_sized(len(body), read_npy, body)
+            yield await run_sized(len(body), read_npy, frozen(body))
             return
+        if not isinstance(body, bytes):
+            share.hold(2 * len(body), "reading this .npz")
+            body = await run_sized(len(body), bytes, body)
         share.hold(len(body) + npz_size(body), "decompressing this .npz")
         yield await run_sized(share.cost, read_npz, body, budget.limit)

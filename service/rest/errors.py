@@ -3,7 +3,10 @@
 Our errors (`bnfold.service.errors`) carry their status; FastAPI's and
 Starlette's own (validation of path parameters, unknown routes, wrong methods)
 are translated into that hierarchy first, so every error response has the
-same V2 shape `{"error": "..."}`. Anything else is a bug: a logged 500.
+same V2 shape `{"error": "...", "request_id": "..."}` (the id `request_log` gave the
+request). Anything else is a bug: a logged 500, answered by `LastResort` inside the
+request's log context (Starlette's own handler for it sits outside every middleware, where
+the log line would lose the request id and uvicorn would log the traceback a second time).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from bnfold.service.errors import (
     UnsupportedMediaType,
     as_service_error,
 )
+from bnfold.service.request_log import current_request_id
 
 logger = logging.getLogger("bnfold.service")
 
@@ -51,8 +55,12 @@ _BY_STATUS: dict[int, type[BnfoldServiceError]] = {
 
 
 def error_response(error: BnfoldServiceError) -> Response:
+    body = {"error": error.message}
+    request_id = current_request_id()
+    if request_id is not None:
+        body["request_id"] = request_id
     return Response(
-        content=orjson.dumps({"error": error.message}),
+        content=orjson.dumps(body),
         status_code=error.status_code,
         headers=error.headers,
         media_type="application/json",
@@ -85,10 +93,12 @@ async def handle_error(request: Request, exc: Exception) -> Response:
     return error_response(error)
 
 
-class CutOffAtShutdown:
-    """Answer 503 to a request the shutdown grace period cuts off, instead of uvicorn's 500.
+class LastResort:
+    """Answer a request the handlers could not: a bug's 500, and a 503 for a request the
+    shutdown grace period cuts off, instead of uvicorn's 500.
 
-    When the grace period ends, uvicorn cancels the requests still running. A
+    A bug (an exception no handler took) gets `handle_error`'s logged 500 here, inside
+    the request's log context. When the grace period ends, uvicorn cancels the requests still running. A
     cancellation is no bug of the request's: it gets 503 with `Retry-After` (another
     replica, or this one restarted, can take it) and `Connection: close`, and the
     cancelled task ends there. A response already started cannot be replaced; its
@@ -111,6 +121,10 @@ class CutOffAtShutdown:
 
         try:
             await self.app(scope, receive, tracked)
+        except Exception as exc:
+            if started:
+                raise
+            await (await handle_error(Request(scope), exc))(scope, receive, send)
         except asyncio.CancelledError:
             if started:
                 raise
@@ -126,4 +140,4 @@ def install(app: FastAPI) -> None:
     """Register `handle_error` for our errors, the framework's, and everything else."""
     for exc_type in (BnfoldServiceError, RequestValidationError, StarletteHTTPException, Exception):
         app.add_exception_handler(exc_type, handle_error)
-    app.add_middleware(CutOffAtShutdown)
+    app.add_middleware(LastResort)

@@ -37,7 +37,9 @@ TITLE = "bnfold"
 DESCRIPTION = (
     "KServe V2 / Open Inference Protocol inference on BatchNorm-folded ONNX packages, with "
     "Triton's binary tensor, model configuration, repository and statistics extensions, a "
-    "train-vs-eval comparison endpoint, and BatchNorm drift monitoring of live traffic."
+    "train-vs-eval comparison endpoint, and BatchNorm drift monitoring of live traffic. "
+    "Every response carries an `X-Request-ID` header (the client's, when it sent a valid one), "
+    "and every error body its `request_id`."
 )
 
 _ERRORS: dict[int | str, dict[str, Any]] = {

@@ -29,7 +29,7 @@ from bnfold.service.codec import decode_request, parse_json_object
 from bnfold.service.errors import BadRequest, Unavailable
 from bnfold.service.recalibration import RESERVOIR, RecalibrationOptions, Recalibrations
 from bnfold.service.rest.arrays import NPY_TYPES, NPZ_TYPES, array_body_kind, held_arrays
-from bnfold.service.rest.bodies import held_body, run_sized
+from bnfold.service.rest.bodies import frozen, held_body, run_sized
 from bnfold.service.rest.requests import require_admin
 from bnfold.service.rest.responses import json_response
 
@@ -77,7 +77,9 @@ async def read_recalibration(
     ):
         json_end = len(body) if header_length is None else header_length
         fields = await run_sized(json_end, parse_json_object, memoryview(body)[:json_end])
+        carries_inputs = "inputs" in fields
         parameters = fields.get("parameters") or {}
+        del fields  # decode_request parses the JSON again: one parse alive, as estimated
         if not isinstance(parameters, dict):
             raise BadRequest("'parameters' must be a JSON object")
         parameters = {**dict(request.query_params), **parameters}
@@ -85,7 +87,7 @@ async def read_recalibration(
         options = RecalibrationOptions.parse(
             {key: value for key, value in parameters.items() if key != "binary_data_output"}
         )
-        if "inputs" not in fields:
+        if not carries_inputs:
             if source != RESERVOIR:
                 raise BadRequest(
                     f"send the calibration inputs (V2 'inputs', a .npy body with Content-Type "
@@ -95,7 +97,7 @@ async def read_recalibration(
             return None, options, "live inputs (reservoir)"
         if source not in (None, "request"):
             raise BadRequest(f"parameters.source is {source!r} but the body carries inputs")
-        decoded = await run_sized(len(body), decode_request, body, header_length)
+        decoded = await run_sized(len(body), decode_request, frozen(body), header_length)
         return decoded.inputs, options, "V2 tensors in the request"
 
 

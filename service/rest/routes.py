@@ -3,7 +3,9 @@
 No route validates, looks up or runs anything itself, and no route lets
 FastAPI validate a tensor body: the pydantic models in `protocol` only document
 the wire format (`openapi`). Inference and compare sit on `DirectRoute`: no
-dependency solving on the fast path. Their request is admitted (server and
+dependency solving on the fast path; inference is answered before FastAPI's
+routing even looks at it (`DirectInference`, the same `_infer` behind it).
+Their request is admitted (server and
 model ready, room in the queue) before its body is read, and the body's decode
 budget is held until the data plane's answer is built. Compare also takes its
 inputs as a .npy or .npz body (`arrays`), its options then in the query string.
@@ -17,6 +19,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bnfold.service.compare import CompareOptions
 from bnfold.service.dataplane import request_output_names
@@ -28,9 +31,11 @@ from bnfold.service.protocol import (
     RepositoryModel,
     ServerMetadataResponse,
 )
+from bnfold.service.request_log import adopt_body_id, note_model
 from bnfold.service.rest import openapi
 from bnfold.service.rest.arrays import array_body_kind, array_request, held_arrays, inputs_by_name
 from bnfold.service.rest.disconnects import forget_cancellation
+from bnfold.service.rest.errors import handle_error
 from bnfold.service.rest.requests import (
     DataPlaneDep,
     check_load_body,
@@ -71,11 +76,12 @@ def health_routes() -> APIRouter:
     @router.get(
         "/v2/health/ready",
         response_model=ReadyResponse,
-        summary="Readiness: 200 once the repository is loaded, 503 before and while shutting down",
+        summary="Readiness: 200 once the repository is loaded, 503 before, in the drain window "
+        "after SIGTERM and while shutting down",
         responses=openapi.errors(503),
     )
     async def ready(dataplane: DataPlaneDep) -> Response:
-        dataplane.check_ready()
+        dataplane.check_server_ready()
         return json_response({"ready": True})
 
     @router.get(
@@ -198,10 +204,12 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
                 decode_ns = time.perf_counter_ns() - reading
                 span.decoded(decode_ns)
                 span.identify(decoded.id)
+                adopt_body_id(decoded.id)
                 with watch:
                     prediction = await dataplane.predict(
                         name, version, decoded.inputs, request_output_names(decoded)
                     )
+                note_model(prediction.model.name, prediction.model.version)
                 span.predicted(prediction)
                 encoding = time.perf_counter_ns()
                 try:
@@ -235,6 +243,7 @@ async def _compare(request: Request, name: str, version: str | None) -> Response
                 running = time.perf_counter_ns()
                 span.decoded(running - reading)
                 span.identify(decoded.id)
+                adopt_body_id(decoded.id)
                 report = await dataplane.compare(name, version, decoded, options)
         else:
             async with held_arrays(request, kind) as arrays:
@@ -244,6 +253,62 @@ async def _compare(request: Request, name: str, version: str | None) -> Response
                 report = await dataplane.compare(name, version, array_request(inputs), options)
         span.ran(time.perf_counter_ns() - running)
     return json_response(report)
+
+
+_MODELS = "/v2/models/"
+_INFER = "/infer"
+
+
+def inference_target(path: str) -> tuple[str, str | None] | None:
+    """(model, version or None) when `path` is one of the two infer routes' paths, else None:
+    the router's own matching (a path parameter is one non-empty segment)."""
+    if not (path.startswith(_MODELS) and path.endswith(_INFER)):
+        return None
+    segments = path[len(_MODELS) : -len(_INFER)].split("/")
+    if len(segments) == 1 and segments[0]:
+        return segments[0], None
+    if len(segments) == 3 and segments[1] == "versions" and segments[0] and segments[2]:
+        return segments[0], segments[2]
+    return None
+
+
+class DirectInference:
+    """POST .../infer straight to `_infer`, in front of FastAPI's exception middleware and
+    router (pure ASGI, inside the app's own middleware: request ids, access log, `LastResort`).
+
+    FastAPI's layers between them (exception middleware, exit stack, route matching, the
+    endpoint wrapper) cost the event loop more per request than the digits MLP's
+    whole run (measured: BENCHMARKS.md). Everything else, and the infer routes' OpenAPI
+    document, stays with the router; errors get the exception handler's response, as
+    there. Under a root path the router matches, as it strips it.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
+            target = inference_target(scope["path"])
+            if target is not None:
+                await self._infer(scope, receive, send, *target)
+                return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _infer(
+        scope: Scope, receive: Receive, send: Send, name: str, version: str | None
+    ) -> None:
+        scope["path_params"] = (
+            {"model_name": name}
+            if version is None
+            else {"model_name": name, "model_version": version}
+        )
+        request = Request(scope, receive, send)
+        try:
+            response = await _infer(request, name, version)
+        except Exception as exc:
+            response = await handle_error(request, exc)
+        await response(scope, receive, send)
 
 
 def inference_routes() -> APIRouter:

@@ -187,11 +187,17 @@ class Connection:
             return Outcome(index, 0, {}, b"", time.perf_counter() - started, repr(exc))
         return Outcome(index, status, parsed, body, time.perf_counter() - started)
 
+    async def connect(self) -> None:
+        """Open the connection unless it is open; OSError (refused) when it cannot be: what
+        tells a request that never left the client from one the server dropped."""
+        if self._streams is None:
+            self._streams = await asyncio.open_connection("127.0.0.1", self.port)
+
     async def _exchange(
         self, path: str, content: bytes, headers: dict[str, str]
     ) -> tuple[int, dict[str, str], bytes]:
-        if self._streams is None:
-            self._streams = await asyncio.open_connection("127.0.0.1", self.port)
+        await self.connect()
+        assert self._streams is not None
         reader, writer = self._streams
         head = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(content)}"]
         head += [f"{name}: {value}" for name, value in headers.items()]

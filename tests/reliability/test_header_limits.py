@@ -31,7 +31,13 @@ from pathlib import Path
 import orjson
 import pytest
 
-from bnfold.service.http_protocol import LINGER_SECONDS, HeadLimitedProtocol, HeadLimits
+from bnfold.service.http_protocol import (
+    LINGER_SECONDS,
+    ClientLimits,
+    GuardedProtocol,
+    HeadLimits,
+    RefusalLog,
+)
 from bnfold.service.server_options import uvicorn_options
 from bnfold.service.settings import Settings
 
@@ -411,12 +417,22 @@ def test_the_default_limit_holds_on_the_test_server(reliability_service: Running
 
 
 def test_the_options_carry_the_limits_to_both_protocols(monkeypatch: pytest.MonkeyPatch) -> None:
-    settings = Settings(max_header_bytes=4096, max_header_count=7)
+    settings = Settings(
+        max_header_bytes=4096,
+        max_header_count=7,
+        header_timeout_seconds=3,
+        body_timeout_seconds=4,
+        max_connections=5,
+        keep_alive_seconds=6,
+    )
     options = uvicorn_options(settings)
     assert options["h11_max_incomplete_event_size"] == 4096
+    assert options["timeout_keep_alive"] == 6
     factory = pickle.loads(pickle.dumps(options["http"]))  # what --workers N does with it
-    assert factory.func is HeadLimitedProtocol
-    assert factory.keywords == {"limits": HeadLimits(max_bytes=4096, max_fields=7)}
+    assert factory.func is GuardedProtocol
+    head = HeadLimits(max_bytes=4096, max_fields=7)
+    assert factory.keywords["limits"] == ClientLimits(head, 3, 4, 5)
+    assert isinstance(factory.keywords["refusal_log"], RefusalLog)
     monkeypatch.setitem(sys.modules, "httptools", None)  # find_spec: not installed
     options = uvicorn_options(settings)
     assert options["http"] == "h11" and options["h11_max_incomplete_event_size"] == 4096

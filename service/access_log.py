@@ -1,0 +1,180 @@
+"""The access log: one line per request, REST and gRPC, written off the event loop.
+
+The event loop only builds an `AccessEntry` tuple and appends it to a bounded
+deque (`record`, about 0.1 µs); a thread wakes every `interval` seconds, turns
+the entries into log records of the `bnfold.access` logger and hands them to
+the process's handler (`request_log`), which formats and writes them there. A
+full deque drops the entry and counts it (`dropped`, and a warning from the
+thread), so a slow log sink never blocks the loop and never grows memory.
+
+Probes (REST health and /metrics, gRPC ServerLive and ServerReady) that
+succeed are logged at DEBUG: Kubernetes probes every few seconds and Prometheus
+scrapes would outnumber the real requests of a quiet replica, and their
+success is visible elsewhere (kubelet events, Prometheus `up`). A failed
+probe (a 503 readiness while draining) is a line at INFO like any other.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from typing import NamedTuple
+
+DEFAULT_CAPACITY = 10_000
+DEFAULT_INTERVAL_SECONDS = 0.05
+ACCESS_LOGGER = "bnfold.access"
+PROBE_PATHS = frozenset(
+    {
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/metrics",
+        "/inference.GRPCInferenceService/ServerLive",
+        "/inference.GRPCInferenceService/ServerReady",
+    }
+)
+_MESSAGE = '%s "%s %s" %s model=%s version=%s in=%d out=%d %.2f ms'
+
+logger = logging.getLogger("bnfold.service")
+
+
+class AccessEntry(NamedTuple):
+    """One request as the transport saw it. `status`: the HTTP status (int) or the gRPC
+    status code's name; `client`: (host, port) or gRPC's peer string, None if unknown."""
+
+    time: float
+    method: str
+    path: str
+    model: str | None
+    version: str | None
+    status: int | str
+    bytes_in: int
+    bytes_out: int
+    latency_ns: int
+    request_id: str | None
+    client: tuple[str, int] | str | None
+
+
+def client_text(client: tuple[str, int] | str | None) -> str:
+    if client is None:
+        return "-"
+    if isinstance(client, str):  # gRPC's peer: "ipv4:127.0.0.1:5555", "ipv6:[::1]:5555"
+        return client.partition(":")[2] or client
+    host, port = client
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def access_record(entry: AccessEntry, logger_name: str = ACCESS_LOGGER) -> logging.LogRecord:
+    """The log record of `entry`: a text message, and its fields for the JSON format."""
+    quiet = entry.path in PROBE_PATHS and entry.status in (200, "OK")
+    client = client_text(entry.client)
+    latency_ms = entry.latency_ns / 1e6
+    record = logging.LogRecord(
+        logger_name,
+        logging.DEBUG if quiet else logging.INFO,
+        __file__,
+        0,
+        _MESSAGE,
+        (
+            client,
+            entry.method,
+            entry.path,
+            entry.status,
+            entry.model or "-",
+            entry.version or "-",
+            entry.bytes_in,
+            entry.bytes_out,
+            latency_ms,
+        ),
+        None,
+    )
+    record.created = entry.time
+    record.msecs = (entry.time - int(entry.time)) * 1000
+    record.request_id = entry.request_id
+    record.access = {
+        "method": entry.method,
+        "path": entry.path,
+        "model": entry.model,
+        "version": entry.version,
+        # one type per JSON key, for the log shippers' index mappings
+        "status" if isinstance(entry.status, int) else "grpc_status": entry.status,
+        "bytes_in": entry.bytes_in,
+        "bytes_out": entry.bytes_out,
+        "latency_ms": round(latency_ms, 3),
+        "client": client,
+    }
+    return record
+
+
+class AccessLog:
+    """The bounded queue of access entries and the thread that writes them.
+
+    `record` is the only method for the event loop; `start` and `stop` (which writes
+    what is queued, then ends the thread) belong to the app's lifespan.
+    """
+
+    def __init__(
+        self,
+        capacity: int = DEFAULT_CAPACITY,
+        interval: float = DEFAULT_INTERVAL_SECONDS,
+        logger_name: str = ACCESS_LOGGER,
+    ) -> None:
+        self.capacity = capacity
+        self.interval = interval
+        self.logger = logging.getLogger(logger_name)
+        self.dropped = 0
+        self._entries: deque[AccessEntry] = deque()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def record(self, entry: AccessEntry) -> None:
+        """Queue `entry`, or count it as dropped when the queue is full: never blocks."""
+        if len(self._entries) < self.capacity:
+            self._entries.append(entry)
+        else:
+            self.dropped += 1
+
+    @property
+    def pending(self) -> int:
+        return len(self._entries)
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="bnfold-access-log", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Write what is queued and end the thread (blocking: call it off the loop)."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._stop.set()
+        thread.join(timeout)
+
+    def _run(self) -> None:
+        reported = 0
+        while True:
+            stopping = self._stop.wait(self.interval)
+            self.write_pending()
+            dropped = self.dropped
+            if dropped != reported:
+                logger.warning(
+                    "access log: %d line(s) dropped, the queue of %d was full (%d in all)",
+                    dropped - reported,
+                    self.capacity,
+                    dropped,
+                )
+                reported = dropped
+            if stopping:
+                return
+
+    def write_pending(self) -> None:
+        """Format and write every queued entry (on the writer thread)."""
+        entries, access_logger = self._entries, self.logger
+        while entries:
+            entry = entries.popleft()
+            record = access_record(entry, access_logger.name)
+            if access_logger.isEnabledFor(record.levelno):
+                access_logger.handle(record)

@@ -1,0 +1,213 @@
+"""Tiny models run on the event loop, everything else on run threads, with the same answers.
+
+The batcher runs a request inline when its version's measured run time is below
+what handing the run to a run thread costs (service/batching.py). Which path a
+run took shows in `bnfold_inline_runs_total`; every run, either way, in
+`bnfold_run_batch_size` and the statistics. Packages: the service test MLP
+twice, `mlp` (server defaults: no gathering delay, so it may run inline) and
+`gathered`, the same files with a 1 µs gathering delay in its config.json (every
+run on a run thread); the reliability suite's `slow` (about 0.3 ms a row: never
+inline); `lookup`, whose out-of-range index fails inside onnxruntime. Answers are
+checked against onnxruntime run by the test itself, and inline against run-thread
+answers bit for bit. No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+from reliability.harness import ServerProcess, server_process
+from reliability.packages import SLOW_WIDTH, write_slow
+from test_service_batching import metric, v2_body, v2_outputs
+
+from bnfold.service.rest.routes import inference_target
+
+from service_packages import MLP_IN, lookup_table, write_lookup, write_mlp
+
+REQUESTS = 30
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("inline") / "repository"
+    write_mlp(root, "mlp", 1, seed=3)
+    shutil.copytree(root / "mlp", root / "gathered")
+    manifest_path = root / "gathered" / "1" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["name"] = "gathered"
+    manifest_path.write_text(json.dumps(manifest))
+    (root / "gathered" / "config.json").write_text(
+        json.dumps({"batching": {"max_queue_delay_us": 1}})
+    )
+    write_slow(root)
+    write_lookup(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(repository: Path) -> Iterator[ServerProcess]:
+    """`bnfold serve` in a process of its own: the run-time estimate is the server's, not
+    that of a test process holding hundreds of thousands of objects and earlier sessions
+    (runs there measured 3-5x the CPU and never went inline)."""
+    with server_process(repository) as running:
+        yield running
+
+
+@pytest.fixture()
+def client(server: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        yield http
+
+
+def infer(client: httpx.Client, model: str, inputs: dict[str, np.ndarray]) -> httpx.Response:
+    body, headers = v2_body(inputs, None, binary=True)
+    # binary outputs too: the bytes onnxruntime wrote, no JSON float round trip
+    header_length = int(headers["Inference-Header-Content-Length"])
+    header = json.loads(body[:header_length])
+    header["parameters"] = {"binary_data_output": True}
+    new_header = json.dumps(header).encode()
+    headers["Inference-Header-Content-Length"] = str(len(new_header))
+    return client.post(
+        f"/v2/models/{model}/infer", content=new_header + body[header_length:], headers=headers
+    )
+
+
+def test_the_mlp_runs_inline_and_counts_as_every_run_does(
+    server: ServerProcess, client: httpx.Client, repository: Path
+) -> None:
+    reference = ort.InferenceSession(
+        str(repository / "mlp" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    rng = np.random.default_rng(1)
+    rows = 0
+    for _ in range(REQUESTS):
+        batch = rng.normal(size=(int(rng.integers(1, 4)), MLP_IN)).astype(np.float32)
+        rows += len(batch)
+        outputs = v2_outputs(infer(client, "mlp", {"input": batch}))
+        [want] = reference.run(None, {"input": batch})
+        np.testing.assert_allclose(outputs["output"], want, rtol=0, atol=1e-5)
+
+    # the first run has no estimate yet and goes to a run thread; the rest may run inline
+    assert metric(server.url, "bnfold_inline_runs_total", model="mlp") >= 1
+    assert metric(server.url, "bnfold_run_batch_size_count", model="mlp") == REQUESTS
+    assert metric(server.url, "bnfold_run_batch_size_sum", model="mlp") == rows
+    assert metric(server.url, "bnfold_queue_duration_seconds_count", model="mlp") == REQUESTS
+    [stats] = client.get("/v2/models/mlp/stats").json()["model_stats"]
+    assert stats["execution_count"] == REQUESTS
+    assert stats["inference_count"] == rows
+    inference = stats["inference_stats"]
+    assert inference["success"]["count"] == inference["queue"]["count"] == REQUESTS
+    assert inference["compute_infer"]["count"] == REQUESTS
+    assert inference["compute_infer"]["ns"] > 0
+    assert (
+        sum(batch["batch_size"] * batch["compute_infer"]["count"] for batch in stats["batch_stats"])
+        == rows
+    )
+
+
+def test_a_slow_model_and_a_gathering_model_stay_on_run_threads(
+    server: ServerProcess, client: httpx.Client
+) -> None:
+    rng = np.random.default_rng(2)
+    for _ in range(5):
+        x = rng.normal(size=(1, SLOW_WIDTH)).astype(np.float32)
+        assert infer(client, "slow", {"x": x}).status_code == 200
+        batch = rng.normal(size=(1, MLP_IN)).astype(np.float32)
+        assert infer(client, "gathered", {"input": batch}).status_code == 200
+    for model in ("slow", "gathered"):
+        assert metric(server.url, "bnfold_run_batch_size_count", model=model) == 5
+        assert metric(server.url, "bnfold_inline_runs_total", model=model) == 0
+
+
+def test_inline_answers_are_bit_identical_to_run_thread_answers(client: httpx.Client) -> None:
+    """`mlp` and `gathered` are the same files; one runs inline, the other on a run thread.
+    Sequential requests: each runs alone either way, on the same rows."""
+    rng = np.random.default_rng(3)
+    for _ in range(REQUESTS):
+        batch = rng.normal(size=(int(rng.integers(1, 5)), MLP_IN)).astype(np.float32)
+        inline = v2_outputs(infer(client, "mlp", {"input": batch}))["output"]
+        threaded = v2_outputs(infer(client, "gathered", {"input": batch}))["output"]
+        assert inline.tobytes() == threaded.tobytes()
+
+
+def test_a_run_that_fails_answers_422_alone_on_either_path(
+    server: ServerProcess, client: httpx.Client
+) -> None:
+    """The failing request gets the 422 whichever path its run took (inline once the
+    estimate says so; under pytest a run thread's first runs measured slow for long), and
+    the run counts as every run does; the next requests are answered as before."""
+    table = lookup_table()
+    for index in range(20):
+        answer = v2_outputs(infer(client, "lookup", {"index": np.array([index % 10], np.int64)}))
+        np.testing.assert_array_equal(answer["row"], table[[index % 10]])
+    runs = metric(server.url, "bnfold_run_batch_size_count", model="lookup")
+    failed = infer(client, "lookup", {"index": np.array([99], np.int64)})
+    assert failed.status_code == 422
+    assert "onnxruntime could not run lookup" in failed.json()["error"]
+    assert metric(server.url, "bnfold_run_batch_size_count", model="lookup") == runs + 1
+    answer = v2_outputs(infer(client, "lookup", {"index": np.array([7, 2], np.int64)}))
+    np.testing.assert_array_equal(answer["row"], table[[7, 2]])
+    [stats] = client.get("/v2/models/lookup/stats").json()["model_stats"]
+    assert stats["inference_stats"]["fail"]["count"] == 1
+    assert stats["inference_stats"]["success"]["count"] == 21
+
+
+# ---------------------------------------------------------------- the direct infer path
+
+
+@pytest.mark.parametrize(
+    ("path", "target"),
+    [
+        ("/v2/models/mlp/infer", ("mlp", None)),
+        ("/v2/models/mlp/versions/2/infer", ("mlp", "2")),
+        ("/v2/models/stats/infer", ("stats", None)),
+        ("/v2/models//infer", None),
+        ("/v2/models/mlp/versions//infer", None),
+        ("/v2/models/mlp/extra/infer", None),
+        ("/v2/models/mlp/versions/2/extra/infer", None),
+        ("/v2/models/mlp/compare", None),
+        ("/v2/models/mlp/inference", None),
+    ],
+)
+def test_inference_target_matches_the_infer_routes_only(
+    path: str, target: tuple[str, str | None] | None
+) -> None:
+    assert inference_target(path) == target
+
+
+def test_the_direct_infer_path_keeps_errors_request_ids_and_routing(
+    client: httpx.Client,
+) -> None:
+    unknown = client.post(
+        "/v2/models/nope/infer", json={"inputs": []}, headers={"X-Request-ID": "inline-test-1"}
+    )
+    assert unknown.status_code == 404
+    assert unknown.headers["x-request-id"] == "inline-test-1"
+    assert unknown.json() == {
+        "error": unknown.json()["error"],
+        "request_id": "inline-test-1",
+    }
+    assert "nope" in unknown.json()["error"]
+    wrong_method = client.get("/v2/models/mlp/infer")
+    assert wrong_method.status_code == 405
+    assert "error" in wrong_method.json()
+    no_route = client.post("/v2/models/mlp/extra/infer", json={})
+    assert no_route.status_code == 404
+    assert "error" in no_route.json()
+    malformed = client.post(
+        "/v2/models/mlp/versions/1/infer",
+        content=b"{",
+        headers={"Content-Type": "application/json"},
+    )
+    assert malformed.status_code == 400
+    assert malformed.json()["error"].startswith("malformed JSON")
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "post" in paths["/v2/models/{model_name}/infer"]
+    assert "post" in paths["/v2/models/{model_name}/versions/{model_version}/infer"]
