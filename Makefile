@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 BNFOLD := $(VENV)/bin/bnfold
 STAMP  := $(VENV)/.bnfold-installed
 
-.PHONY: serve test browser screenshots test-soak lint repository bench bench-convert bench-onnx-fold bench-serve bench-recalibrate bench-warmup clean
+.PHONY: serve test browser screenshots test-soak lint repository bench bench-convert bench-onnx-fold bench-serve bench-peers load-generators bench-recalibrate bench-warmup bench-memory clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -53,7 +53,7 @@ lint: $(STAMP)
 ## (BENCHMARKS.md). The serving benchmark drives load with wrk (REST) and h2load (gRPC;
 ## Debian's wrk and nghttp2-client, installed here when missing and we are root), else
 ## with its own bounded Python clients for both.
-bench: bench-convert bench-onnx-fold bench-serve bench-recalibrate bench-warmup
+bench: bench-convert bench-onnx-fold bench-serve bench-recalibrate bench-warmup bench-memory
 
 bench-convert: $(STAMP)
 	$(PY) benchmarks/convert_bench.py
@@ -61,11 +61,20 @@ bench-convert: $(STAMP)
 bench-onnx-fold: $(STAMP)
 	$(PY) benchmarks/onnx_fold_bench.py --write
 
-bench-serve: $(STAMP)
+load-generators:
 	@{ command -v wrk && command -v h2load; } >/dev/null || \
 		{ [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq wrk nghttp2-client; } || \
 		echo "wrk or h2load is not installed (installing them needs root): the serving benchmark uses its Python clients"
+
+bench-serve: $(STAMP) load-generators
 	$(PY) benchmarks/serve_bench.py
+
+## bnfold against MLServer, KServe and PyTriton on the same models and load, interleaved
+## (BENCHMARKS.md). Not part of `bench`: the first run downloads the three peers from PyPI
+## into virtualenvs of their own, outside the repository (~/.cache/bnfold/peers, or
+## BNFOLD_PEERS_DIR), about 1.4 GB, a few minutes; then about 10 minutes a run. Never in CI.
+bench-peers: $(STAMP) load-generators
+	$(PY) benchmarks/peers_bench.py
 
 ## Accuracy of the digits models under a shift, recalibrated by `bnfold recalibrate` and by
 ## torch's update_bn; ResNet-18's recalibration time; the drift endpoint before and after.
@@ -75,6 +84,11 @@ bench-recalibrate: $(STAMP)
 ## What --warmup costs at start and saves the first request (fresh servers, on/off interleaved).
 bench-warmup: $(STAMP)
 	$(PY) benchmarks/warmup_bench.py
+
+## Where a serving process's memory goes: fresh servers read from /proc, per-session and
+## per-import costs (BENCHMARKS.md); `--ab` times session runs now against before.
+bench-memory: $(STAMP)
+	$(PY) benchmarks/memory_bench.py --section BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) models/repository models/.cache

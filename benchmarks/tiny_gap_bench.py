@@ -1,0 +1,64 @@
+"""The tiny-model gap, side by side: bnfold (digits MLP, V2 JSON, batch 1) against the empty
+FastAPI handler, at 1 and 8 clients, servers taking turns, each point `--rounds` times.
+
+Uses the serving benchmark's own parts (benchmarks/serving: the bench repository, the
+servers, wrk, the CPU per request read from /proc). Run from the repository root:
+
+    .venv/bin/python benchmarks/tiny_gap_bench.py [--duration 5] [--rounds 3] [--bnfold-option=--no-grpc]
+
+Prints req/s, p50, server CPU µs/req (all
+threads / event loop) per run, and the median ratio bnfold / empty per client count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+from serving.harness import bnfold_command, empty_command, ensure_repository, free_port, serve
+from serving.load import check_answer, load, write_bodies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--bnfold-option", action="append", default=[], help="extra serve option")
+    arguments = parser.parse_args()
+    repository = ensure_repository()
+    body = write_bodies(repository, "digits_mlp")["json"]
+    port = free_port()
+    commands = {
+        "bnfold": bnfold_command(repository, port, *arguments.bnfold_option),
+        "empty": empty_command(port),
+    }
+    rates: dict[tuple[str, int], list[float]] = {}
+    for round_index in range(arguments.rounds):
+        for name, command in commands.items():
+            with serve(f"tiny-gap {name}", command, port) as server:
+                url = f"{server.url}/v2/models/digits_mlp/infer"
+                check_answer(url, body)
+                for clients in arguments.clients:
+                    result = load(url, body, clients, arguments.duration, server.process.pid)
+                    rates.setdefault((name, clients), []).append(result.rps)
+                    print(
+                        f"round {round_index + 1} {name:6s} c={clients}: {result.rps:8.1f} req/s "
+                        f"p50 {result.p50_ms:.2f} ms, CPU µs/req {result.cpu_us:.0f} "
+                        f"(loop {result.loop_cpu_us:.0f}), errors {result.errors}",
+                        flush=True,
+                    )
+    for clients in arguments.clients:
+        ratios = [
+            bnfold / empty
+            for bnfold, empty in zip(rates["bnfold", clients], rates["empty", clients], strict=True)
+        ]
+        print(
+            f"c={clients}: bnfold / empty per round "
+            + ", ".join(f"{ratio:.2f}" for ratio in ratios)
+            + f"; median {statistics.median(ratios):.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
