@@ -104,14 +104,8 @@ def _unary(rpc: Callable[..., Any], path: str) -> Callable[..., Any]:
         try:
             response = await rpc(self, request, context)
             return response
-        except grpc.aio.AbortError:
-            status = _code_name(context)
-            raise
-        except asyncio.CancelledError:
-            status = "CANCELLED"
-            raise
-        except Exception:
-            status = "UNKNOWN"
+        except BaseException as exc:
+            status = _failure_status(exc, context)
             raise
         finally:
             CURRENT_REQUEST.reset(token)
@@ -121,6 +115,15 @@ def _unary(rpc: Callable[..., Any], path: str) -> Callable[..., Any]:
                 access_log.record(_entry(call, path, status, sizes, started, context))
 
     return logged
+
+
+def _failure_status(exc: BaseException, context: Context) -> str:
+    """The status an RPC that raised `exc` ends with, for its access line."""
+    if isinstance(exc, grpc.aio.AbortError):
+        return _code_name(context)
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return "CANCELLED"
+    return "UNKNOWN"
 
 
 def _stream(rpc: Callable[..., Any], path: str) -> Callable[..., Any]:
@@ -145,14 +148,8 @@ def _stream(rpc: Callable[..., Any], path: str) -> Callable[..., Any]:
             async for response in rpc(self, counted(), context):
                 bytes_out += response.ByteSize()
                 yield response
-        except grpc.aio.AbortError:
-            status = _code_name(context)
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            status = "CANCELLED"
-            raise
-        except Exception:
-            status = "UNKNOWN"
+        except BaseException as exc:
+            status = _failure_status(exc, context)
             raise
         finally:
             access_log = self.access_log

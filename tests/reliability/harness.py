@@ -54,6 +54,12 @@ class ServerProcess:
         return "".join(self.log)
 
 
+def reset_peak(server: ServerProcess) -> int:
+    """Start the server's VmHWM afresh; returns its resident bytes now."""
+    Path(f"/proc/{server.pid}/clear_refs").write_text("5")
+    return server.memory_kib()["VmRSS"] * 1024
+
+
 def read_memory_kib(pid: int) -> dict[str, int]:
     figures = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

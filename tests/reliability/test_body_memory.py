@@ -25,7 +25,7 @@ import pytest
 from bnfold.service.protocol import INFERENCE_HEADER
 from bnfold.service.settings import MIB, Settings
 
-from .harness import Connection, Outcome, ServerProcess, run_load, server_process
+from .harness import Connection, Outcome, ServerProcess, reset_peak, run_load, server_process
 from service_packages import MLP_SEEDS, mlp_reference, mlp_weights
 
 BODY_LIMIT = 16 * MIB
@@ -93,12 +93,6 @@ def assert_exact(served: np.ndarray, batch: np.ndarray) -> None:
 def body_server(reliability_repository: Path) -> Iterator[ServerProcess]:
     with server_process(reliability_repository, "--max-body-bytes", str(BODY_LIMIT)) as server:
         yield server
-
-
-def reset_peak(server: ServerProcess) -> int:
-    """Start the server's VmHWM afresh; returns its resident bytes now."""
-    Path(f"/proc/{server.pid}/clear_refs").write_text("5")
-    return server.memory_kib()["VmRSS"] * 1024
 
 
 def settled_rss(server: ServerProcess, ceiling: int) -> int:

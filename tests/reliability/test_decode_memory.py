@@ -22,7 +22,7 @@ import pytest
 
 from bnfold.service.settings import MIB
 
-from .harness import Connection, Outcome, ServerProcess, run_load, server_process
+from .harness import Connection, Outcome, ServerProcess, reset_peak, run_load, server_process
 
 BUDGET = 256 * MIB
 BODY_LIMIT = 64 * MIB  # the default
@@ -40,12 +40,6 @@ SETTLE_SECONDS = 20.0
 def memory_server(reliability_repository: Path) -> Iterator[ServerProcess]:
     with server_process(reliability_repository, "--max-decode-bytes", str(BUDGET)) as server:
         yield server
-
-
-def reset_peak(server: ServerProcess) -> int:
-    """Start the server's VmHWM afresh; returns its resident bytes now."""
-    Path(f"/proc/{server.pid}/clear_refs").write_text("5")
-    return server.memory_kib()["VmRSS"] * 1024
 
 
 def peak_growth(server: ServerProcess, before: int) -> int:
