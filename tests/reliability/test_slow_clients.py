@@ -232,16 +232,18 @@ class SlowlorisOutcome:
     status: int  # 0: reset before an answer
 
 
-def slowloris_attack(port: int, stop: threading.Event) -> list[SlowlorisOutcome]:
-    """SLOWLORIS_CONNECTIONS connections, each sending a header byte every TRICKLE_SECONDS,
-    each replaced when answered, until `stop` (at most ATTACK_SECONDS + SLACK): the answered."""
+def slowloris_attack(
+    port: int, stop: threading.Event, connections: int, seconds: float
+) -> list[SlowlorisOutcome]:
+    """`connections` connections, each sending a header byte every TRICKLE_SECONDS, each
+    replaced when answered, until `stop` (at most `seconds` + SLACK): the answered."""
     outcomes: list[SlowlorisOutcome] = []
     open_connections: dict[socket.socket, float] = {}
-    deadline = time.monotonic() + ATTACK_SECONDS + SLACK
+    deadline = time.monotonic() + seconds + SLACK
     with selectors.DefaultSelector() as selector:
         try:
             while not stop.is_set() and time.monotonic() < deadline:
-                while len(open_connections) < SLOWLORIS_CONNECTIONS:
+                while len(open_connections) < connections:
                     connection = connect(port)
                     connection.sendall(SLOW_HEAD)
                     open_connections[connection] = time.monotonic()
@@ -265,24 +267,35 @@ def slowloris_attack(port: int, stop: threading.Event) -> list[SlowlorisOutcome]
     return outcomes
 
 
+@pytest.mark.parametrize(
+    ("connections", "seconds"),
+    [
+        pytest.param(SLOWLORIS_CONNECTIONS, ATTACK_SECONDS, id="50-for-4s"),
+        pytest.param(400, 60.0, id="soak-400-for-60s", marks=[pytest.mark.soak]),
+    ],
+)
 def test_health_and_inference_answer_during_a_slowloris_attack(
-    timed_server: ServerProcess, reliability_repository: Path
+    timed_server: ServerProcess, reliability_repository: Path, connections: int, seconds: float
 ) -> None:
-    """50 slowloris connections held open for 4 s (each replaced when refused): every one is
-    answered 408 within the header timeout, and health checks and inferences on other
-    connections keep answering, each within a second (they take milliseconds)."""
+    """`connections` slowloris connections held open for `seconds` (each replaced when
+    refused): every one is answered 408 within the header timeout, and health checks and
+    inferences on other connections keep answering, each within a second (they take
+    milliseconds)."""
     request = planned(reliability_repository, rows=8, seed=3)
     stop = threading.Event()
     result: list[list[SlowlorisOutcome]] = []
     attacker = threading.Thread(
-        target=lambda: result.append(slowloris_attack(timed_server.port, stop)), name="slowloris"
+        target=lambda: result.append(
+            slowloris_attack(timed_server.port, stop, connections, seconds)
+        ),
+        name="slowloris",
     )
     latencies: list[float] = []
     attacker.start()
     try:
         time.sleep(0.5)  # the attack is under way
         with httpx.Client(base_url=timed_server.url, timeout=10) as client:
-            ends = time.monotonic() + ATTACK_SECONDS - 1.0
+            ends = time.monotonic() + seconds - 1.0
             while time.monotonic() < ends:
                 started = time.monotonic()
                 assert client.get("/v2/health/ready").status_code == 200
@@ -293,15 +306,15 @@ def test_health_and_inference_answer_during_a_slowloris_attack(
                 time.sleep(0.05)
     finally:
         stop.set()
-        attacker.join(timeout=ATTACK_SECONDS + 2 * SLACK)
+        attacker.join(timeout=seconds + 2 * SLACK)
     (outcomes,) = result
-    assert len(outcomes) >= SLOWLORIS_CONNECTIONS
+    assert len(outcomes) >= connections
     assert {outcome.status for outcome in outcomes} == {408}
     assert max(outcome.seconds for outcome in outcomes) < HEADER_TIMEOUT + SLACK
     assert min(outcome.seconds for outcome in outcomes) >= HEADER_TIMEOUT - EARLY
     assert max(latencies) < 1.0, latencies
     print(
-        f"FIGURE slowloris attack: {SLOWLORIS_CONNECTIONS} connections for {ATTACK_SECONDS:g} s, "
+        f"FIGURE slowloris attack: {connections} connections for {seconds:g} s, "
         f"{len(outcomes)} answered 408 after {min(o.seconds for o in outcomes):.2f}-"
         f"{max(o.seconds for o in outcomes):.2f} s, 0 lost; meanwhile {len(latencies)} "
         f"health + infer pairs, median {statistics.median(latencies) * 1000:.1f} ms, "
