@@ -60,6 +60,17 @@ def reset_peak(server: ServerProcess) -> int:
     return server.memory_kib()["VmRSS"] * 1024
 
 
+def settled_rss(server: ServerProcess, ceiling: int, seconds: float) -> int:
+    """The server's RSS once it is at most `ceiling`, or after `seconds` (glibc's trim runs
+    a second after a burst of large requests ends)."""
+    deadline = time.monotonic() + seconds
+    rss = server.memory_kib()["VmRSS"] * 1024
+    while rss > ceiling and time.monotonic() < deadline:
+        time.sleep(0.1)
+        rss = server.memory_kib()["VmRSS"] * 1024
+    return rss
+
+
 def read_memory_kib(pid: int) -> dict[str, int]:
     figures = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

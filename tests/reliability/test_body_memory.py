@@ -25,7 +25,15 @@ import pytest
 from bnfold.service.protocol import INFERENCE_HEADER
 from bnfold.service.settings import MIB, Settings
 
-from .harness import Connection, Outcome, ServerProcess, reset_peak, run_load, server_process
+from .harness import (
+    Connection,
+    Outcome,
+    ServerProcess,
+    reset_peak,
+    run_load,
+    server_process,
+    settled_rss,
+)
 from service_packages import MLP_SEEDS, mlp_reference, mlp_weights
 
 BODY_LIMIT = 16 * MIB
@@ -95,16 +103,6 @@ def body_server(reliability_repository: Path) -> Iterator[ServerProcess]:
         yield server
 
 
-def settled_rss(server: ServerProcess, ceiling: int) -> int:
-    """The server's RSS once it is at most `ceiling`, or after SETTLE_SECONDS."""
-    deadline = time.monotonic() + SETTLE_SECONDS
-    rss = server.memory_kib()["VmRSS"] * 1024
-    while rss > ceiling and time.monotonic() < deadline:
-        time.sleep(0.1)
-        rss = server.memory_kib()["VmRSS"] * 1024
-    return rss
-
-
 def small_requests_are_exact(server: ServerProcess) -> None:
     """After the burst: ordinary requests, each answered exactly."""
     requests = [binary_request(rows, seed=100 + rows) for rows in (1, 7, 64)]
@@ -169,7 +167,7 @@ def test_a_burst_of_large_bodies_is_answered_or_refused_within_the_budget(
     # so the ceiling adds the bytes of the answers given, as if all were in flight at once.
     responses = sum(len(outcome.body) for outcome in answered)
     ceiling = before + BUDGET + responses + PEAK_MARGIN
-    after = settled_rss(body_server, before + AFTER_SLACK)
+    after = settled_rss(body_server, before + AFTER_SLACK, SETTLE_SECONDS)
     print(
         f"FIGURE body burst memory: RSS before {before / MIB:.0f} MiB, peak "
         f"{peak / MIB:.0f} MiB (+{(peak - before) / MIB:.0f}, ceiling +"

@@ -12,7 +12,6 @@ Retry-After). Each test resets the server's peak (VmHWM, through
 from __future__ import annotations
 
 import gzip
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +21,15 @@ import pytest
 
 from bnfold.service.settings import MIB
 
-from .harness import Connection, Outcome, ServerProcess, reset_peak, run_load, server_process
+from .harness import (
+    Connection,
+    Outcome,
+    ServerProcess,
+    reset_peak,
+    run_load,
+    server_process,
+    settled_rss,
+)
 
 BUDGET = 256 * MIB
 BODY_LIMIT = 64 * MIB  # the default
@@ -44,17 +51,6 @@ def memory_server(reliability_repository: Path) -> Iterator[ServerProcess]:
 
 def peak_growth(server: ServerProcess, before: int) -> int:
     return server.memory_kib()["VmHWM"] * 1024 - before
-
-
-def settled_rss(server: ServerProcess, ceiling: int) -> int:
-    """The server's RSS once it is at most `ceiling`, or after SETTLE_SECONDS (the trim runs
-    a second after a burst ends)."""
-    deadline = time.monotonic() + SETTLE_SECONDS
-    rss = server.memory_kib()["VmRSS"] * 1024
-    while rss > ceiling and time.monotonic() < deadline:
-        time.sleep(0.1)
-        rss = server.memory_kib()["VmRSS"] * 1024
-    return rss
 
 
 def zeros_bomb() -> bytes:
@@ -114,7 +110,7 @@ def test_concurrent_large_bodies_share_the_budget_and_give_the_memory_back(
 
     outcomes = run_load(memory_server.port, 6, 6, send, timeout=60, deadline=120)
     growth = peak_growth(memory_server, before)
-    after = settled_rss(memory_server, before + AFTER_SLACK)
+    after = settled_rss(memory_server, before + AFTER_SLACK, SETTLE_SECONDS)
     print(
         f"FIGURE concurrent bodies: 6 x 16 MiB of gzipped JSON floats, statuses "
         f"{sorted(outcome.status for outcome in outcomes)}, RSS {before / MIB:.0f} MiB, peak "
