@@ -45,7 +45,7 @@ from bnfold.service.metrics import UNKNOWN_MODEL, ServiceMetrics, drift_families
 from bnfold.service.protocol import BACKEND, PLATFORM
 from bnfold.service.registry import ModelRegistry, ModelState
 from bnfold.service.runs import Runner
-from bnfold.service.sessions import LoadedModel
+from bnfold.service.sessions import LoadedModel, batch_statistic_outputs
 from bnfold.service.statistics import Execution
 from bnfold.service.tracing import Tracing
 from bnfold.service.warmup import triton_model_warmup
@@ -482,21 +482,16 @@ class DataPlane:
         output_names = select_outputs(model, request_output_names(request))
         batch_size = _batch_size(feeds)
         compare.check_batch_has_statistics(model.layers, batch_size)
-        statistic_names = [
-            name
-            for layer in model.layers
-            for name in (layer.batch_mean_output, layer.batch_var_output)
-        ]
+        statistic_names = batch_statistic_outputs(model.manifest)
         self.metrics.batch_size.labels(model.name, "compare").observe(batch_size)
         self._check_compare_room(model)
         key = (model.name, model.version)
         self._comparing[key] += 1
         try:
+            train_session = await model.train.session_async()
             eval_arrays, train_arrays = await asyncio.gather(
                 self.runner.run(model, model.eval_session, feeds, output_names),
-                self.runner.run(
-                    model, model.train_session, feeds, [*output_names, *statistic_names]
-                ),
+                self.runner.run(model, train_session, feeds, [*output_names, *statistic_names]),
             )
         finally:
             self._comparing[key] -= 1

@@ -96,6 +96,8 @@ def _load_version(
         model = load_model(read_package(location), config, batching_defaults, override)
         if config.warmup:
             model = warm_up(model, config.warmup_max_bytes, warmup_run_options(config))
+        if not config.resident_train_graph:
+            model.train.release()  # opened, checked and warmed: compare reopens it (sessions.py)
     except Exception as exc:  # one package, whatever is wrong with it, never stops the rest
         if not isinstance(exc, PackageError):
             logger.exception("loading %s version %d failed", location.name, location.version)

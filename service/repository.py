@@ -209,6 +209,15 @@ def _read_hashed(package_dir: Path, file_name: str, expected: str) -> bytes:
     return content
 
 
+def read_verified_file(location: PackageLocation, manifest: Manifest, file_name: str) -> bytes:
+    """One file of a loaded package, read again and checked against the sha256 of the
+    manifest it was loaded with (not the manifest on disk now, which may have changed)."""
+    expected = manifest.files.get(file_name)
+    if expected is None:
+        raise PackageError(f"{MANIFEST} lists no {file_name}")
+    return _read_hashed(_package_dir(location), file_name, expected)
+
+
 def read_package(location: PackageLocation) -> VerifiedPackage:
     """Check the manifest and every file's sha256; keep the files' bytes; read config.json."""
     manifest = read_manifest(location)

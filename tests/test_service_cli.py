@@ -115,6 +115,7 @@ def test_help_lists_every_setting_with_examples() -> None:
         "grpc",
         "grpc_port",
         "warmup",
+        "resident_train_graph",
         "otlp_endpoint",
         "log_level",
         "log_format",
