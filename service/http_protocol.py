@@ -233,6 +233,57 @@ class _Phase(enum.Enum):
     BODY = enum.auto()  # the head is complete, the message not yet
 
 
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: Above this, a held head and the body go out by writelines (no joined copy of the body).
+_JOIN_LIMIT = 64 * 1024
+
+
+class OneSendResponses:
+    """A request's view of the transport: the response head is held until the first body
+    write, and both go out in one send.
+
+    uvicorn writes a response's head and its body separately, and with uvloop each
+    write is its own `send` system call when the socket has room: two per response,
+    where one does (measured in BENCHMARKS.md, the tiny-model gap: the second send was
+    the largest single cost of a small response on the event loop). ASGI completes
+    every response with a body message, even an empty one, so a held head always
+    leaves, at the latest when the cycle closes the transport; the exception is HEAD,
+    whose body uvicorn never writes, so HEAD requests keep the plain transport. A
+    `100 Continue` is no response head and goes at once.
+    """
+
+    __slots__ = ("_head", "_head_passed", "_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._head: bytes | None = None
+        self._head_passed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._head_passed:
+            self._transport.write(data)
+        elif self._head is not None:
+            head, self._head = self._head, None
+            self._head_passed = True
+            if len(data) <= _JOIN_LIMIT:
+                self._transport.write(head + bytes(data))
+            else:
+                self._transport.writelines((head, data))
+        elif data == _CONTINUE:
+            self._transport.write(data)
+        else:  # the cycle's first write but a 100 Continue is its response head
+            self._head = bytes(data)
+
+    def close(self) -> None:
+        head, self._head = self._head, None
+        if head is not None:
+            self._transport.write(head)
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+
 class GuardedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, bounding a client's head, body, time and connections."""
 
@@ -375,6 +426,8 @@ class GuardedProtocol(HttpToolsProtocol):
         if self.cycle is previous:
             return  # a WebSocket upgrade makes no request: the app never sees it
         self._body_cycle = self.cycle
+        if self.scope["method"] != "HEAD":  # uvicorn writes no body for HEAD: nothing to join
+            self.cycle.transport = OneSendResponses(self.transport)  # type: ignore[assignment]
         if self._shutting_down or self._draining():
             self.cycle.keep_alive = False
 

@@ -19,7 +19,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from bnfold.service.compare import CompareOptions
 from bnfold.service.dataplane import request_output_names
@@ -272,43 +272,32 @@ def inference_target(path: str) -> tuple[str, str | None] | None:
     return None
 
 
-class DirectInference:
-    """POST .../infer straight to `_infer`, in front of FastAPI's exception middleware and
-    router (pure ASGI, inside the app's own middleware: request ids, access log, `LastResort`).
+#: scope key: (model, version or None) of an infer path, set by the app's inference lane
+INFERENCE_TARGET = "bnfold.inference_target"
 
-    FastAPI's layers between them (exception middleware, exit stack, route matching, the
-    endpoint wrapper) cost the event loop more per request than the digits MLP's
-    whole run (measured: BENCHMARKS.md). Everything else, and the infer routes' OpenAPI
-    document, stays with the router; errors get the exception handler's response, as
-    there. Under a root path the router matches, as it strips it.
+
+async def direct_inference(scope: Scope, receive: Receive, send: Send) -> None:
+    """POST .../infer straight to `_infer`: the app's inference lane (app.py, `BnfoldApp`)
+    calls it for the path `inference_target` matched, inside request ids, the access log
+    and `LastResort` only.
+
+    FastAPI's layers (its telemetry and body-limit wrappers, Starlette's server-error
+    middleware, exception middleware, exit stack, route matching, the endpoint wrapper)
+    each wrap the request and its `send`, and together cost the event loop more per
+    request than the digits MLP's whole run (measured: BENCHMARKS.md). The infer routes
+    stay in the router for the OpenAPI document and for a server under a root path;
+    errors get the exception handler's response, as there.
     """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
-            target = inference_target(scope["path"])
-            if target is not None:
-                await self._infer(scope, receive, send, *target)
-                return
-        await self.app(scope, receive, send)
-
-    @staticmethod
-    async def _infer(
-        scope: Scope, receive: Receive, send: Send, name: str, version: str | None
-    ) -> None:
-        scope["path_params"] = (
-            {"model_name": name}
-            if version is None
-            else {"model_name": name, "model_version": version}
-        )
-        request = Request(scope, receive, send)
-        try:
-            response = await _infer(request, name, version)
-        except Exception as exc:
-            response = await handle_error(request, exc)
-        await response(scope, receive, send)
+    name, version = scope[INFERENCE_TARGET]
+    scope["path_params"] = (
+        {"model_name": name} if version is None else {"model_name": name, "model_version": version}
+    )
+    request = Request(scope, receive, send)
+    try:
+        response = await _infer(request, name, version)
+    except Exception as exc:
+        response = await handle_error(request, exc)
+    await response(scope, receive, send)
 
 
 def inference_routes() -> APIRouter:

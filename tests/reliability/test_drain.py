@@ -54,7 +54,7 @@ SLOW_ROWS = 512  # about 90 ms of the slow model on one core
 # the slow clients pause between requests: a model queue that never empties holds the one
 # run slot for its own model, and the mlp requests would wait seconds
 SLOW_PAUSE = 0.2
-STRADDLER_ROWS = 8192  # a second or more: in flight when the window ends
+STRADDLER_ROWS = 24576  # 1 s (AVX-512, 2 cores) to 3 s: in flight when the window ends
 DRAIN, GRACE = 3.0, 10.0
 SIGNAL_AFTER = 0.3
 BALANCER_SECONDS = 2.0
