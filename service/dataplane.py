@@ -105,16 +105,23 @@ def check_inputs(model: LoadedModel, inputs: Mapping[str, np.ndarray]) -> dict[s
     return {name: inputs[name] for name in expected}
 
 
+def _shape_fits(declared: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    if len(declared) != len(shape):
+        return False
+    # a loop, not all() over a generator: this runs for every input of every request
+    for want, got in zip(declared, shape):  # noqa: B905, SIM110 -- lengths checked above
+        if want != got and want != -1:
+            return False
+    return True
+
+
 def _check_tensor(tensor: ManifestTensor, array: np.ndarray) -> None:
     datatype = DATATYPE_OF_DTYPE[array.dtype]
     if datatype != tensor.datatype:
         raise Unprocessable(
             f"input {tensor.name!r} is {datatype} but the model expects {tensor.datatype}"
         )
-    fits = len(array.shape) == len(tensor.shape) and all(
-        want in (-1, got) for want, got in zip(tensor.shape, array.shape, strict=True)
-    )
-    if not fits:
+    if not _shape_fits(tensor.shape, array.shape):
         raise Unprocessable(
             f"input {tensor.name!r} has shape {_shape_text(array.shape)} but the model expects "
             f"{_shape_text(tensor.shape)} (-1: any size)"

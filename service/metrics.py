@@ -26,7 +26,6 @@ import time
 from abc import ABC, abstractmethod
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -252,6 +251,38 @@ def drift_families(series: Iterable[DriftSeries]) -> list[Metric]:
     return [samples, drifted, dropped, kl, shift]
 
 
+class TrackedRequest:
+    """`ServiceMetrics.track`'s block. A class, not a generator-based context manager:
+    every request enters one, and contextlib's machinery cost more than the counting."""
+
+    __slots__ = ("_endpoint", "_gauge", "_metrics", "_model", "_started")
+
+    def __init__(self, metrics: ServiceMetrics, model: str, endpoint: str) -> None:
+        self._metrics, self._model, self._endpoint = metrics, model, endpoint
+
+    def __enter__(self) -> None:
+        self._started = time.perf_counter()
+        self._gauge = self._metrics.in_flight.labels(self._endpoint)
+        self._gauge.inc()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, _: object
+    ) -> None:
+        self._gauge.dec()
+        if exc is None:
+            code = 200
+        elif isinstance(exc, asyncio.CancelledError):
+            code = CLIENT_CLOSED_REQUEST
+        elif isinstance(exc, Exception):
+            code = as_service_error(exc).status_code
+        else:
+            return  # KeyboardInterrupt, SystemExit: not a request's outcome
+        outcome = "ok" if code < 400 else "client_error" if code < 500 else "server_error"
+        metrics, model, endpoint = self._metrics, self._model, self._endpoint
+        metrics.requests.labels(model, endpoint, outcome, str(code)).inc()
+        metrics.latency.labels(model, endpoint).observe(time.perf_counter() - self._started)
+
+
 class ServiceMetrics:
     def __init__(self) -> None:
         self.requests = Counter(
@@ -327,27 +358,11 @@ class ServiceMetrics:
     def remove_source(self, source: MetricSource) -> None:
         self._families.sources.remove(source)
 
-    @contextmanager
-    def track(self, model: str, endpoint: str) -> Iterator[None]:
+    def track(self, model: str, endpoint: str) -> TrackedRequest:
         """Count one request with its outcome (from the error it raised, if any) and latency;
-        a cancelled one (its client went away, or the shutdown grace ended) as 499."""
-        started = time.perf_counter()
-        gauge = self.in_flight.labels(endpoint)
-        gauge.inc()
-        code = 200
-        try:
-            yield
-        except Exception as exc:
-            code = as_service_error(exc).status_code
-            raise
-        except asyncio.CancelledError:
-            code = CLIENT_CLOSED_REQUEST
-            raise
-        finally:
-            gauge.dec()
-            outcome = "ok" if code < 400 else "client_error" if code < 500 else "server_error"
-            self.requests.labels(model, endpoint, outcome, str(code)).inc()
-            self.latency.labels(model, endpoint).observe(time.perf_counter() - started)
+        a cancelled one (its client went away, or the shutdown grace ended) as 499:
+        `with metrics.track(model, endpoint):`."""
+        return TrackedRequest(self, model, endpoint)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

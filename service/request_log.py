@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import sys
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -48,10 +49,22 @@ class RequestContext:
 CURRENT_REQUEST: ContextVar[RequestContext | None] = ContextVar("bnfold_request", default=None)
 
 
+#: Seeded from the OS's random source in each process (a fork re-seeds: `_reseed`).
+_ids = random.Random()
+
+
+def _reseed() -> None:
+    _ids.seed(os.urandom(16))
+
+
+os.register_at_fork(after_in_child=_reseed)
+
+
 def new_request_id() -> str:
-    """16 hex digits from the OS's random source: unique across requests and worker
-    processes without any shared counter (0.4 µs)."""
-    return os.urandom(8).hex()
+    """16 hex digits, unique across requests and worker processes without any shared
+    counter. Not a secret (clients see them; they name requests in logs), so a seeded
+    generator will do: 0.15 µs against 0.3 µs for a getrandom system call each time."""
+    return f"{_ids.getrandbits(64):016x}"
 
 
 def checked_request_id(value: str | bytes | None) -> str | None:

@@ -93,8 +93,8 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager, suppress
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
 from typing import Any, TypeVar
 
 from starlette.requests import ClientDisconnect, Request
@@ -149,16 +149,15 @@ class DecodeBudget:
         self._trim_scheduled = False
         self._trimming: asyncio.Future[int] | None = None
 
-    @contextmanager
-    def share(self) -> Iterator[BudgetShare]:
-        """A share for one request, released when the block ends (errors and cancellation too)."""
-        share = BudgetShare(self)
-        try:
-            yield share
-        finally:
-            self.in_flight -= share.cost
-            if share.largest >= TRIM_AFTER_BYTES:
-                self._schedule_trim()
+    def share(self) -> BudgetShare:
+        """A share for one request, released when its block ends (errors and cancellation too):
+        `with budget.share() as share:`."""
+        return BudgetShare(self)
+
+    def release(self, share: BudgetShare) -> None:
+        self.in_flight -= share.cost
+        if share.largest >= TRIM_AFTER_BYTES:
+            self._schedule_trim()
 
     def _schedule_trim(self) -> None:
         """Trim a second after a large share ends: its response has been sent by then, and a
@@ -181,12 +180,24 @@ class DecodeBudget:
 
 
 class BudgetShare:
-    """One request's part of a `DecodeBudget`."""
+    """One request's part of a `DecodeBudget`, a context manager that gives it back.
+
+    A class rather than a generator-based context manager: this is on every request's
+    path, and contextlib's machinery cost more than the budget's arithmetic.
+    """
+
+    __slots__ = ("budget", "cost", "largest")
 
     def __init__(self, budget: DecodeBudget) -> None:
         self.budget = budget
         self.cost = 0
         self.largest = 0
+
+    def __enter__(self) -> BudgetShare:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.budget.release(self)
 
     def hold(self, cost: int, what: str) -> None:
         """Hold `cost` bytes from now on: 413 above the whole budget, 503 when others hold it."""
@@ -464,17 +475,34 @@ async def _held_body(
     return body, length
 
 
-@asynccontextmanager
-async def decoded_request(
-    request: Request, limit: int, budget: DecodeBudget
-) -> AsyncIterator[DecodedRequest]:
+class DecodedRequestBlock:
     """The inference request in the body, its decode cost held from `budget` until the block
-    ends: the decoded arrays (and the parsed JSON they came from) live that long."""
-    with budget.share() as share:
-        body, header_length = await _held_body(
-            request, limit, share, request.headers.get(INFERENCE_HEADER)
-        )
-        yield await _run(share.cost > OFF_LOOP_BYTES, decode_request, frozen(body), header_length)
+    ends: the decoded arrays (and the parsed JSON they came from) live that long.
+
+    A class for the same reason as `BudgetShare`: every inference request passes here.
+    """
+
+    __slots__ = ("_limit", "_request", "_share")
+
+    def __init__(self, request: Request, limit: int, budget: DecodeBudget) -> None:
+        self._request, self._limit = request, limit
+        self._share = budget.share()
+
+    async def __aenter__(self) -> DecodedRequest:
+        share, request = self._share, self._request
+        try:
+            body, header_length = await _held_body(
+                request, self._limit, share, request.headers.get(INFERENCE_HEADER)
+            )
+            if share.cost > OFF_LOOP_BYTES:
+                return await asyncio.to_thread(decode_request, frozen(body), header_length)
+            return decode_request(frozen(body), header_length)
+        except BaseException:
+            share.budget.release(share)
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._share.budget.release(self._share)
 
 
 @asynccontextmanager

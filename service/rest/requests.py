@@ -21,7 +21,7 @@ from bnfold.service.codec import DecodedRequest
 from bnfold.service.dataplane import DataPlane
 from bnfold.service.errors import BadRequest, Forbidden, Unauthorized, Unavailable
 from bnfold.service.load_config import decode_config_parameter
-from bnfold.service.rest.bodies import decoded_request, read_json_object
+from bnfold.service.rest.bodies import DecodedRequestBlock, read_json_object
 from bnfold.service.rest.disconnects import DisconnectWatcher
 
 
@@ -36,7 +36,7 @@ def dataplane_of(request: Request) -> DataPlane:
 def decoded_body(request: Request) -> AbstractAsyncContextManager[DecodedRequest]:
     """The inference request in the body, within the app's body limit and decode budget."""
     state = request.app.state
-    return decoded_request(request, state.settings.max_body_bytes, state.decode_budget)
+    return DecodedRequestBlock(request, state.settings.max_body_bytes, state.decode_budget)
 
 
 async def json_body(request: Request) -> dict[str, Any]:
