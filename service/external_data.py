@@ -23,12 +23,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
 
-import onnx
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from bnfold.service.errors import PackageError
+
+if TYPE_CHECKING:
+    import onnx
 
 #: The stand-in entry of an otherwise empty table: a name no ONNX location can spell.
 NO_FILE = "\0no external data"
@@ -45,6 +48,8 @@ def external_file_table(
     table = {NO_FILE: b""}
     if b"location" not in graph:  # no external_data entry can exist without this key
         return table
+    import onnx  # only here: a server whose graphs keep their weights inside never needs it
+
     try:
         model = onnx.ModelProto.FromString(graph)
     except DecodeError as exc:
@@ -92,6 +97,10 @@ def _checked_file(
     return content
 
 
+#: onnx's TensorProto, by its protobuf name: the walk needs no import of onnx
+_TENSOR_PROTO = "onnx.TensorProto"
+
+
 def _other_tensors(model: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorProto]]:
     """Every TensorProto of `model` but the main graph's initializers, with where it sits."""
     for field, value in model.ListFields():
@@ -110,7 +119,7 @@ def _tensors_in(
         return
     items = value if _is_repeated(field) else (value,)
     for item in items:  # type: ignore[union-attr]
-        if isinstance(item, onnx.TensorProto):
+        if item.DESCRIPTOR.full_name == _TENSOR_PROTO:  # type: ignore[union-attr]
             yield where, item
         else:
             for inner_field, inner_value in item.ListFields():

@@ -13,7 +13,6 @@ import logging
 from collections.abc import Sequence
 
 import onnxruntime as ort
-from onnx import TensorProto, helper
 
 from bnfold.service.errors import DeviceUnavailable
 from bnfold.service.settings import Device
@@ -51,6 +50,8 @@ def select_providers(
 
 
 def _probe_model() -> bytes:
+    from onnx import TensorProto, helper  # only for the CUDA probe: a CPU server never needs onnx
+
     graph = helper.make_graph(
         [helper.make_node("Identity", ["x"], ["y"])],
         "cuda_probe",

@@ -23,7 +23,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,10 +33,12 @@ from bnfold.convert.errors import (
     NotRecalibratable,
     PackageNotFound,
 )
-from bnfold.convert.recalibration.pipeline import RecalibrationRequest, recalibrate
 from bnfold.package_format import parse_version
 from bnfold.service.errors import BadRequest, Conflict, NotFound, Unprocessable
 from bnfold.service.registry import ModelRegistry, relative_to_repository
+
+if TYPE_CHECKING:
+    from bnfold.convert.recalibration.pipeline import RecalibrationRequest
 
 logger = logging.getLogger("bnfold.service")
 
@@ -141,6 +143,9 @@ class Recalibrations:
             version = options.version or self.registry.get(name).version
             if inputs is None:
                 inputs, label = self._reservoir_inputs(name, version), "live inputs (reservoir)"
+            # imported here: the pipeline brings onnx (7 MB resident) that serving never uses
+            from bnfold.convert.recalibration.pipeline import RecalibrationRequest
+
             request = RecalibrationRequest(
                 repository=self.registry.repository,
                 name=name,
@@ -198,6 +203,8 @@ class Recalibrations:
         return kept
 
     def _recalibrate(self, request: RecalibrationRequest) -> Any:
+        from bnfold.convert.recalibration.pipeline import recalibrate
+
         repository = self.registry.repository
         try:
             return recalibrate(request)

@@ -1,4 +1,5 @@
-"""The serving process never imports torch, not even transitively or lazily.
+"""The serving process never imports torch, not even transitively or lazily; nor onnx
+(7 MB resident) while no package keeps external data and no recalibration runs.
 
 Checked in a fresh interpreter (this test process may hold torch from other
 tests) in which importing torch raises: the entry point is imported, a real
@@ -45,7 +46,8 @@ with running_server(Settings(repository=Path(sys.argv[1]), device="cpu")) as ser
         statuses["metadata"] = client.get("/v2/models/mlp").status_code
         statuses["index"] = client.post("/v2/repository/index").status_code
         statuses["docs"] = client.get("/openapi.json").status_code
-print(json.dumps({"statuses": statuses, "torch": sorted(m for m in sys.modules if m.split(".")[0] == "torch")}))
+loaded = {root: sorted(m for m in sys.modules if m.split(".")[0] == root) for root in ("torch", "onnx")}
+print(json.dumps({"statuses": statuses, **loaded}))
 """
 
 
@@ -67,3 +69,4 @@ def test_serving_never_imports_torch(service_repository: Path) -> None:
         "docs": 200,
     }
     assert report["torch"] == []
+    assert report["onnx"] == []

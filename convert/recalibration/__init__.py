@@ -13,14 +13,32 @@ verified source package), `passes` (BN-dependency depths, pruned pass graphs),
 its subclasses.
 """
 
-from bnfold.convert.recalibration.pipeline import (
-    STEPS,
-    LayerDrift,
-    RecalibrationRequest,
-    RecalibrationResult,
-    recalibrate,
-)
-from bnfold.convert.recalibration.statistics import DEFAULT_BATCH_SIZE, METHODS, Method
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: Where each public name lives; imported on first use (PEP 562), because the pipeline
+#: brings onnx, and `bnfold serve` (whose CLI registers `bnfold recalibrate` beside it)
+#: should not carry 7 MB of a library it only needs when a recalibration runs.
+_HOMES = {
+    "STEPS": "pipeline",
+    "LayerDrift": "pipeline",
+    "RecalibrationRequest": "pipeline",
+    "RecalibrationResult": "pipeline",
+    "recalibrate": "pipeline",
+    "DEFAULT_BATCH_SIZE": "statistics",
+    "METHODS": "statistics",
+    "Method": "statistics",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{home}"), name)
+
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
