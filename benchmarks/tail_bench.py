@@ -15,6 +15,10 @@ rounds, and what overlapped its slow requests.
 
     python benchmarks/tail_bench.py --requests 400 --rounds 3 --encodings json binary
 
+Each round also times the model's batch-1 runs called in this process, opened as
+the service opens them (`--no-in-process` skips it): the tail onnxruntime has on its
+own on this machine, which no server can go below.
+
 Noisy machines: compare the variants of one run, not runs.
 """
 
@@ -49,6 +53,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "before-no-drift": ("--no-drift-monitoring", "--probe-no-gc-freeze"),
     "after-no-drift": ("--no-drift-monitoring", "--probe-gc-freeze"),
     "no-trim": ("--probe-no-trim",),
+    # onnxruntime's threads spin between a run's parallel sections, and stop when it ends
+    "spinning": ("--spinning",),
     # every request sampled: the worker's priority and arena, amplified
     "drift-all-before": ("--drift-sample-fraction", "1.0", *BEFORE),
     "drift-all-after": ("--drift-sample-fraction", "1.0"),
@@ -285,6 +291,34 @@ def _breakdown(requests: list[Request]) -> list[str]:
     return lines
 
 
+def _in_process_runs(repository: Path, model: str, count: int) -> list[float]:
+    """Seconds per batch-1 run of `model`'s model.onnx called here, opened as the service
+    opens it (same options, threads, arena): the tail onnxruntime has on its own."""
+    import numpy as np
+
+    from bnfold.package_format import EVAL_GRAPH
+    from bnfold.service.external_data import NO_FILE
+    from bnfold.service.sessions import SessionConfig, open_session
+    from bnfold.service.settings import Settings
+
+    from serving.harness import input_shape
+
+    config = SessionConfig.from_settings(Settings(device="cpu"), ("CPUExecutionProvider",))
+    graph = (repository / model / "1" / EVAL_GRAPH).read_bytes()
+    session = open_session(graph, {NO_FILE: b""}, config)
+    sample = np.random.default_rng(0).random(input_shape(repository, model), dtype=np.float32)
+    feeds = {session.get_inputs()[0].name: sample}
+    for _ in range(20):
+        session.run(None, feeds)
+    seconds = []
+    for _ in range(count):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        seconds.append(time.perf_counter() - start)
+        time.sleep(0.001)  # a client's round trip between requests
+    return seconds
+
+
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "_serve":
         _serve_with_probes(sys.argv[2], sys.argv[3:])
@@ -296,7 +330,14 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["before", "after"])
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--warmup-requests", type=int, default=20)
+    parser.add_argument(
+        "--no-in-process",
+        dest="in_process",
+        action="store_false",
+        help="skip the reference: the same model's runs called in this process, each round",
+    )
     args = parser.parse_args()
+    in_process: list[float] = []
 
     from serving.harness import WORK, ensure_repository, free_port, serve
     from serving.load import write_bodies
@@ -333,6 +374,16 @@ def main() -> None:
             )
         for round_number in range(args.rounds):
             order = variants if round_number % 2 == 0 else variants[::-1]
+            if args.in_process:
+                runs = _in_process_runs(repository, args.model, args.requests)
+                in_process.extend(runs)
+                ms = sorted(1000 * value for value in runs)
+                print(
+                    f"round {round_number + 1} -      onnxruntime in-process "
+                    f"p50 {_percentile(ms, 0.5):6.1f}  p99 {_percentile(ms, 0.99):6.1f}  "
+                    f"max {ms[-1]:6.1f} ms",
+                    flush=True,
+                )
             for encoding in args.encodings:
                 for variant in order:
                     url = servers[variant.name].url
@@ -360,6 +411,13 @@ def main() -> None:
                 f"| {encoding} | {variant.name} | {len(ms)} | {p50:.1f} | "
                 f"{_percentile(ms, 0.9):.1f} | {p99:.1f} | {max(ms):.1f} | {p99 / p50:.2f} |"
             )
+    if in_process:
+        ms = [1000 * value for value in in_process]
+        p50, p99 = _percentile(ms, 0.5), _percentile(ms, 0.99)
+        print(
+            f"| (run alone) | onnxruntime in-process | {len(ms)} | {p50:.1f} | "
+            f"{_percentile(ms, 0.9):.1f} | {p99:.1f} | {max(ms):.1f} | {p99 / p50:.2f} |"
+        )
     print()
     for encoding in args.encodings:
         for variant in variants:

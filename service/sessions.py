@@ -262,6 +262,10 @@ def _options(config: SessionConfig) -> ort.SessionOptions:
     spin = "1" if config.spinning else "0"
     options.add_session_config_entry("session.intra_op.allow_spinning", spin)
     options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    if config.spinning:
+        # spin between a run's parallel sections only: when the last run ends, the threads
+        # sleep instead of busy-waiting on the cores the event loop needs next
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     return options
 
 

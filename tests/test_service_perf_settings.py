@@ -81,6 +81,8 @@ def test_session_options_reach_onnxruntime(tmp_path: Path) -> None:
         assert options.execution_mode.name == "ORT_PARALLEL"
         assert options.enable_cpu_mem_arena is False
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+        # spinning within a run only: the threads sleep once the last run has ended
+        assert options.get_session_config_entry("session.force_spinning_stop") == "1"
 
 
 def test_default_session_options(tmp_path: Path) -> None:
