@@ -203,7 +203,9 @@ class Settings(BaseSettings):
     )
     memory_arena: bool = Field(True, description="onnxruntime's CPU memory arena.")
     allow_spinning: Annotated[bool, OptionNames("--spinning/--no-spinning")] = Field(
-        False, description="Idle onnxruntime threads busy-wait for work (burns cores)."
+        False,
+        description="onnxruntime's threads busy-wait between a run's parallel sections "
+        "(they sleep once the last run ends); burns cores the event loop needs.",
     )
     # The batching defaults (BatchPolicy's too) measured best: batch_policy.py says why.
     max_batch_size: int = Field(

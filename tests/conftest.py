@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,19 @@ os.environ["BNFOLD_GRPC"] = "false"
 # No drain window on SIGTERM (service/drain.py) unless a test asks for one with
 # --drain-seconds: the shutdown tests time what follows the signal.
 os.environ["BNFOLD_DRAIN_SECONDS"] = "0"
+
+
+@pytest.fixture(autouse=True)
+def _no_handler_on_a_closed_stream() -> Iterator[None]:
+    """A test that runs `bnfold serve` in-process (CliRunner) leaves the root logger
+    writing to its runner's stream, closed when the test ends; the session's servers
+    would then print "--- Logging error ---" for each later line. Drop such handlers."""
+    yield
+    root = logging.getLogger()
+    for handler in root.handlers[:]:
+        if getattr(getattr(handler, "stream", None), "closed", False):
+            root.removeHandler(handler)
+
 
 # ---------------------------------------------------------------- service fixtures
 
