@@ -27,7 +27,7 @@ from reliability.harness import ServerProcess, server_process
 from reliability.packages import SLOW_WIDTH, write_slow
 from test_service_batching import metric, v2_body, v2_outputs
 
-from bnfold.service.rest.routes import inference_target
+from bnfold.service.rest.lane import inference_target
 
 from service_packages import MLP_IN, lookup_table, write_lookup, write_mlp
 

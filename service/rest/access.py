@@ -21,9 +21,15 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bnfold.service.access_log import AccessEntry, AccessLog
-from bnfold.service.request_log import CURRENT_REQUEST, REQUEST_ID_HEADER, request_context
+from bnfold.service.request_log import (
+    CURRENT_REQUEST,
+    REQUEST_ID_HEADER,
+    RequestContext,
+    request_context,
+)
 
-_HEADER = REQUEST_ID_HEADER.encode("latin-1")
+REQUEST_ID_FIELD = REQUEST_ID_HEADER.encode("latin-1")
+
 _LIFESPAN_ENDS = frozenset(
     {"lifespan.startup.failed", "lifespan.shutdown.complete", "lifespan.shutdown.failed"}
 )
@@ -34,6 +40,34 @@ def header_value(scope: Scope, name: bytes) -> bytes | None:
         if key == name:
             return value
     return None
+
+
+def record_access(
+    access_log: AccessLog,
+    scope: Scope,
+    context: RequestContext,
+    status: int,
+    bytes_in: int,
+    bytes_out: int,
+    started_ns: int,
+) -> None:
+    """Queue the access entry of the HTTP request `scope` that began at `started_ns`."""
+    params = scope.get("path_params") or {}
+    access_log.record(
+        AccessEntry(
+            time.time(),
+            scope["method"],
+            scope["path"],
+            context.model or params.get("model_name"),
+            context.version or params.get("model_version"),
+            status,
+            bytes_in,
+            bytes_out,
+            time.perf_counter_ns() - started_ns,
+            context.request_id,
+            scope.get("client"),
+        )
+    )
 
 
 class RequestLogMiddleware:
@@ -53,7 +87,7 @@ class RequestLogMiddleware:
 
     async def _request(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter_ns()
-        context = request_context(header_value(scope, _HEADER))
+        context = request_context(header_value(scope, REQUEST_ID_FIELD))
         token = CURRENT_REQUEST.set(context)
         status = 0
         bytes_in = bytes_out = 0
@@ -68,7 +102,7 @@ class RequestLogMiddleware:
             nonlocal status, bytes_out
             if message["type"] == "http.response.start":
                 status = message["status"]
-                tag = (_HEADER, context.request_id.encode("ascii"))
+                tag = (REQUEST_ID_FIELD, context.request_id.encode("ascii"))
                 message["headers"] = [*message.get("headers", ()), tag]
             else:
                 bytes_out += len(message.get("body", b""))
@@ -85,22 +119,7 @@ class RequestLogMiddleware:
         finally:
             CURRENT_REQUEST.reset(token)
             if self.access_log is not None:
-                params = scope.get("path_params") or {}
-                self.access_log.record(
-                    AccessEntry(
-                        time.time(),
-                        scope["method"],
-                        scope["path"],
-                        context.model or params.get("model_name"),
-                        context.version or params.get("model_version"),
-                        status,
-                        bytes_in,
-                        bytes_out,
-                        time.perf_counter_ns() - started,
-                        context.request_id,
-                        scope.get("client"),
-                    )
-                )
+                record_access(self.access_log, scope, context, status, bytes_in, bytes_out, started)
 
     async def _lifespan(
         self, access_log: AccessLog, scope: Scope, receive: Receive, send: Send

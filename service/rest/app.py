@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from bnfold.service.access_log import AccessLog
 from bnfold.service.batch_policy import BatchPolicy
@@ -37,13 +37,11 @@ from bnfold.service.request_log import configure_logging
 from bnfold.service.rest import errors, openapi
 from bnfold.service.rest.access import RequestLogMiddleware
 from bnfold.service.rest.bodies import DecodeBudget
+from bnfold.service.rest.lane import InferenceLane, inference_target
 from bnfold.service.rest.recalibrate import recalibration_routes
 from bnfold.service.rest.routes import (
-    INFERENCE_TARGET,
-    direct_inference,
     health_routes,
     inference_routes,
-    inference_target,
     model_routes,
     repository_routes,
 )
@@ -58,14 +56,13 @@ logger = logging.getLogger("bnfold.service")
 class BnfoldApp(FastAPI):
     """FastAPI, with POST .../infer taken in front of FastAPI's own layers.
 
-    `inference_lane` (request ids and access log, `LastResort`, `direct_inference`) is
-    what an infer request passes through; every other request, an infer request under
-    a root path, and the lifespan go through FastAPI as usual. Measured on the digits
-    MLP at 8 clients (BENCHMARKS.md, the tiny-model gap): the layers skipped cost the
-    event loop more than the model's run.
+    `inference_lane` (lane.py) answers an infer request; every other request, an
+    infer request under a root path, and the lifespan go through FastAPI as usual.
+    Measured on the digits MLP at 8 clients (BENCHMARKS.md, the tiny-model gap): the
+    layers skipped cost the event loop more than the model's run.
     """
 
-    inference_lane: ASGIApp | None = None
+    inference_lane: InferenceLane | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         lane = self.inference_lane
@@ -79,8 +76,7 @@ class BnfoldApp(FastAPI):
             target = inference_target(scope["path"])
             if target is not None:
                 scope["app"] = self
-                scope[INFERENCE_TARGET] = target
-                await lane(scope, receive, send)
+                await lane(scope, receive, send, target)
                 return
         await super().__call__(scope, receive, send)
 
@@ -231,9 +227,7 @@ def create_app(
     # outermost of our middleware: request ids and access lines for every request
     app.state.access_log = AccessLog() if settings.access_log else None
     app.add_middleware(RequestLogMiddleware, access_log=app.state.access_log)
-    app.inference_lane = RequestLogMiddleware(
-        errors.LastResort(direct_inference), access_log=app.state.access_log
-    )
+    app.inference_lane = InferenceLane(app.state.access_log)
     for router in (
         inference_routes(),
         health_routes(),

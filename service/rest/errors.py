@@ -128,12 +128,19 @@ class LastResort:
         except asyncio.CancelledError:
             if started:
                 raise
-            cut_off = Unavailable(
-                "the server is shutting down and its grace period ended before this "
-                "request finished; retry it",
-                headers={"Retry-After": "1", "Connection": "close"},
-            )
-            await error_response(cut_off)(scope, receive, send)
+            await cut_off_response()(scope, receive, send)
+
+
+def cut_off_response() -> Response:
+    """503 for a request the shutdown grace period cancelled before its answer began:
+    another replica, or this one restarted, can take it."""
+    return error_response(
+        Unavailable(
+            "the server is shutting down and its grace period ended before this "
+            "request finished; retry it",
+            headers={"Retry-After": "1", "Connection": "close"},
+        )
+    )
 
 
 def install(app: FastAPI) -> None:

@@ -4,7 +4,7 @@ No route validates, looks up or runs anything itself, and no route lets
 FastAPI validate a tensor body: the pydantic models in `protocol` only document
 the wire format (`openapi`). Inference and compare sit on `DirectRoute`: no
 dependency solving on the fast path; inference is answered before FastAPI's
-routing even looks at it (`DirectInference`, the same `_infer` behind it).
+routing even looks at it (`lane.InferenceLane`, the same `infer_request` behind it).
 Their request is admitted (server and
 model ready, room in the queue) before its body is read, and the body's decode
 budget is held until the data plane's answer is built. Compare also takes its
@@ -19,7 +19,6 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
 
 from bnfold.service.compare import CompareOptions
 from bnfold.service.dataplane import request_output_names
@@ -35,7 +34,6 @@ from bnfold.service.request_log import adopt_body_id, note_model
 from bnfold.service.rest import openapi
 from bnfold.service.rest.arrays import array_body_kind, array_request, held_arrays, inputs_by_name
 from bnfold.service.rest.disconnects import forget_cancellation
-from bnfold.service.rest.errors import handle_error
 from bnfold.service.rest.requests import (
     DataPlaneDep,
     check_load_body,
@@ -190,7 +188,7 @@ def model_routes() -> APIRouter:
     return router
 
 
-async def _infer(request: Request, name: str, version: str | None) -> Response:
+async def infer_request(request: Request, name: str, version: str | None) -> Response:
     """Decode, `DataPlane.predict`, encode; a client that disconnects while its request waits
     cancels it (`disconnects`: dropped from the queue, never run) and gets no answer."""
     dataplane = dataplane_of(request)
@@ -255,61 +253,16 @@ async def _compare(request: Request, name: str, version: str | None) -> Response
     return json_response(report)
 
 
-_MODELS = "/v2/models/"
-_INFER = "/infer"
-
-
-def inference_target(path: str) -> tuple[str, str | None] | None:
-    """(model, version or None) when `path` is one of the two infer routes' paths, else None:
-    the router's own matching (a path parameter is one non-empty segment)."""
-    if not (path.startswith(_MODELS) and path.endswith(_INFER)):
-        return None
-    segments = path[len(_MODELS) : -len(_INFER)].split("/")
-    if len(segments) == 1 and segments[0]:
-        return segments[0], None
-    if len(segments) == 3 and segments[1] == "versions" and segments[0] and segments[2]:
-        return segments[0], segments[2]
-    return None
-
-
-#: scope key: (model, version or None) of an infer path, set by the app's inference lane
-INFERENCE_TARGET = "bnfold.inference_target"
-
-
-async def direct_inference(scope: Scope, receive: Receive, send: Send) -> None:
-    """POST .../infer straight to `_infer`: the app's inference lane (app.py, `BnfoldApp`)
-    calls it for the path `inference_target` matched, inside request ids, the access log
-    and `LastResort` only.
-
-    FastAPI's layers (its telemetry and body-limit wrappers, Starlette's server-error
-    middleware, exception middleware, exit stack, route matching, the endpoint wrapper)
-    each wrap the request and its `send`, and together cost the event loop more per
-    request than the digits MLP's whole run (measured: BENCHMARKS.md). The infer routes
-    stay in the router for the OpenAPI document and for a server under a root path;
-    errors get the exception handler's response, as there.
-    """
-    name, version = scope[INFERENCE_TARGET]
-    scope["path_params"] = (
-        {"model_name": name} if version is None else {"model_name": name, "model_version": version}
-    )
-    request = Request(scope, receive, send)
-    try:
-        response = await _infer(request, name, version)
-    except Exception as exc:
-        response = await handle_error(request, exc)
-    await response(scope, receive, send)
-
-
 def inference_routes() -> APIRouter:
     router = APIRouter(tags=["inference"], route_class=DirectRoute)
 
     @router.post(f"{MODEL_PATH}/infer", summary="Inference", **openapi.INFER)
     async def infer(model_name: str, request: Request) -> Response:
-        return await _infer(request, model_name, None)
+        return await infer_request(request, model_name, None)
 
     @router.post(f"{VERSION_PATH}/infer", summary="Inference on a version", **openapi.INFER)
     async def version_infer(model_name: str, model_version: str, request: Request) -> Response:
-        return await _infer(request, model_name, model_version)
+        return await infer_request(request, model_name, model_version)
 
     @router.post(f"{MODEL_PATH}/compare", summary="Train vs eval comparison", **openapi.COMPARE)
     async def compare(model_name: str, request: Request) -> Response:
