@@ -54,7 +54,7 @@ ResNet-18 graph) the registry hands back after each load (`release_free_heap`).
 train.onnx serves compare alone, so by default its session is closed once the
 load has opened, checked and warmed it, and the first compare reopens it from
 the package, hash-checked again (`TrainGraph`): 46 MB less per ResNet-18
-version for the servers that never compare, a 0.4 s first compare for those
+version for the servers that never compare, a first compare 0.14 s slower for those
 that do (`--resident-train-graph` keeps it open).
 
 calibration.onnx (schema 2 packages) is opened only when drift monitoring is
