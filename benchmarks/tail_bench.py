@@ -53,6 +53,10 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "before-no-drift": ("--no-drift-monitoring", "--probe-no-gc-freeze"),
     "after-no-drift": ("--no-drift-monitoring", "--probe-gc-freeze"),
     "no-trim": ("--probe-no-trim",),
+    # the drift monitor without its CPU budget (as before it had one)
+    "no-budget": ("--drift-cpu-budget", "0"),
+    # one request in 500 measured instead of one in 100
+    "drift-0.002": ("--drift-sample-fraction", "0.002"),
     # onnxruntime's threads spin between a run's parallel sections, and stop when it ends
     "spinning": ("--spinning",),
     # every request sampled: the worker's priority and arena, amplified

@@ -350,6 +350,15 @@ class Settings(BaseSettings):
         description="Drift monitoring: fraction of each model version's inference requests "
         "measured (every 1/fraction-th one; 1: all).",
     )
+    drift_cpu_budget: float = Field(
+        0.005,
+        ge=0,
+        le=1,
+        description="Drift monitoring: the most CPU its measurements may take, as a fraction "
+        "of one core over time (after a burst of 0.1 s); a sample past it is skipped and "
+        "counted as dropped. Bounds what a heavy model's sampling costs serving's tail "
+        "(BENCHMARKS.md); 0: no bound.",
+    )
     drift_window_seconds: float = Field(
         300.0,
         ge=1,

@@ -22,6 +22,9 @@ os.environ["BNFOLD_GRPC"] = "false"
 # No drain window on SIGTERM (service/drain.py) unless a test asks for one with
 # --drain-seconds: the shutdown tests time what follows the signal.
 os.environ["BNFOLD_DRAIN_SECONDS"] = "0"
+# The drift monitor measures every sample it takes in tests (no CPU budget) unless a test
+# sets one: its tests compare windows with every request sent.
+os.environ["BNFOLD_DRIFT_CPU_BUDGET"] = "0"
 
 
 @pytest.fixture(autouse=True)

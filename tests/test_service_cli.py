@@ -128,6 +128,7 @@ def test_help_lists_every_setting_with_examples() -> None:
         "max_connections",
         "drift_monitoring",
         "drift_sample_fraction",
+        "drift_cpu_budget",
         "drift_window_seconds",
         "drift_kl_threshold",
         "drift_metrics_layers",

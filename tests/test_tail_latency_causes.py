@@ -1,6 +1,8 @@
 """What keeps the one-client tail short (BENCHMARKS.md, Tail latency at one client).
 
-Three things the service owns: the drift worker runs at SCHED_IDLE, so a
+Four things the service owns: the drift monitor's CPU budget (past it a sample is
+skipped and counted, and time earns the budget back; a real calibration run,
+a test clock); the drift worker runs at SCHED_IDLE, so a
 measurement takes only a core nothing else wants (read from the kernel's view
 of the thread, /proc/self/task/TID/stat); its calibration session allocates
 outside the shared onnxruntime arena, so a deprioritised thread never holds a
@@ -26,6 +28,7 @@ import numpy as np
 import pytest
 from reliability.harness import server_process
 
+from bnfold.service import drift_monitor
 from bnfold.service.drift_monitor import DriftConfig, DriftMonitor
 from bnfold.service.heap import freeze_startup_objects
 from bnfold.service.repository import PackageLocation, read_package
@@ -131,3 +134,63 @@ def test_bnfold_serve_freezes_its_start_up_objects_before_it_is_ready(tmp_path: 
         assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
         frozen = re.search(r"froze (\d+) start-up objects", server.log_text())
     assert frozen is not None and int(frozen.group(1)) > 10_000
+
+
+class ManualClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _offer_and_wait(monitor: DriftMonitor, model: object, rows: np.ndarray) -> None:
+    monitor.offer(model, {"input": rows})  # type: ignore[arg-type]
+    assert monitor.wait_idle(30)
+
+
+def test_the_drift_monitor_keeps_to_its_cpu_budget(
+    schema_2_package: PackageLocation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past its budget a sample is skipped and counted; time earns the budget back."""
+    monkeypatch.setattr(drift_monitor, "BUDGET_BURST_SECONDS", 0.0)  # no burst: one run owes
+    model = load_model(read_package(schema_2_package), SessionConfig(providers=(CPU,)))
+    clock = ManualClock()
+    budget = 0.001
+    monitor = DriftMonitor(DriftConfig(sample_fraction=1.0, cpu_budget=budget), clock=clock)
+    monitor.start()
+    try:
+        rows = np.random.default_rng(1).standard_normal((64, 8)).astype(np.float32)
+        _offer_and_wait(monitor, model, rows)  # measured: its CPU is now owed
+        state = monitor.state_of(model)  # type: ignore[arg-type]
+        assert (state.sampled, state.dropped) == (1, 0)
+        _offer_and_wait(monitor, model, rows)  # no time has passed: over the budget
+        assert (state.sampled, state.dropped) == (1, 1)
+        assert monitor.report(model)["dropped"] == 1  # type: ignore[arg-type]
+        clock.now += 1000.0  # the budget pays 1 s of CPU: more than that run took
+        _offer_and_wait(monitor, model, rows)
+        assert (state.sampled, state.dropped) == (2, 1)
+    finally:
+        monitor.close()
+
+
+def test_no_budget_measures_every_sample(schema_2_package: PackageLocation) -> None:
+    model = load_model(read_package(schema_2_package), SessionConfig(providers=(CPU,)))
+    monitor = DriftMonitor(DriftConfig(sample_fraction=1.0, cpu_budget=0.0), clock=ManualClock())
+    monitor.start()
+    try:
+        rows = np.random.default_rng(2).standard_normal((16, 8)).astype(np.float32)
+        for _ in range(20):
+            _offer_and_wait(monitor, model, rows)
+        state = monitor.state_of(model)  # type: ignore[arg-type]
+        assert (state.sampled, state.dropped) == (20, 0)
+        assert monitor.report(model)["samples"] == 20 * 16  # type: ignore[arg-type]
+    finally:
+        monitor.close()
+
+
+def test_the_budget_setting_reaches_the_monitor() -> None:
+    from bnfold.service.settings import Settings
+
+    assert DriftConfig.from_settings(Settings(drift_cpu_budget=0.02)).cpu_budget == 0.02
+    assert Settings.model_fields["drift_cpu_budget"].default == DriftConfig().cpu_budget
