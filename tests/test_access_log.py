@@ -121,6 +121,22 @@ def test_access_line_of_a_200(
     assert line["time"].endswith("Z")
 
 
+def test_access_line_of_a_compare_names_the_version_that_answered(
+    client: httpx.Client, capture: LogCapture
+) -> None:
+    batch = np.random.default_rng(3).normal(size=(4, 8)).astype(np.float32)
+    tensor = {"name": "input", "shape": [4, 8], "datatype": "FP32", "data": batch.ravel().tolist()}
+    response = client.post(
+        "/v2/models/mlp/compare",
+        json={"inputs": [tensor]},
+        headers={"X-Request-ID": "access-compare"},
+    )
+    assert response.status_code == 200, response.text
+    (line,) = capture.wait_for("access-compare")
+    assert (line["model"], line["version"]) == ("mlp", response.json()["model_version"])
+    assert line["path"] == "/v2/models/mlp/compare" and line["status"] == 200
+
+
 @pytest.mark.parametrize(
     ("path", "status", "model"),
     [

@@ -250,6 +250,7 @@ async def _compare(request: Request, name: str, version: str | None) -> Response
                 span.decoded(running - reading)
                 report = await dataplane.compare(name, version, array_request(inputs), options)
         span.ran(time.perf_counter_ns() - running)
+        note_model(report["model_name"], report["model_version"])
     return json_response(report)
 
 
