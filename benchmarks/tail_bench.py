@@ -60,9 +60,16 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     # onnxruntime's threads spin between a run's parallel sections, and stop when it ends
     "spinning": ("--spinning",),
     # every request sampled: the worker's priority and arena, amplified
-    "drift-all-before": ("--drift-sample-fraction", "1.0", *BEFORE),
-    "drift-all-after": ("--drift-sample-fraction", "1.0"),
-    "drift-all-normal": ("--drift-sample-fraction", "1.0", "--probe-drift-priority", "normal"),
+    "drift-all-before": ("--drift-sample-fraction", "1.0", "--drift-cpu-budget", "0", *BEFORE),
+    "drift-all-after": ("--drift-sample-fraction", "1.0", "--drift-cpu-budget", "0"),
+    "drift-all-normal": (
+        "--drift-sample-fraction",
+        "1.0",
+        "--drift-cpu-budget",
+        "0",
+        "--probe-drift-priority",
+        "normal",
+    ),
 }
 
 

@@ -32,7 +32,7 @@ from serving.harness import bnfold_command, free_port, serve
 
 REPOSITORY = WORK / "drift-repository"
 #: Monitor every request: the verdict then covers exactly the traffic sent.
-DRIFT_OPTIONS = ("--drift-sample-fraction", "1.0")
+DRIFT_OPTIONS = ("--drift-sample-fraction", "1.0", "--drift-cpu-budget", "0")
 #: The token goes by environment, not on a command line other users can read.
 ADMIN_TOKEN_VARIABLE = "BNFOLD_ADMIN_TOKEN"
 TIMEOUT_SECONDS = 60.0
