@@ -176,8 +176,10 @@ def _signature(feeds: dict[str, np.ndarray]) -> tuple[tuple[int, ...], ...]:
 @dataclass(eq=False)
 class ModelDrift:
     """One model version's monitoring state. `window` is None when it is not monitored,
-    with the reason. `credit`, `sampled` and `dropped` change on the event loop only;
-    `failed` on the worker only."""
+    with the reason. `credit` and `sampled` change on the event loop only; `dropped`
+    on the event loop (a full queue, the CPU budget at sampling) and on the worker (the
+    budget spent while the sample waited), `failed` on the worker only: counters,
+    read for reports, whose rare lost update under the GIL costs one count."""
 
     model: LoadedModel
     window: DriftWindow | None
@@ -305,10 +307,17 @@ class DriftMonitor:
         return debt - budget * (self.clock() - since) > BUDGET_BURST_SECONDS
 
     def _spend(self, cpu_seconds: float) -> None:
-        """Charge a measurement's CPU to the budget (worker)."""
+        """Charge a measurement's CPU to the budget (worker).
+
+        The debt is capped at the burst plus what the budget earns in a tenth of the
+        window (one of its time buckets): one long run may overshoot the budget, but
+        never stops the monitoring of every model for longer than that."""
+        budget = self.config.cpu_budget
         debt, since = self._debt
         now = self.clock()
-        self._debt = (max(0.0, debt - self.config.cpu_budget * (now - since)) + cpu_seconds, now)
+        debt = max(0.0, debt - budget * (now - since)) + cpu_seconds
+        ceiling = BUDGET_BURST_SECONDS + budget * self.config.window_seconds / 10
+        self._debt = (min(debt, ceiling), now)
 
     def _enqueue(self, state: ModelDrift, feeds: dict[str, np.ndarray]) -> None:
         rows = _rows(feeds)
@@ -432,14 +441,18 @@ class DriftMonitor:
             if first is _STOP:
                 return
             batch, stop, drained = self._more(first)
-            started = time.thread_time()
-            try:
-                self._measure(batch)
-            except Exception:  # never let the worker die: the next samples still count
-                logger.exception("drift monitor: measuring %d samples failed", len(batch))
+            if self._over_budget():  # samples queued while the last runs spent the budget
                 for sample in batch:
-                    sample.state.failed += 1
-            self._spend(time.thread_time() - started)
+                    sample.state.dropped += 1
+            else:
+                started = time.thread_time()
+                try:
+                    self._measure(batch)
+                except Exception:  # never let the worker die: the next samples still count
+                    logger.exception("drift monitor: measuring %d samples failed", len(batch))
+                    for sample in batch:
+                        sample.state.failed += 1
+                self._spend(time.thread_time() - started)
             with self._idle:
                 self._processed += len(batch)
                 self._released_bytes += sum(sample.nbytes for sample in batch)

@@ -35,7 +35,8 @@ from bnfold.convert.errors import (
 )
 from bnfold.package_format import parse_version
 from bnfold.service.errors import BadRequest, Conflict, NotFound, Unprocessable
-from bnfold.service.registry import ModelRegistry, relative_to_repository
+from bnfold.service.registry import ModelRegistry
+from bnfold.service.repository import relative_to_repository
 
 if TYPE_CHECKING:
     from bnfold.convert.recalibration.pipeline import RecalibrationRequest

@@ -26,7 +26,6 @@ by `load_version` too, until the next `load` of the model without one.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from bnfold.service.repository import (
     PackageLocation,
     read_model_config,
     read_package,
+    relative_to_repository,
     scan_repository,
 )
 from bnfold.service.sessions import (
@@ -76,14 +76,6 @@ class ModelVersion:
 
 
 Table = dict[str, dict[int, ModelVersion]]
-
-
-def relative_to_repository(reason: str, repository: Path) -> str:
-    """`reason` with the repository's absolute path left out: the index is unauthenticated,
-    and where the server keeps its files is nobody else's business."""
-    for root in sorted({str(repository.absolute()), str(repository.resolve())}, key=len)[::-1]:
-        reason = reason.replace(root + os.sep, "").replace(root, ".")
-    return reason
 
 
 def _load_version(

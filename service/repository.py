@@ -40,6 +40,14 @@ from bnfold.service.errors import PackageError
 logger = logging.getLogger("bnfold.service")
 
 
+def relative_to_repository(reason: str, repository: Path) -> str:
+    """`reason` with the repository's absolute path left out: the index is unauthenticated,
+    and where the server keeps its files is nobody else's business."""
+    for root in sorted({str(repository.absolute()), str(repository.resolve())}, key=len)[::-1]:
+        reason = reason.replace(root + os.sep, "").replace(root, ".")
+    return reason
+
+
 @dataclass(frozen=True, order=True)
 class PackageLocation:
     """REPO/NAME/VERSION; `repository` is the root nothing may be read outside of

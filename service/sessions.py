@@ -97,8 +97,14 @@ from bnfold.package_format import (
 from bnfold.service.batch_policy import BatchPolicy, resolve_policy
 from bnfold.service.errors import PackageError
 from bnfold.service.external_data import external_file_table
+from bnfold.service.heap import release_free_heap
 from bnfold.service.load_config import ConfigOverride
-from bnfold.service.repository import PackageLocation, VerifiedPackage, read_verified_file
+from bnfold.service.repository import (
+    PackageLocation,
+    VerifiedPackage,
+    read_verified_file,
+    relative_to_repository,
+)
 from bnfold.service.settings import ExecutionMode, Settings
 from bnfold.service.warmup import WarmupRun, plan_warmup, zero_feeds
 
@@ -389,11 +395,17 @@ class _VerifiedFiles(Mapping[str, bytes]):
 
     def __init__(self, location: PackageLocation, manifest: Manifest) -> None:
         self._location, self._manifest = location, manifest
+        self._read: dict[str, bytes] = {}  # each file read and hashed once per reopen
 
     def __getitem__(self, file_name: str) -> bytes:
         if file_name not in self._manifest.files:
             raise KeyError(file_name)
-        return read_verified_file(self._location, self._manifest, file_name)
+        content = self._read.get(file_name)
+        if content is None:
+            content = self._read[file_name] = read_verified_file(
+                self._location, self._manifest, file_name
+            )
+        return content
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._manifest.files)
@@ -422,8 +434,13 @@ class TrainGraph:
     loaded with (the service serves no byte it has not verified, and keeps no
     copy of the bytes, which would cost what the session saves), and keeps it.
     A file changed since load fails that compare with a `PackageError` (503)
-    and leaves inference alone; the next compare tries again.
+    and leaves inference alone; the compares of the next `REOPEN_RETRY_SECONDS`
+    get the same answer without reading anything, then one tries again.
     """
+
+    #: After a failed reopen, how long compares get its error instead of another attempt
+    #: (each one reads, hashes and parses the whole graph).
+    REOPEN_RETRY_SECONDS = 1.0
 
     def __init__(
         self,
@@ -435,6 +452,7 @@ class TrainGraph:
         self._location, self._manifest, self._config = location, manifest, config
         self._session: ort.InferenceSession | None = session
         self._lock = threading.Lock()
+        self._failure: tuple[PackageError, float] | None = None  # the last failed reopen, when
         #: times the session was reopened on demand since load
         self.reopened = 0
 
@@ -448,9 +466,20 @@ class TrainGraph:
         if session is not None:
             return session
         with self._lock:
-            if self._session is None:
+            if self._session is not None:
+                return self._session
+            failure = self._failure
+            if failure is not None and time.monotonic() - failure[1] < self.REOPEN_RETRY_SECONDS:
+                raise failure[0]
+            try:
                 self._session = self._reopen()
-                self.reopened += 1
+            except PackageError as exc:
+                self._failure = (exc, time.monotonic())
+                raise
+            finally:
+                release_free_heap()  # what parsing and optimising the graph freed (module doc)
+            self._failure = None
+            self.reopened += 1
             return self._session
 
     async def session_async(self) -> ort.InferenceSession:
@@ -478,9 +507,17 @@ class TrainGraph:
                 session, TRAIN_GRAPH, self._manifest, batch_statistic_outputs(self._manifest)
             )
         except PackageError as exc:
+            reason = relative_to_repository(exc.message, location.root)
+            logger.warning(
+                "%s version %d: %s cannot be reopened for compare: %s",
+                location.name,
+                location.version,
+                TRAIN_GRAPH,
+                reason,
+            )
             raise PackageError(
                 f"{location.name} version {location.version}: {TRAIN_GRAPH} cannot be "
-                f"reopened for compare: {exc.message}"
+                f"reopened for compare: {reason}"
             ) from None
         logger.info(
             "opened %s of %s version %d for compare in %.2f s (hash checked again)",

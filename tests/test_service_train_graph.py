@@ -7,15 +7,22 @@ MLP's numpy reference (tests/service_packages.py), not from the server.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import numpy as np
+import onnx
 import pytest
 
-from bnfold.service.sessions import LoadedModel
+from bnfold.service import sessions
+from bnfold.service.errors import PackageError
+from bnfold.service.registry import ModelRegistry
+from bnfold.service.sessions import LoadedModel, SessionConfig, TrainGraph
 from bnfold.service.settings import Settings
 
 from service_packages import MLP_SEEDS, mlp_reference, mlp_weights, write_mlp
@@ -107,7 +114,8 @@ def test_a_train_graph_changed_after_load_is_refused_and_inference_goes_on(
                 np.asarray(output["data"]).reshape(output["shape"]), expected_eval, atol=1e-4
             )
 
-            shutil.copyfile(kept, original)  # put right: the next compare reopens it
+            shutil.copyfile(kept, original)  # put right: a compare after the retry interval
+            time.sleep(TrainGraph.REOPEN_RETRY_SECONDS)  # reopens it
             restored = client.post("/v2/models/mlp/compare", json=_body(batch))
             assert restored.status_code == 200, restored.text
         assert _model(server).train.reopened == 1
@@ -120,3 +128,73 @@ def test_a_removed_train_graph_is_refused_with_its_name(repository: Path) -> Non
             refused = client.post("/v2/models/mlp/compare", json=_body(_batch(4)))
         assert refused.status_code == 503
         assert "train.onnx is listed in manifest.json but missing" in refused.json()["error"]
+
+
+def _externalise_together(package: Path, graph_file: str, names: list[str], data_file: str) -> None:
+    """Move the initializers `names` of `graph_file` into one data file, one after another,
+    as the converter writes a large model; the manifest then lists every file's sha256."""
+    model = onnx.load(str(package / graph_file))
+    data = bytearray()
+    for tensor in model.graph.initializer:
+        if tensor.name not in names:
+            continue
+        raw = onnx.numpy_helper.to_array(tensor).tobytes()
+        tensor.ClearField("raw_data")
+        tensor.ClearField("float_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        entries = (("location", data_file), ("offset", str(len(data))), ("length", str(len(raw))))
+        for key, value in entries:
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        data += raw
+    (package / graph_file).write_bytes(model.SerializeToString())
+    (package / data_file).write_bytes(bytes(data))
+    manifest = json.loads((package / "manifest.json").read_text())
+    manifest["files"] = {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(package.iterdir())
+        if path.name != "manifest.json"
+    }
+    (package / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_reopen_reads_and_hashes_each_file_once(
+    repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """External data shared by several tensors is read once per reopen, not once a tensor."""
+    _externalise_together(repository / "mlp" / "1", "train.onnx", ["w1", "w2"], "train.onnx.data")
+    registry = ModelRegistry(repository, SessionConfig(providers=("CPUExecutionProvider",)))
+    registry.load_all()
+    model = registry.get("mlp")
+    model.train.release()  # as the server does after the load's warm-up
+    reads: list[str] = []
+    read_verified_file = sessions.read_verified_file
+
+    def counted(location: object, manifest: object, file_name: str) -> bytes:
+        reads.append(file_name)
+        return read_verified_file(location, manifest, file_name)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sessions, "read_verified_file", counted)
+    batch = _batch(16)
+    [output, *_] = model.train_session.run(None, {"input": batch})
+    np.testing.assert_allclose(output, mlp_reference(mlp_weights(SEED), batch)["train"], atol=1e-4)
+    assert sorted(reads) == ["train.onnx", "train.onnx.data"]
+
+
+def test_a_failed_reopen_is_remembered_briefly(repository: Path) -> None:
+    """Compares right after a failed reopen get its error without reading again."""
+    registry = ModelRegistry(repository, SessionConfig(providers=("CPUExecutionProvider",)))
+    registry.load_all()
+    train = registry.get("mlp").train
+    train.release()
+    graph = repository / "mlp" / "1" / "train.onnx"
+    kept = graph.read_bytes()
+    graph.write_bytes(kept + b"\0")
+    with pytest.raises(PackageError) as first:
+        train.session()
+    graph.write_bytes(kept)  # mended, but within the retry interval nothing is read
+    with pytest.raises(PackageError) as second:
+        train.session()
+    assert second.value is first.value
+    time.sleep(train.REOPEN_RETRY_SECONDS)
+    assert train.session() is not None and train.reopened == 1

@@ -194,3 +194,37 @@ def test_the_budget_setting_reaches_the_monitor() -> None:
 
     assert DriftConfig.from_settings(Settings(drift_cpu_budget=0.02)).cpu_budget == 0.02
     assert Settings.model_fields["drift_cpu_budget"].default == DriftConfig().cpu_budget
+
+
+def test_samples_queued_before_the_budget_ran_out_are_dropped_by_the_worker(
+    schema_2_package: PackageLocation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(drift_monitor, "BUDGET_BURST_SECONDS", 0.0)
+    model = load_model(read_package(schema_2_package), SessionConfig(providers=(CPU,)))
+    monitor = DriftMonitor(DriftConfig(sample_fraction=1.0, cpu_budget=0.001), clock=ManualClock())
+    rows = np.random.default_rng(3).standard_normal((drift_monitor.RUN_ROWS, 8))
+    feeds = {"input": rows.astype(np.float32)}  # a full run each: never merged
+    monitor.offer(model, feeds)  # type: ignore[arg-type]
+    monitor.offer(model, feeds)  # type: ignore[arg-type]  # both queued: nothing spent yet
+    monitor.start()
+    try:
+        assert monitor.wait_idle(30)
+        state = monitor.state_of(model)  # type: ignore[arg-type]
+        assert (state.sampled, state.dropped) == (2, 1)  # the first run spent the budget
+        assert monitor.report(model)["samples"] == drift_monitor.RUN_ROWS  # type: ignore[arg-type]
+    finally:
+        monitor.close()
+
+
+def test_one_long_run_stops_monitoring_for_a_bucket_at_most(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The debt is capped: the budget earns it back within a tenth of the window."""
+    monkeypatch.setattr(drift_monitor, "BUDGET_BURST_SECONDS", 0.0)
+    clock = ManualClock()
+    budget, window = 0.01, 300.0
+    monitor = DriftMonitor(DriftConfig(cpu_budget=budget, window_seconds=window), clock=clock)
+    monitor._spend(100.0)  # a run no real test can afford, charged as the worker would
+    assert monitor._over_budget()
+    clock.now += window / 10 + 0.001
+    assert not monitor._over_budget()
