@@ -355,7 +355,7 @@ class Settings(BaseSettings):
         ge=0,
         le=1,
         description="Drift monitoring: the most CPU its measurements may take, as a fraction "
-        "of one core over time (after a burst of 0.1 s); a sample past it is skipped and "
+        "of one core over time (after a burst of 0.02 s); a sample past it is skipped and "
         "counted as dropped. Bounds what a heavy model's sampling costs serving's tail "
         "(BENCHMARKS.md); 0: no bound.",
     )
