@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextvars import Token
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bnfold.service.access_log import AccessEntry, AccessLog
+from bnfold.service.metrics import CLIENT_CLOSED_REQUEST
 from bnfold.service.request_log import (
     CURRENT_REQUEST,
     REQUEST_ID_HEADER,
@@ -42,8 +44,9 @@ def header_value(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
-def record_access(
-    access_log: AccessLog,
+def finish_request(
+    access_log: AccessLog | None,
+    token: Token[RequestContext | None],
     scope: Scope,
     context: RequestContext,
     status: int,
@@ -51,7 +54,11 @@ def record_access(
     bytes_out: int,
     started_ns: int,
 ) -> None:
-    """Queue the access entry of the HTTP request `scope` that began at `started_ns`."""
+    """The end of the HTTP request `scope`, begun at `started_ns`: its context unset, its
+    access entry queued (when there is an access log)."""
+    CURRENT_REQUEST.reset(token)
+    if access_log is None:
+        return
     params = scope.get("path_params") or {}
     access_log.record(
         AccessEntry(
@@ -68,6 +75,12 @@ def record_access(
             scope.get("client"),
         )
     )
+
+
+def ended_status(error: BaseException) -> int:
+    """The status an access line gives a request that ended in `error` before an answer
+    began: 499 when it was cancelled (its client went away, or the shutdown grace ended)."""
+    return CLIENT_CLOSED_REQUEST if isinstance(error, asyncio.CancelledError) else 500
 
 
 class RequestLogMiddleware:
@@ -110,16 +123,13 @@ class RequestLogMiddleware:
 
         try:
             await self.app(scope, counted_receive, tagged_send)
-        except asyncio.CancelledError:
-            status = status or 499
-            raise
-        except Exception:
-            status = status or 500
+        except BaseException as exc:
+            status = status or ended_status(exc)
             raise
         finally:
-            CURRENT_REQUEST.reset(token)
-            if self.access_log is not None:
-                record_access(self.access_log, scope, context, status, bytes_in, bytes_out, started)
+            finish_request(
+                self.access_log, token, scope, context, status, bytes_in, bytes_out, started
+            )
 
     async def _lifespan(
         self, access_log: AccessLog, scope: Scope, receive: Receive, send: Send

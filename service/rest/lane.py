@@ -23,14 +23,17 @@ from starlette.types import Message, Receive, Scope, Send
 
 from bnfold.service.access_log import AccessLog
 from bnfold.service.request_log import CURRENT_REQUEST, request_context
-from bnfold.service.rest.access import REQUEST_ID_FIELD, header_value, record_access
+from bnfold.service.rest.access import (
+    REQUEST_ID_FIELD,
+    ended_status,
+    finish_request,
+    header_value,
+)
 from bnfold.service.rest.errors import cut_off_response, handle_error
 from bnfold.service.rest.routes import infer_request
 
 _MODELS = "/v2/models/"
 _INFER = "/infer"
-#: The status logged for a request cancelled after its answer began (its client went away).
-_CANCELLED = 499
 
 
 def inference_target(path: str) -> tuple[str, str | None] | None:
@@ -86,13 +89,10 @@ class InferenceLane:
             status = response.status_code
             await response(scope, counted_receive, send)
             bytes_out = len(response.body)
-        except asyncio.CancelledError:
-            status = status or _CANCELLED
-            raise
-        except Exception:
-            status = status or 500
+        except BaseException as exc:
+            status = status or ended_status(exc)
             raise
         finally:
-            CURRENT_REQUEST.reset(token)
-            if self.access_log is not None:
-                record_access(self.access_log, scope, context, status, bytes_in, bytes_out, started)
+            finish_request(
+                self.access_log, token, scope, context, status, bytes_in, bytes_out, started
+            )
