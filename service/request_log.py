@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import sys
+import time
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,6 +28,7 @@ from typing import Any, TextIO
 
 import orjson
 
+from bnfold.service.access_log import AccessEntry, access_fields, access_message
 from bnfold.service.settings import LogFormat, LogLevel
 
 REQUEST_ID_HEADER = "x-request-id"  # the HTTP header, and the gRPC metadata key
@@ -111,6 +113,9 @@ class RequestIdFilter(logging.Filter):
     """Puts the current request's id on each record as `request_id` (None outside a
     request), unless the record carries one already (the access log's lines do)."""
 
+    #: An access record carries its id: this filter leaves it as it is (`access_log.write_batch`).
+    keeps_access_records = True
+
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):
             record.request_id = current_request_id()
@@ -122,11 +127,26 @@ class TextFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
+        self._second: tuple[int, str] = (-1, "")
 
     def format(self, record: logging.LogRecord) -> str:
         request_id = getattr(record, "request_id", None)
         record.request_tag = f" [req={request_id}]" if request_id else ""
         return super().format(record)
+
+    def format_access(self, entry: AccessEntry, level: int, logger_name: str) -> str:
+        """The line `format` makes of `access_record(entry, logger_name)` (`access_log`)."""
+        second = int(entry.time)
+        cached_second, stamp = self._second
+        if second != cached_second:  # `formatTime`'s default, once a second
+            stamp = time.strftime(self.default_time_format, self.converter(entry.time))
+            self._second = (second, stamp)
+        msecs = int((entry.time - second) * 1000)
+        tag = f" [req={entry.request_id}]" if entry.request_id else ""
+        return (
+            f"{stamp},{msecs:03d} {logging.getLevelName(level):<7} {logger_name}{tag}: "
+            f"{access_message(entry)}"
+        )
 
 
 class JsonFormatter(logging.Formatter):
@@ -152,6 +172,19 @@ class JsonFormatter(logging.Formatter):
             fields["exception"] = record.exc_text
         if record.stack_info:
             fields["stack"] = self.formatStack(record.stack_info)
+        return orjson.dumps(fields, option=orjson.OPT_UTC_Z).decode()
+
+    def format_access(self, entry: AccessEntry, level: int, logger_name: str) -> str:
+        """The line `format` makes of `access_record(entry, logger_name)` (`access_log`)."""
+        fields: dict[str, Any] = {
+            "time": datetime.fromtimestamp(entry.time, timezone.utc),
+            "level": logging.getLevelName(level),
+            "logger": logger_name,
+            "message": access_message(entry),
+        }
+        if entry.request_id:
+            fields["request_id"] = entry.request_id
+        fields.update(access_fields(entry))
         return orjson.dumps(fields, option=orjson.OPT_UTC_Z).decode()
 
 

@@ -22,8 +22,14 @@ import pytest
 from reliability.harness import server_process
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from bnfold.service.access_log import AccessEntry, AccessLog
-from bnfold.service.request_log import configure_logging
+from bnfold.service.access_log import (
+    AccessEntry,
+    AccessLog,
+    access_level,
+    access_record,
+    write_batch,
+)
+from bnfold.service.request_log import configure_logging, log_handler
 from bnfold.service.settings import LogFormat, LogLevel
 
 from service_packages import MLP_IN
@@ -248,6 +254,63 @@ def test_queue_bounded_drops_counted() -> None:
     assert [record.request_id for record in lines] == [f"q-{number}" for number in range(5)]
     warnings = [record.getMessage() for record in written if record.name == "bnfold.service"]
     assert any("45 line(s) dropped" in message for message in warnings)
+
+
+ODD_ENTRIES = [
+    # (time, method, path, model, version, status, in, out, latency ns, request id, client)
+    (1_764_000_000.0, "POST", "/v2/models/m/infer", "m", "1", 200, 1375, 300, 123_456, "a1",
+     ("127.0.0.1", 5555)),
+    (1_764_000_000.9996, "GET", "/v2/health/ready", None, None, 200, 0, 0, 999, None, None),
+    (1_764_000_001.5, "GET", "/v2/health/ready", None, None, 503, 0, 52, 10**9, "r", None),
+    (1_764_000_059.0004, "/inference.GRPCInferenceService/ModelInfer", "x", "m", None,
+     "RESOURCE_EXHAUSTED", 12, 0, 5, "g-9", "ipv6:[::1]:5000"),
+    (1_700_000_000.25, "POST", "/v2/models/m/versions/2/infer", "m", "2", 422, 7, 99, 0,
+     "-", ("::1", 80)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("log_format", [LogFormat.TEXT, LogFormat.JSON])
+def test_direct_lines_are_the_records_lines(log_format: LogFormat) -> None:
+    """The app's formatters write an access line straight from its entry; it must be the
+    line the same formatter makes of the entry's log record, filters applied."""
+    handler = log_handler(log_format, io.StringIO())
+    for fields in ODD_ENTRIES:
+        access_entry = AccessEntry(*fields)
+        record = access_record(access_entry, "bnfold.access")
+        assert handler.filter(record)
+        level = access_level(access_entry)
+        assert record.levelno == level
+        direct = handler.formatter.format_access(access_entry, level, "bnfold.access")
+        assert direct == handler.format(record)
+
+
+def test_batch_of_lines_as_handle_writes_them() -> None:
+    """One write for a batch: the same text `handle` writes line by line, through the
+    direct path (the app's handler) and the record path (a handler with a filter of its
+    own, which must see every record)."""
+    seen: list[str] = []
+
+    def foreign(record: logging.LogRecord) -> bool:
+        seen.append(record.getMessage())
+        return record.levelno >= logging.INFO
+
+    entries = [(AccessEntry(*fields), access_level(AccessEntry(*fields))) for fields in ODD_ENTRIES]
+    for add_filter in (False, True):
+        batched, one_by_one = (
+            log_handler(LogFormat.TEXT, io.StringIO()),
+            log_handler(LogFormat.TEXT, io.StringIO()),
+        )
+        if add_filter:
+            batched.addFilter(foreign)
+            one_by_one.addFilter(foreign)
+        write_batch(batched, entries, "bnfold.access")
+        for access_entry, _ in entries:
+            one_by_one.handle(access_record(access_entry, "bnfold.access"))
+        assert batched.stream.getvalue() == one_by_one.stream.getvalue()
+        assert (
+            batched.stream.getvalue().count("\n") == len(entries) - add_filter
+        )  # the filter drops the DEBUG probe line
+    assert len(seen) == 2 * len(entries)
 
 
 def test_serve_writes_json_lines(service_repository: Path) -> None:
