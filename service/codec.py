@@ -155,9 +155,10 @@ def _decode_input(
         )
     count = math.prod(shape)
     parameters = _parameters(raw.get("parameters"), f"input '{name}'")
-    for unsupported in _UNSUPPORTED_INPUT_PARAMETERS:
-        if unsupported in parameters:
-            raise BadRequest(f"input '{name}': parameter '{unsupported}' is not supported")
+    if parameters:
+        for unsupported in _UNSUPPORTED_INPUT_PARAMETERS:
+            if unsupported in parameters:
+                raise BadRequest(f"input '{name}': parameter '{unsupported}' is not supported")
 
     size = parameters.get("binary_data_size")
     if size is None:
@@ -184,10 +185,11 @@ def _shape(name: str, value: object) -> list[int]:
     above its limit, or a zero-size shape whose other dims overflow an index
     (`[0, 2**63]`): both would otherwise escape as a ValueError (a 500).
     """
-    if not isinstance(value, list) or not all(
-        isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in value
-    ):
+    if not isinstance(value, list):
         raise BadRequest(f"input '{name}': 'shape' must be an array of non-negative integers")
+    for dim in value:  # a loop, not all() over a generator: every input of every request
+        if type(dim) is not int or dim < 0:  # JSON gives exact ints; bool is not one
+            raise BadRequest(f"input '{name}': 'shape' must be an array of non-negative integers")
     return describable_shape(name, value)
 
 
@@ -198,7 +200,7 @@ def describable_shape(name: str, shape: list[int]) -> list[int]:
         raise BadRequest(
             f"input '{name}': 'shape' has {len(shape)} dimensions; at most {MAX_RANK} are supported"
         )
-    if math.prod(dim for dim in shape if dim) > _MAX_ELEMENTS:
+    if math.prod(shape if 0 not in shape else [dim for dim in shape if dim]) > _MAX_ELEMENTS:
         raise BadRequest(f"input '{name}': shape {shape} is too large for any tensor")
     return shape
 

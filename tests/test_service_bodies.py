@@ -30,7 +30,7 @@ from bnfold.service import serve_cli
 from bnfold.service.errors import DecodeBudgetFull, PayloadTooLarge
 from bnfold.service.protocol import INFERENCE_HEADER, ErrorResponse
 from bnfold.service.rest import bodies
-from bnfold.service.rest.bodies import DecodeBudget, decode_cost
+from bnfold.service.rest.bodies import OFF_LOOP_BYTES, DecodeBudget, decode_cost
 from bnfold.service.settings import MIB, Settings
 
 from service_packages import MLP_SEEDS, mlp_reference, mlp_weights, write_mlp
@@ -302,6 +302,20 @@ def test_the_estimate_counts_json_items_and_binary_bytes_once() -> None:
     commas = b"," * 65536  # raw bytes that happen to be commas are no JSON items
     binary = decode_cost(header + commas, len(header))
     assert binary == decode_cost(header, None) + len(commas)
+
+
+@pytest.mark.parametrize("size", [OFF_LOOP_BYTES - 7, OFF_LOOP_BYTES + 7])
+def test_the_estimate_is_the_same_counted_either_way(size: int) -> None:
+    """Up to OFF_LOOP_BYTES of JSON text the marks are counted in one pass, above in place
+    per mark: the same estimate, from a bytes body and a bytearray alike."""
+    unit = b'{"a": [0.5, 1], "b": [[2]]},'
+    text = (unit * (size // len(unit) + 1))[:size]
+    items = 1 + text.count(b",") + text.count(b":") + text.count(b"[")
+    expected = 2 * len(text) + 96 * items + 256 * text.count(b"{")
+    assert decode_cost(text, None) == expected
+    assert decode_cost(bytearray(text), None) == expected
+    tail = b"[,:{" * 8  # binary bytes after the header count once, as bytes
+    assert decode_cost(text + tail, len(text)) == expected + len(tail)
 
 
 # ---------------------------------------------------------------- reading within the budget

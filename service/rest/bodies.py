@@ -119,6 +119,7 @@ OFF_LOOP_BYTES = MIB
 ITEM_BYTES = 96
 OBJECT_BYTES = 256
 _ITEM_MARKS = (b",", b":", b"[")
+_ITEM_MARKS_TOGETHER = b"".join(_ITEM_MARKS)
 # deflate codes a 258-byte match in 2 bits at best: no stream inflates more than 1032-fold
 MAX_DEFLATE_RATIO = 1032
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
@@ -226,7 +227,11 @@ def decode_cost(body: Body, header_length: int | None) -> int:
     after the JSON header count once, as part of the body.
     """
     json_end = len(body) if header_length is None else header_length
-    items = 1 + sum(body.count(mark, 0, json_end) for mark in _ITEM_MARKS)
+    if json_end <= OFF_LOOP_BYTES:  # one pass (on the loop); its copy is at most 1 MiB
+        text = body if json_end == len(body) else body[:json_end]
+        items = 1 + json_end - len(text.translate(None, _ITEM_MARKS_TOGETHER))
+    else:  # counted in place: a copy of a large body would be memory the budget misses
+        items = 1 + sum(body.count(mark, 0, json_end) for mark in _ITEM_MARKS)
     objects = body.count(b"{", 0, json_end)
     return len(body) + json_end + ITEM_BYTES * items + OBJECT_BYTES * objects
 
