@@ -136,6 +136,13 @@ class AccessLog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    @property
+    def writes_lines(self) -> bool:
+        """Whether a line would be written at all: not when the level is above INFO (as
+        `--log-level warning` sets it; a probe's DEBUG line is below INFO). Callers skip
+        building the entry then, and the writer thread has nothing to take the GIL for."""
+        return self.logger.isEnabledFor(logging.INFO)
+
     def record(self, entry: AccessEntry) -> None:
         """Queue `entry`, or count it as dropped when the queue is full: never blocks."""
         if len(self._entries) < self.capacity:

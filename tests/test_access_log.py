@@ -29,7 +29,13 @@ from bnfold.service.access_log import (
     access_record,
     write_batch,
 )
-from bnfold.service.request_log import configure_logging, log_handler
+from bnfold.service.request_log import (
+    CURRENT_REQUEST,
+    configure_logging,
+    log_handler,
+    request_context,
+)
+from bnfold.service.rest.access import finish_request
 from bnfold.service.settings import LogFormat, LogLevel
 
 from service_packages import MLP_IN
@@ -311,6 +317,24 @@ def test_batch_of_lines_as_handle_writes_them() -> None:
             batched.stream.getvalue().count("\n") == len(entries) - add_filter
         )  # the filter drops the DEBUG probe line
     assert len(seen) == 2 * len(entries)
+
+
+def test_no_entry_when_no_line_would_be_written() -> None:
+    """Above INFO (`--log-level warning`) no access line is written, so none is queued:
+    the writer thread has nothing to format; at INFO the entry is queued again."""
+    access_logger = logging.getLogger("test.access.quiet")
+    access_log = AccessLog(logger_name=access_logger.name)
+    scope = {"method": "POST", "path": "/v2/models/m/infer", "client": ("127.0.0.1", 1)}
+    try:
+        for level, queued in ((logging.WARNING, 0), (logging.INFO, 1), (logging.DEBUG, 2)):
+            access_logger.setLevel(level)
+            context = request_context(None)
+            token = CURRENT_REQUEST.set(context)
+            finish_request(access_log, token, scope, context, 200, 10, 20, time.perf_counter_ns())
+            assert access_log.writes_lines is (level <= logging.INFO)
+            assert access_log.pending == queued
+    finally:
+        access_logger.setLevel(logging.NOTSET)
 
 
 def test_serve_writes_json_lines(service_repository: Path) -> None:

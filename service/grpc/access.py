@@ -110,7 +110,7 @@ def _unary(rpc: Callable[..., Any], path: str) -> Callable[..., Any]:
         finally:
             CURRENT_REQUEST.reset(token)
             access_log = self.access_log
-            if access_log is not None:
+            if access_log is not None and access_log.writes_lines:
                 sizes = (request.ByteSize(), 0 if response is None else response.ByteSize())
                 access_log.record(_entry(call, path, status, sizes, started, context))
 
@@ -153,7 +153,7 @@ def _stream(rpc: Callable[..., Any], path: str) -> Callable[..., Any]:
             raise
         finally:
             access_log = self.access_log
-            if access_log is not None:
+            if access_log is not None and access_log.writes_lines:
                 sizes = (bytes_in, bytes_out)
                 access_log.record(_entry(call, path, status, sizes, started, context))
 

@@ -57,7 +57,7 @@ def finish_request(
     """The end of the HTTP request `scope`, begun at `started_ns`: its context unset, its
     access entry queued (when there is an access log)."""
     CURRENT_REQUEST.reset(token)
-    if access_log is None:
+    if access_log is None or not access_log.writes_lines:
         return
     params = scope.get("path_params") or {}
     access_log.record(
