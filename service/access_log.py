@@ -1,11 +1,13 @@
 """The access log: one line per request, REST and gRPC, written off the event loop.
 
 The event loop only builds an `AccessEntry` tuple and appends it to a bounded
-deque (`record`, about 0.1 µs); a thread wakes every `interval` seconds, turns
-the entries into log records of the `bnfold.access` logger and hands them to
-the process's handler (`request_log`), which formats and writes them there. A
-full deque drops the entry and counts it (`dropped`, and a warning from the
-thread), so a slow log sink never blocks the loop and never grows memory.
+deque (`record`, about 0.1 µs); a thread wakes every `interval` seconds and
+writes the entries as lines of the `bnfold.access` logger: the app's own
+handler (`request_log`) formats each straight from its entry, any other
+handler gets a log record. A full deque drops the entry and counts it
+(`dropped`, and a warning from the thread), so a slow log sink never blocks the
+loop and never grows memory. When the level writes no access line at all
+(`writes_lines`), no entry is made.
 
 Probes (REST health and /metrics, gRPC ServerLive and ServerReady) that
 succeed are logged at DEBUG: Kubernetes probes every few seconds and Prometheus
