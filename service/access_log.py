@@ -72,9 +72,10 @@ def access_level(entry: AccessEntry) -> int:
     return logging.DEBUG if quiet else logging.INFO
 
 
-def access_message(entry: AccessEntry) -> str:
-    """The line's text: client, request, status, model, version, bytes, latency."""
-    return _MESSAGE % (
+def access_arguments(entry: AccessEntry) -> tuple[object, ...]:
+    """The values the line's text (`_MESSAGE`) is made of: client, request, status, model,
+    version, bytes, latency."""
+    return (
         client_text(entry.client),
         entry.method,
         entry.path,
@@ -85,6 +86,11 @@ def access_message(entry: AccessEntry) -> str:
         entry.bytes_out,
         entry.latency_ns / 1e6,
     )
+
+
+def access_message(entry: AccessEntry) -> str:
+    """The line's text, as a record's `getMessage()` makes it."""
+    return _MESSAGE % access_arguments(entry)
 
 
 def access_fields(entry: AccessEntry) -> dict[str, object]:
@@ -108,7 +114,7 @@ def access_record(entry: AccessEntry, logger_name: str = ACCESS_LOGGER) -> loggi
     What any handler gets; the app's own formatters write the same line straight from
     the entry (`format_access`, `write_batch`)."""
     record = logging.LogRecord(
-        logger_name, access_level(entry), __file__, 0, access_message(entry), None, None
+        logger_name, access_level(entry), __file__, 0, _MESSAGE, access_arguments(entry), None
     )
     record.created = entry.time
     record.msecs = (entry.time - int(entry.time)) * 1000
@@ -237,22 +243,20 @@ def write_batch(
     the loop about as much again as its formatting (measured: BENCHMARKS.md, the
     tiny-model gap). Lines, levels and filters are as `handle` would make them.
 
-    A handler of the app's own (its formatter has `format_access`, and its filters
-    all leave an access record as it is, as the request id's does) gets each line
-    straight from its entry: making a `LogRecord` and formatting it cost the writer
-    about 6 µs a line with the GIL held, which the event loop waited for.
+    A handler exactly as the app makes it (`request_log.direct_access_lines`) gets each
+    line straight from its entry: making a `LogRecord` and formatting it cost the
+    writer about 6 µs a line with the GIL held, which the event loop waited for.
     """
-    formatter = handler.formatter
-    direct = hasattr(formatter, "format_access") and all(
-        getattr(found, "keeps_access_records", False) for found in handler.filters
-    )
+    from bnfold.service.request_log import direct_access_lines  # it imports this module
+
+    direct = direct_access_lines(handler)
     lines = []
     for entry, level in entries:
         if level < handler.level:
             continue
         try:
-            if direct:
-                line = formatter.format_access(entry, level, logger_name)  # type: ignore[union-attr]
+            if direct is not None:
+                line = direct(entry, level, logger_name)
             else:
                 record = access_record(entry, logger_name)
                 if not handler.filter(record):

@@ -21,6 +21,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -113,9 +114,6 @@ class RequestIdFilter(logging.Filter):
     """Puts the current request's id on each record as `request_id` (None outside a
     request), unless the record carries one already (the access log's lines do)."""
 
-    #: An access record carries its id: this filter leaves it as it is (`access_log.write_batch`).
-    keeps_access_records = True
-
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):
             record.request_id = current_request_id()
@@ -186,6 +184,27 @@ class JsonFormatter(logging.Formatter):
             fields["request_id"] = entry.request_id
         fields.update(access_fields(entry))
         return orjson.dumps(fields, option=orjson.OPT_UTC_Z).decode()
+
+
+def direct_access_lines(handler: logging.Handler) -> Callable[[AccessEntry, int, str], str] | None:
+    """The function that writes `handler`'s access lines straight from their entries
+    (`access_log.write_batch`), when the handler is exactly as `log_handler` makes it: our
+    formatter with its own time format, and no filter but `RequestIdFilter`, which leaves
+    an access record as it is. None for anything else, a subclass included (its `format`,
+    `formatTime` or `filter` would be skipped): those handlers get log records."""
+    formatter = handler.formatter
+    if any(type(found) is not RequestIdFilter for found in handler.filters):
+        return None
+    if type(formatter) is JsonFormatter:
+        return formatter.format_access
+    if (
+        type(formatter) is TextFormatter
+        and formatter.datefmt is None
+        and formatter.default_time_format == logging.Formatter.default_time_format
+        and formatter.default_msec_format == "%s,%03d"
+    ):
+        return formatter.format_access
+    return None
 
 
 def log_handler(log_format: LogFormat, stream: TextIO | None = None) -> logging.Handler:

@@ -23,15 +23,21 @@ from reliability.harness import server_process
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from bnfold.service.access_log import (
+    _MESSAGE,
     AccessEntry,
     AccessLog,
     access_level,
+    access_message,
     access_record,
     write_batch,
 )
 from bnfold.service.request_log import (
     CURRENT_REQUEST,
+    JsonFormatter,
+    RequestIdFilter,
+    TextFormatter,
     configure_logging,
+    direct_access_lines,
     log_handler,
     request_context,
 )
@@ -317,6 +323,46 @@ def test_batch_of_lines_as_handle_writes_them() -> None:
             batched.stream.getvalue().count("\n") == len(entries) - add_filter
         )  # the filter drops the DEBUG probe line
     assert len(seen) == 2 * len(entries)
+
+
+def test_subclasses_and_foreign_parts_get_records() -> None:
+    """Only a handler exactly as the app makes it gets lines straight from entries: a
+    subclass's own `format` or `filter`, or another time format, must still apply, and
+    other handlers get the record with its message template and arguments."""
+    access_entry = AccessEntry(*ODD_ENTRIES[0])
+
+    class Tagged(JsonFormatter):
+        def format(self, record: logging.LogRecord) -> str:
+            return super().format(record)[:-1] + ',"service":"bnfold"}'
+
+    class NoProbes(RequestIdFilter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return super().filter(record) and record.levelno > logging.DEBUG
+
+    class Dotted(TextFormatter):
+        default_msec_format = "%s.%03d"
+
+    assert direct_access_lines(log_handler(LogFormat.TEXT, io.StringIO())) is not None
+    assert direct_access_lines(log_handler(LogFormat.JSON, io.StringIO())) is not None
+    for formatter in (Tagged(), Dotted(), JsonFormatter("%(message)s")):
+        handler = logging.StreamHandler(io.StringIO())
+        handler.setFormatter(formatter)
+        handler.addFilter(RequestIdFilter())
+        if isinstance(formatter, Tagged | Dotted):
+            assert direct_access_lines(handler) is None
+        write_batch(handler, [(access_entry, logging.INFO)], "bnfold.access")
+        record = access_record(access_entry, "bnfold.access")
+        assert handler.stream.getvalue() == formatter.format(record) + "\n"
+    assert '"service":"bnfold"' in Tagged().format(access_record(access_entry))
+    filtered = log_handler(LogFormat.TEXT, io.StringIO())
+    filtered.filters[:] = [NoProbes()]
+    assert direct_access_lines(filtered) is None
+    probe = AccessEntry(*ODD_ENTRIES[1])
+    write_batch(filtered, [(probe, access_level(probe))], "bnfold.access")
+    assert filtered.stream.getvalue() == ""
+    record = access_record(access_entry)
+    assert record.msg == _MESSAGE
+    assert record.args is not None and record.getMessage() == access_message(access_entry)
 
 
 def test_no_entry_when_no_line_would_be_written() -> None:

@@ -218,36 +218,30 @@ def overload_server(reliability_repository: Path) -> Iterator[ServerProcess]:
         yield server
 
 
-def server_latencies_ms(
+def logged_latencies_ms(
     server: ServerProcess, since: int, path: str
 ) -> dict[tuple[int, bool], list[float]]:
     """By (status, whether the body was read), the latencies the server logged for `path` in
     its access lines after its first `since` log lines: from the request's head to its
     answer, the wait for the event loop before the head was parsed (which the clients'
-    clocks include) left out."""
+    clocks include) left out. Read once the access log has written what it had queued (it
+    writes every 50 ms and drops what exceeds its queue, so: until no line comes for 0.5 s);
+    each line is parsed once (a soak run logs about a million)."""
     latencies: dict[tuple[int, bool], list[float]] = {}
-    for line in server.log[since:]:
-        if '"latency_ms"' not in line:
-            continue
-        fields = orjson.loads(line)
-        if fields["path"] == path:
-            key = (fields["status"], fields["bytes_in"] > 0)
-            latencies.setdefault(key, []).append(fields["latency_ms"])
-    return latencies
-
-
-def logged_latencies_ms(
-    server: ServerProcess, since: int, path: str
-) -> dict[tuple[int, bool], list[float]]:
-    """`server_latencies_ms` once the access log has written what it had queued (it writes
-    every 50 ms and drops what exceeds its queue, so: until the count stops growing)."""
-    count, stable_since = -1, time.monotonic()
-    while time.monotonic() - stable_since < 0.5:
+    read, quiet_since = since, time.monotonic()
+    while time.monotonic() - quiet_since < 0.5:
         time.sleep(0.05)
-        latencies = server_latencies_ms(server, since, path)
-        now = sum(len(values) for values in latencies.values())
-        if now != count:
-            count, stable_since = now, time.monotonic()
+        lines = server.log[read:]
+        if lines:
+            read += len(lines)
+            quiet_since = time.monotonic()
+        for line in lines:
+            if '"latency_ms"' not in line:
+                continue
+            fields = orjson.loads(line)
+            if fields["path"] == path:
+                key = (fields["status"], fields["bytes_in"] > 0)
+                latencies.setdefault(key, []).append(fields["latency_ms"])
     return latencies
 
 
@@ -335,6 +329,7 @@ def test_overload_is_refused_fast_and_recovers(
             await asyncio.sleep(float(outcome.headers["retry-after"]))
         return outcome
 
+    time.sleep(0.1)  # the idle requests' access lines are written (every 50 ms)
     logged_before = len(overload_server.log)
     with MemorySampler(overload_server) as memory:
         started = time.perf_counter()
@@ -377,7 +372,10 @@ def test_overload_is_refused_fast_and_recovers(
     assert len(refused_early_ms) > len(refused) / 2
     idle_run_ms = 1000 * min(idle)  # one request alone, its run included
     assert percentile(refused_early_ms, 0.5) < idle_run_ms / 4
-    assert percentile(refused_early_ms, 0.99) < idle_run_ms
+    # the slowest refusals waited for the GIL or the CPU (both cores are busy), which
+    # does not grow with the queue; a served request's wait does
+    slowest_allowed = max(idle_run_ms, percentile(served_inside_ms, 0.5) / 4)
+    assert percentile(refused_early_ms, 0.99) < slowest_allowed
     # bounded by the queue (QUEUE requests of 128 KiB, the runs' activations: 64 MiB) and
     # each open connection's read buffers (measured: about 225 KiB a connection)
     assert memory.peak_mib - before["VmRSS"] / 1024 < 64 + clients / 4
