@@ -365,6 +365,49 @@ def test_subclasses_and_foreign_parts_get_records() -> None:
     assert record.args is not None and record.getMessage() == access_message(access_entry)
 
 
+def test_writer_sleeps_until_an_entry_comes() -> None:
+    """The writer wakes for an entry, not on a timer: it writes each batch within about
+    `interval` of its first entry, also after idling far longer than `interval`, and
+    `stop` writes what is left."""
+    written: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            written.append(record.request_id)
+
+    access_logger = logging.getLogger("test.access.wake")
+    keep = Keep()
+    access_logger.addHandler(keep)
+    access_logger.setLevel(logging.INFO)
+    wakes: list[int] = []
+
+    class CountedWakes(AccessLog):
+        def write_pending(self) -> None:
+            wakes.append(self.pending)
+            super().write_pending()
+
+    access_log = CountedWakes(interval=0.01, logger_name=access_logger.name)
+    access_log.start()
+    try:
+        for batch in range(3):
+            time.sleep(0.2)  # idle: twenty intervals, and no wake-up that finds nothing
+            assert all(wakes) and sum(wakes) == 10 * batch, wakes
+            numbers = range(10 * batch, 10 * batch + 10)
+            for number in numbers:
+                access_log.record(entry(number))
+            deadline = time.monotonic() + DEADLINE_SECONDS
+            while len(written) < 10 * (batch + 1) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert written[-10:] == [f"q-{number}" for number in numbers]
+            assert access_log.pending == 0
+        access_log.record(entry(99))
+    finally:
+        access_log.stop()
+        access_logger.removeHandler(keep)
+    assert written[-1] == "q-99"
+    assert len(written) == 31
+
+
 def test_no_entry_when_no_line_would_be_written() -> None:
     """Above INFO (`--log-level warning`) no access line is written, so none is queued:
     the writer thread has nothing to format; at INFO the entry is queued again."""
