@@ -1,8 +1,9 @@
 """The access log: one line per request, REST and gRPC, written off the event loop.
 
 The event loop only builds an `AccessEntry` tuple and appends it to a bounded
-deque (`record`, about 0.1 µs); a thread wakes every `interval` seconds and
-writes the entries as lines of the `bnfold.access` logger: the app's own
+deque (`record`, about 0.1 µs); a thread, woken by the first entry to an empty
+queue, gathers entries for `interval` seconds and writes them as lines of the
+`bnfold.access` logger: the app's own
 handler (`request_log`) formats each straight from its entry, any other
 handler gets a log record. A full deque drops the entry and counts it
 (`dropped`, and a warning from the thread), so a slow log sink never blocks the
