@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import NamedTuple
 
 DEFAULT_CAPACITY = 10_000
@@ -124,11 +125,19 @@ def access_record(entry: AccessEntry, logger_name: str = ACCESS_LOGGER) -> loggi
     return record
 
 
+#: A line straight from an entry: (entry, level, logger name) -> the line.
+LineFormat = Callable[[AccessEntry, int, str], str]
+#: The `LineFormat` for a handler whose lines may skip the log record, else None.
+DirectLines = Callable[[logging.Handler], LineFormat | None]
+
+
 class AccessLog:
     """The bounded queue of access entries and the thread that writes them.
 
     `record` is the only method for the event loop; `start` and `stop` (which writes
-    what is queued, then ends the thread) belong to the app's lifespan.
+    what is queued, then ends the thread) belong to the app's lifespan. `direct_lines`
+    (the app passes `request_log.direct_access_lines`, which this module may not
+    import: it imports this one) picks the handlers whose lines skip the log record.
     """
 
     def __init__(
@@ -136,9 +145,11 @@ class AccessLog:
         capacity: int = DEFAULT_CAPACITY,
         interval: float = DEFAULT_INTERVAL_SECONDS,
         logger_name: str = ACCESS_LOGGER,
+        direct_lines: DirectLines | None = None,
     ) -> None:
         self.capacity = capacity
         self.interval = interval
+        self.direct_lines = direct_lines
         self.logger = logging.getLogger(logger_name)
         self.dropped = 0
         self._entries: deque[AccessEntry] = deque()
@@ -229,7 +240,8 @@ class AccessLog:
                 access_logger.handle(access_record(entry, access_logger.name))
             return
         for handler in handlers:
-            write_batch(handler, entries, access_logger.name)
+            direct = None if self.direct_lines is None else self.direct_lines(handler)
+            write_batch(handler, entries, access_logger.name, direct)
 
 
 def plain_stream_handlers(logger: logging.Logger) -> list[logging.StreamHandler] | None:
@@ -252,7 +264,10 @@ def plain_stream_handlers(logger: logging.Logger) -> list[logging.StreamHandler]
 
 
 def write_batch(
-    handler: logging.StreamHandler, entries: list[tuple[AccessEntry, int]], logger_name: str
+    handler: logging.StreamHandler,
+    entries: list[tuple[AccessEntry, int]],
+    logger_name: str,
+    direct: LineFormat | None = None,
 ) -> None:
     """`handler.handle` for each (entry, level), with one write and one flush for the lot.
 
@@ -261,13 +276,11 @@ def write_batch(
     the loop about as much again as its formatting (measured: BENCHMARKS.md, the
     tiny-model gap). Lines, levels and filters are as `handle` would make them.
 
-    A handler exactly as the app makes it (`request_log.direct_access_lines`) gets each
-    line straight from its entry: making a `LogRecord` and formatting it cost the
-    writer about 6 µs a line with the GIL held, which the event loop waited for.
+    Given `direct` (for a handler exactly as the app makes it:
+    `request_log.direct_access_lines`), each line comes straight from its entry: making
+    a `LogRecord` and formatting it cost the writer about 6 µs a line with the GIL
+    held, which the event loop waited for.
     """
-    from bnfold.service.request_log import direct_access_lines  # it imports this module
-
-    direct = direct_access_lines(handler)
     lines = []
     for entry, level in entries:
         if level < handler.level:

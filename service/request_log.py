@@ -21,7 +21,6 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,7 +28,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from bnfold.service.access_log import AccessEntry, access_fields, access_message
+from bnfold.service.access_log import AccessEntry, LineFormat, access_fields, access_message
 from bnfold.service.settings import LogFormat, LogLevel
 
 REQUEST_ID_HEADER = "x-request-id"  # the HTTP header, and the gRPC metadata key
@@ -186,9 +185,9 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(fields, option=orjson.OPT_UTC_Z).decode()
 
 
-def direct_access_lines(handler: logging.Handler) -> Callable[[AccessEntry, int, str], str] | None:
+def direct_access_lines(handler: logging.Handler) -> LineFormat | None:
     """The function that writes `handler`'s access lines straight from their entries
-    (`access_log.write_batch`), when the handler is exactly as `log_handler` makes it: our
+    (`access_log.write_batch`, given to the app's `AccessLog`), when the handler is exactly as `log_handler` makes it: our
     formatter with its own time format, and no filter but `RequestIdFilter`, which leaves
     an access record as it is. None for anything else, a subclass included (its `format`,
     `formatTime` or `filter` would be skipped): those handlers get log records."""

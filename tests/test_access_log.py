@@ -195,6 +195,12 @@ def test_probe_logged_at_debug(client: httpx.Client, capture: LogCapture) -> Non
     assert (line["level"], line["status"], line["path"]) == ("DEBUG", 200, "/v2/health/live")
 
 
+def test_the_app_writes_lines_straight_from_entries(server: RunningServer) -> None:
+    """The running app's access log is given the chooser of direct lines (what a request's
+    line looks like either way is the other tests' business)."""
+    assert server.app.state.access_log.direct_lines is direct_access_lines
+
+
 @pytest.mark.parametrize("capture", [(LogFormat.TEXT, LogLevel.INFO)], indirect=True)
 def test_text_access_line(client: httpx.Client, capture: LogCapture) -> None:
     response = client.get("/v2/models/mlp/versions/1", headers={"X-Request-ID": "text-1"})
@@ -315,7 +321,9 @@ def test_batch_of_lines_as_handle_writes_them() -> None:
         if add_filter:
             batched.addFilter(foreign)
             one_by_one.addFilter(foreign)
-        write_batch(batched, entries, "bnfold.access")
+        direct = direct_access_lines(batched)
+        assert (direct is None) is add_filter
+        write_batch(batched, entries, "bnfold.access", direct)
         for access_entry, _ in entries:
             one_by_one.handle(access_record(access_entry, "bnfold.access"))
         assert batched.stream.getvalue() == one_by_one.stream.getvalue()
@@ -350,7 +358,8 @@ def test_subclasses_and_foreign_parts_get_records() -> None:
         handler.addFilter(RequestIdFilter())
         if isinstance(formatter, Tagged | Dotted):
             assert direct_access_lines(handler) is None
-        write_batch(handler, [(access_entry, logging.INFO)], "bnfold.access")
+        direct = direct_access_lines(handler)
+        write_batch(handler, [(access_entry, logging.INFO)], "bnfold.access", direct)
         record = access_record(access_entry, "bnfold.access")
         assert handler.stream.getvalue() == formatter.format(record) + "\n"
     assert '"service":"bnfold"' in Tagged().format(access_record(access_entry))
@@ -358,7 +367,7 @@ def test_subclasses_and_foreign_parts_get_records() -> None:
     filtered.filters[:] = [NoProbes()]
     assert direct_access_lines(filtered) is None
     probe = AccessEntry(*ODD_ENTRIES[1])
-    write_batch(filtered, [(probe, access_level(probe))], "bnfold.access")
+    write_batch(filtered, [(probe, access_level(probe))], "bnfold.access", None)
     assert filtered.stream.getvalue() == ""
     record = access_record(access_entry)
     assert record.msg == _MESSAGE

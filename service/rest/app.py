@@ -33,7 +33,7 @@ from bnfold.service.metrics import ServiceMetrics
 from bnfold.service.providers import resolve_providers
 from bnfold.service.recalibration import Recalibrations
 from bnfold.service.registry import ModelRegistry, ModelState
-from bnfold.service.request_log import configure_logging
+from bnfold.service.request_log import configure_logging, direct_access_lines
 from bnfold.service.rest import errors, openapi
 from bnfold.service.rest.access import RequestLogMiddleware
 from bnfold.service.rest.bodies import DecodeBudget
@@ -225,7 +225,9 @@ def create_app(
     app.state.decode_budget = DecodeBudget(settings.decode_budget)
     errors.install(app)
     # outermost of our middleware: request ids and access lines for every request
-    app.state.access_log = AccessLog() if settings.access_log else None
+    app.state.access_log = (
+        AccessLog(direct_lines=direct_access_lines) if settings.access_log else None
+    )
     app.add_middleware(RequestLogMiddleware, access_log=app.state.access_log)
     app.inference_lane = InferenceLane(app.state.access_log)
     for router in (
