@@ -165,7 +165,10 @@ def _burst(server: ServerProcess, repository: Path, workers: int) -> tuple[Burst
 
     def probe() -> None:
         while time.monotonic() < window_over - 0.3:
-            burst.readiness.append((time.monotonic(), _probe(server.port, "/v2/health/ready")))
+            # timed when the answer came: a probe sent just before the signal may be
+            # answered after it, rightly with 503
+            answer = _probe(server.port, "/v2/health/ready")
+            burst.readiness.append((time.monotonic(), answer))
             time.sleep(0.05)
         # the listener closes at the window's end; probe once it surely has
         time.sleep(max(0.0, window_over + LATE - time.monotonic()))
