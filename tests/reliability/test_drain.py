@@ -264,8 +264,10 @@ def test_supervisor_still_replaces_a_dead_worker_then_drains(reliability_reposit
 # ---------------------------------------------------------------- gRPC
 
 
-def _grpc_infer(address: str, repository: Path, model: str, rows: int) -> None:
-    """One gRPC inference, checked bit for bit against onnxruntime on the same package."""
+def _grpc_call(address: str, repository: Path, model: str, rows: int) -> Callable[[], None]:
+    """One gRPC inference prepared in full (inputs, the onnxruntime reference, a connected
+    channel): the function returned makes the call at once and checks the answer bit for
+    bit."""
     inputs = random_inputs(model, rows, np.random.default_rng(rows))
     version = 2 if model == "mlp" else 1
     session = reference_session(repository / model / str(version) / "model.onnx")
@@ -275,13 +277,23 @@ def _grpc_infer(address: str, repository: Path, model: str, rows: int) -> None:
         tensor.set_data_from_numpy(array)
         tensors.append(tensor)
     client = triton.InferenceServerClient(address)
-    try:
-        result = client.infer(model, tensors)
-    finally:
-        client.close()
-    for output in session.get_outputs():
-        expected = session.run([output.name], inputs)[0]
-        np.testing.assert_array_equal(result.as_numpy(output.name), expected)
+    client.is_server_live()  # the channel is connected: the call starts within milliseconds
+
+    def call() -> None:
+        try:
+            result = client.infer(model, tensors)
+        finally:
+            client.close()
+        for output in session.get_outputs():  # after the call: a large run takes seconds
+            expected = session.run([output.name], inputs)[0]
+            np.testing.assert_array_equal(result.as_numpy(output.name), expected)
+
+    return call
+
+
+def _grpc_infer(address: str, repository: Path, model: str, rows: int) -> None:
+    """One gRPC inference, checked bit for bit against onnxruntime on the same package."""
+    _grpc_call(address, repository, model, rows)()
 
 
 def _server_ready(address: str) -> bool:
@@ -304,6 +316,9 @@ def test_grpc_serves_through_the_window_not_ready_then_refuses(
         ]  # fmt: skip
         address = f"127.0.0.1:{port}"
         assert _server_ready(address)
+        # prepared (and connected) before the signal: the call must start just before the
+        # window's end, and preparing it took long enough on a loaded CI machine to miss it
+        straddler = _grpc_call(address, reliability_repository, "slow", STRADDLER_ROWS)
         signalled = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         while _server_ready(address):
@@ -313,7 +328,7 @@ def test_grpc_serves_through_the_window_not_ready_then_refuses(
         assert time.monotonic() - signalled < drain, "too slow to test inside the window"
         # a call in flight at the window's end is answered within the grace period
         time.sleep(max(0.0, signalled + drain - 0.3 - time.monotonic()))
-        _grpc_infer(address, reliability_repository, "slow", STRADDLER_ROWS)
+        straddler()
         assert time.monotonic() > signalled + drain
         with pytest.raises(InferenceServerException):
             _grpc_infer(address, reliability_repository, "mlp", 3)
