@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 from prometheus_client.core import Metric
@@ -83,26 +83,34 @@ def _shape_text(shape: Sequence[int]) -> str:
 def check_inputs(model: LoadedModel, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The feeds, once every input matches the manifest by name, datatype and shape and
     holds finite numbers (else 422: NaN or infinity in, NaN out, or a JSON null)."""
-    expected = {tensor.name: tensor for tensor in model.inputs}
-    unknown = [name for name in inputs if name not in expected]
-    if unknown:
-        raise Unprocessable(
-            f"unknown input {unknown[0]!r}: {model.name} takes {', '.join(expected)}"
-        )
-    missing = [name for name in expected if name not in inputs]
-    if missing:
-        raise Unprocessable(
-            f"missing input {missing[0]!r}: {model.name} takes {', '.join(expected)}"
-        )
+    tensors = model.inputs
+    if len(inputs) != len(tensors):
+        _refuse_input_names(model, inputs)
+    for tensor in tensors:  # loops, not comprehensions: this runs for every request
+        if tensor.name not in inputs:
+            _refuse_input_names(model, inputs)
+    feeds: dict[str, np.ndarray] = {}
     batch_sizes = set()
-    for name, tensor in expected.items():
-        array = inputs[name]
+    for tensor in tensors:
+        array = feeds[tensor.name] = inputs[tensor.name]
         _check_tensor(tensor, array)
         if tensor.shape and tensor.shape[0] == -1:
             batch_sizes.add(array.shape[0])
     if len(batch_sizes) > 1:
         raise Unprocessable(f"the inputs disagree on the batch size: {sorted(batch_sizes)}")
-    return {name: inputs[name] for name in expected}
+    return feeds
+
+
+def _refuse_input_names(model: LoadedModel, inputs: Mapping[str, np.ndarray]) -> NoReturn:
+    """422 for the first input the model does not take, else for the first one missing."""
+    expected = [tensor.name for tensor in model.inputs]
+    for name in inputs:
+        if name not in expected:
+            raise Unprocessable(f"unknown input {name!r}: {model.name} takes {', '.join(expected)}")
+    for name in expected:
+        if name not in inputs:
+            raise Unprocessable(f"missing input {name!r}: {model.name} takes {', '.join(expected)}")
+    raise Unprocessable(f"the inputs do not match {model.name}'s: it takes {', '.join(expected)}")
 
 
 def _shape_fits(declared: tuple[int, ...], shape: tuple[int, ...]) -> bool:

@@ -134,6 +134,9 @@ class ModelRegistry:
         self._table: Table = {}
         # under the `specific` policy: the version unversioned requests hit, per model
         self._pinned: dict[str, int] = {}
+        # the newest ready version of each model, by the versions table it was found in: a
+        # table is replaced, never changed, so the lookup on every request is one dict get
+        self._newest: dict[str, tuple[dict[int, ModelVersion], LoadedModel]] = {}
         # the config override of the last load of each model that had one
         self._overrides: dict[str, ConfigOverride] = {}
         self._lock = threading.Lock()
@@ -315,10 +318,15 @@ class ModelRegistry:
                         f"specific) is not ready: {why}"
                     )
                 return entry.model
+            newest = self._newest.get(name)
+            if newest is not None and newest[0] is versions:
+                return newest[1]
             ready = [entry.model for entry in versions.values() if entry.model is not None]
             if not ready:
                 raise Unavailable(f"model {name!r} is not ready: {_reasons(versions)}")
-            return max(ready, key=lambda model: model.version)
+            model = max(ready, key=lambda model: model.version)
+            self._newest[name] = (versions, model)
+            return model
         number = parse_version(version)
         entry = None if number is None else versions.get(number)
         if entry is None:
