@@ -50,6 +50,9 @@ class DecodedRequest:
     outputs: tuple[RequestedOutput, ...] | None
     binary_output: bool
     fields: dict[str, Any]
+    # inputs whose values the decoder found finite (JSON numbers): `check_inputs` need
+    # not look again
+    finite: frozenset[str] = frozenset()
 
     def binary_for(self, name: str) -> bool:
         """Whether output `name` goes back as binary: its own flag, else the request default."""
@@ -114,13 +117,17 @@ def decode_request(body: bytes, header_length: int | None) -> DecodedRequest:
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise BadRequest("'inputs' must be a non-empty array of tensors")
     inputs: dict[str, np.ndarray] = {}
+    finite: list[str] = []
     offset = 0
     for position, raw_input in enumerate(raw_inputs):
         name, array, consumed = _decode_input(position, raw_input, binary, offset)
         if name in inputs:
             raise BadRequest(f"input '{name}' appears more than once")
         inputs[name] = array
-        offset += consumed
+        if consumed is None:  # JSON numbers (orjson refuses NaN and infinity) that fit
+            finite.append(name)
+        else:
+            offset += consumed
     if offset != len(binary):
         raise BadRequest(
             f"the body has {len(binary)} bytes after the JSON header but the inputs' "
@@ -128,7 +135,7 @@ def decode_request(body: bytes, header_length: int | None) -> DecodedRequest:
         )
 
     outputs = _decode_outputs(fields.get("outputs"), binary_output)
-    return DecodedRequest(request_id, inputs, outputs, binary_output, fields)
+    return DecodedRequest(request_id, inputs, outputs, binary_output, fields, frozenset(finite))
 
 
 def _parameters(value: object, owner: str) -> dict[str, Any]:
@@ -141,7 +148,8 @@ def _parameters(value: object, owner: str) -> dict[str, Any]:
 
 def _decode_input(
     position: int, raw: object, binary: memoryview, offset: int
-) -> tuple[str, np.ndarray, int]:
+) -> tuple[str, np.ndarray, int | None]:
+    """The input's name, its array, and the binary bytes it took (None: JSON data)."""
     if not isinstance(raw, dict):
         raise BadRequest(f"inputs[{position}] must be a JSON object")
     name = raw.get("name")
@@ -164,7 +172,7 @@ def _decode_input(
     if size is None:
         if "data" not in raw:
             raise BadRequest(f"input '{name}' has neither 'data' nor binary_data_size")
-        return name, _json_array(name, raw["data"], shape, datatype, count), 0
+        return name, _json_array(name, raw["data"], shape, datatype, count), None
     if "data" in raw:
         raise BadRequest(f"input '{name}' has both 'data' and binary_data_size")
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:

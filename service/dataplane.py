@@ -25,7 +25,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
@@ -80,9 +80,12 @@ def _shape_text(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(dim) for dim in shape) + "]"
 
 
-def check_inputs(model: LoadedModel, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def check_inputs(
+    model: LoadedModel, inputs: Mapping[str, np.ndarray], finite: Collection[str] = ()
+) -> dict[str, np.ndarray]:
     """The feeds, once every input matches the manifest by name, datatype and shape and
-    holds finite numbers (else 422: NaN or infinity in, NaN out, or a JSON null)."""
+    holds finite numbers (else 422: NaN or infinity in, NaN out, or a JSON null). Inputs
+    named in `finite` are known to hold finite numbers (the JSON decoder's)."""
     tensors = model.inputs
     if len(inputs) != len(tensors):
         _refuse_input_names(model, inputs)
@@ -93,7 +96,7 @@ def check_inputs(model: LoadedModel, inputs: Mapping[str, np.ndarray]) -> dict[s
     batch_sizes = set()
     for tensor in tensors:
         array = feeds[tensor.name] = inputs[tensor.name]
-        _check_tensor(tensor, array)
+        _check_tensor(tensor, array, tensor.name in finite)
         if tensor.shape and tensor.shape[0] == -1:
             batch_sizes.add(array.shape[0])
     if len(batch_sizes) > 1:
@@ -123,7 +126,7 @@ def _shape_fits(declared: tuple[int, ...], shape: tuple[int, ...]) -> bool:
     return True
 
 
-def _check_tensor(tensor: ManifestTensor, array: np.ndarray) -> None:
+def _check_tensor(tensor: ManifestTensor, array: np.ndarray, finite: bool) -> None:
     datatype = DATATYPE_OF_DTYPE[array.dtype]
     if datatype != tensor.datatype:
         raise Unprocessable(
@@ -134,7 +137,7 @@ def _check_tensor(tensor: ManifestTensor, array: np.ndarray) -> None:
             f"input {tensor.name!r} has shape {_shape_text(array.shape)} but the model expects "
             f"{_shape_text(tensor.shape)} (-1: any size)"
         )
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
+    if not finite and array.dtype.kind == "f" and not np.isfinite(array).all():
         raise Unprocessable(
             f"input {tensor.name!r} contains NaN or infinity: the service takes finite values only"
         )
@@ -408,10 +411,12 @@ class DataPlane:
         version: str | None,
         inputs: Mapping[str, np.ndarray],
         output_names: Sequence[str] | None,
+        finite_inputs: Collection[str] = (),
     ) -> Prediction:
         """Run one inference request: the transport-neutral entry point (REST infer, gRPC
         ModelInfer). `inputs`: the decoded tensors by input name; `output_names`: the
-        outputs to return, in that order (None: all, manifest order).
+        outputs to return, in that order (None: all, manifest order); `finite_inputs`: the
+        inputs the decoder found finite (`DecodedRequest.finite`), not scanned again.
 
         Raises the service's errors: `Unavailable` (server or model not ready), `NotFound`,
         `Unprocessable` (tensors that do not fit the model, a run that fails), `QueueFull`.
@@ -430,7 +435,7 @@ class DataPlane:
         model = self.registry.get(name, version)
         started = time.perf_counter_ns()
         try:
-            feeds = check_inputs(model, inputs)
+            feeds = check_inputs(model, inputs, finite_inputs)
             selected = select_outputs(model, output_names)
             rows = _batch_size(feeds)
             self.metrics.batch_size.labels(model.name, "infer").observe(rows)

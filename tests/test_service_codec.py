@@ -179,6 +179,30 @@ def test_json_and_binary_inputs_mix() -> None:
     np.testing.assert_array_equal(decoded.inputs["b"], binary)
 
 
+def test_json_inputs_are_marked_finite_and_binary_inputs_are_not() -> None:
+    """`DecodedRequest.finite`: the inputs `check_inputs` need not scan for NaN or
+    infinity. JSON numbers qualify (orjson refuses NaN, Infinity and 1e400; an FP32
+    overflow is a 400 here); binary bytes can hold anything."""
+    binary = np.array([np.nan, np.inf], dtype=np.float32)
+    header = {
+        "inputs": [
+            {"name": "j", "shape": [2], "datatype": "FP32", "data": [1.5, -3e38]},
+            {"name": "b", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": 8}},
+        ]
+    }
+    body, header_length = _binary_body(header, binary)
+    decoded = decode_request(body, header_length)
+    assert decoded.finite == frozenset({"j"})
+    assert np.isfinite(decoded.inputs["j"]).all()
+    for text in (b"NaN", b"Infinity", b"-Infinity", b"1e400"):
+        body = b'{"inputs": [{"name": "j", "shape": [1], "datatype": "FP64", "data": [%s]}]}'
+        with pytest.raises(BadRequest, match="malformed JSON"):
+            decode_request(body % text, None)
+    overflow = b'{"inputs": [{"name": "j", "shape": [1], "datatype": "FP32", "data": [1e39]}]}'
+    with pytest.raises(BadRequest, match="values overflow FP32"):
+        decode_request(overflow, None)
+
+
 @pytest.mark.parametrize(
     ("sizes", "extra", "message"),
     [

@@ -306,6 +306,26 @@ def test_400_binary_framing(client: httpx.Client, batch: np.ndarray) -> None:
     assert "binary_data_size 160 runs past the end" in _error(truncated, 400)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_422_non_finite_binary_inputs_json_numbers_need_no_second_look(
+    client: httpx.Client, batch: np.ndarray, bad: float
+) -> None:
+    """Binary tensors are scanned for NaN and infinity; JSON numbers cannot hold them
+    (the decoder marks them finite and the scan skips them), and still answer the same."""
+    spoiled = batch.copy()
+    spoiled[2, 3] = bad
+    body, headers = _binary_request(spoiled, None)
+    message = _error(client.post("/v2/models/mlp/infer", content=body, headers=headers), 422)
+    assert message == (
+        "input 'input' contains NaN or infinity: the service takes finite values only"
+    )
+    as_json = client.post("/v2/models/mlp/infer", json=_mlp_request(batch))
+    body, headers = _binary_request(batch, None)
+    as_binary = client.post("/v2/models/mlp/infer", content=body, headers=headers)
+    assert as_json.status_code == as_binary.status_code == 200
+    assert as_json.json()["outputs"] == as_binary.json()["outputs"]
+
+
 def test_422_shape_mismatch_names_the_expected_shape(client: httpx.Client) -> None:
     wrong = _mlp_request(np.zeros((2, 7), dtype=np.float32))
     message = _error(client.post("/v2/models/mlp/infer", json=wrong), 422)

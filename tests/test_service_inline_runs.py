@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,8 +28,10 @@ from reliability.harness import ServerProcess, server_process
 from reliability.packages import SLOW_WIDTH, write_slow
 from test_service_batching import metric, v2_body, v2_outputs
 
-from bnfold.service.batching import RunEstimate
+from bnfold.service.batching import RunEstimate, RunSlots
 from bnfold.service.rest.lane import inference_target
+from bnfold.service.runs import RUN_ERRORS
+from bnfold.service.sessions import session_runner
 from bnfold.service.statistics import Execution
 
 from service_packages import MLP_IN, lookup_table, write_lookup, write_mlp
@@ -258,3 +261,39 @@ def test_an_exploring_run_measured_cheap_brings_the_estimate_under_the_limit() -
             estimate.observe(Execution(1, 0, 10_000, 0, 10_000))
     assert estimate.ns is not None and estimate.ns < 40_000
     assert inline_runs > 2 * RunEstimate.EXPLORE_EVERY
+
+
+def test_run_slots_hand_out_each_slot_once_until_given_back() -> None:
+    """`RunSlots`: `concurrent_runs` slots between inline runs (take, or None) and run
+    threads (wait); a thread waiting for a slot runs once one is given back."""
+    slots = RunSlots(2)
+    first, second = slots.take(), slots.take()
+    assert {first, second} == {0, 1} and slots.take() is None
+    taken: list[int] = []
+    waiter = threading.Thread(target=lambda: taken.append(slots.wait()))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive() and not taken  # no slot free: the run thread waits
+    assert first is not None
+    slots.give(first)
+    waiter.join(10)
+    assert taken == [first] and slots.take() is None
+
+
+def test_the_session_runner_of_a_cpu_session_answers_as_its_run_does(
+    repository: Path,
+) -> None:
+    """`session_runner`: a CPU session's native run (none of the Python class's per-call
+    checks), called as the batcher calls it, gives session.run's outputs bit for bit, and
+    refuses input the graph cannot take with one of the errors the batcher maps to 422."""
+    session = ort.InferenceSession(
+        str(repository / "mlp" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    run = session_runner(session)
+    assert run is not session.run
+    names = [output.name for output in session.get_outputs()]
+    feeds = {"input": np.random.default_rng(5).normal(size=(3, MLP_IN)).astype(np.float32)}
+    for got, expected in zip(run(names, feeds, None), session.run(names, feeds), strict=True):
+        np.testing.assert_array_equal(got, expected)
+    with pytest.raises(RUN_ERRORS):
+        run(names, {"input": np.zeros((3, MLP_IN + 1), dtype=np.float32)}, None)

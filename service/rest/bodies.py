@@ -328,6 +328,21 @@ async def _run(large: bool, function: Callable[..., Result], *args: Any) -> Resu
     return function(*args)
 
 
+_INFERENCE_FIELD = INFERENCE_HEADER.lower().encode("latin-1")
+
+
+def _header(request: Request, name: bytes) -> str | None:
+    """The first value of header `name` (lower case, as ASGI gives names), or None.
+
+    Read from the scope rather than `request.headers`: Starlette's mapping raises and
+    catches a KeyError for each absent field, and an inference request looks up three
+    that are usually absent or first."""
+    for key, value in request.scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
 async def read_body(request: Request, limit: int, share: BudgetShare) -> Body:
     """The body, its bytes held from `share` while it is read (module docstring: Reading).
 
@@ -338,12 +353,12 @@ async def read_body(request: Request, limit: int, share: BudgetShare) -> Body:
     step on top of its own bytes; the caller then resizes the share to the
     decode estimate, which counts the body once.
     """
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    encoding = (_header(request, b"content-encoding") or "identity").strip().lower()
     if encoding not in _WBITS and encoding not in ("", "identity"):
         raise UnsupportedMediaType(
             f"unsupported Content-Encoding {encoding!r}; use gzip or deflate"
         )
-    declared = request.headers.get("content-length")
+    declared = _header(request, b"content-length")
     if declared is None:
         body = await _read_chunked(request, limit, share)
     else:
@@ -396,20 +411,24 @@ async def _read_declared(request: Request, size: int) -> Body:
     whole: bytes = b""
     buffer: bytearray | None = None
     received = 0
-    try:
-        async for chunk in request.stream():
-            end = received + len(chunk)
-            if end > size:  # httptools and h11 stop at the declared length; a guard, not a path
-                raise BadRequest(f"request body is longer than its Content-Length of {size}")
-            if buffer is None and not received and end == size:
-                whole = chunk
-            elif chunk:
-                if buffer is None:
-                    buffer = bytearray(size)
-                buffer[received:end] = chunk
-            received = end
-    except ClientDisconnect:
-        raise _disconnected(received) from None
+    receive = request.receive  # not `request.stream()`: an async generator per request
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":  # http.disconnect
+            raise _disconnected(received)
+        chunk = message.get("body", b"")
+        more = message.get("more_body", False)
+        end = received + len(chunk)
+        if end > size:  # httptools and h11 stop at the declared length; a guard, not a path
+            raise BadRequest(f"request body is longer than its Content-Length of {size}")
+        if buffer is None and not received and end == size:
+            whole = chunk
+        elif chunk:
+            if buffer is None:
+                buffer = bytearray(size)
+            buffer[received:end] = chunk
+        received = end
     if received != size:
         raise _disconnected(received)
     return whole if buffer is None else buffer
@@ -497,7 +516,7 @@ class DecodedRequestBlock:
         share, request = self._share, self._request
         try:
             body, header_length = await _held_body(
-                request, self._limit, share, request.headers.get(INFERENCE_HEADER)
+                request, self._limit, share, _header(request, _INFERENCE_FIELD)
             )
             if share.cost > OFF_LOOP_BYTES:
                 return await asyncio.to_thread(decode_request, frozen(body), header_length)
@@ -517,7 +536,7 @@ async def held_body(
     """The raw body and its V2 JSON header length, the decode cost held from `budget` until
     the block ends: for endpoints that choose how to decode by what the body holds."""
     with budget.share() as share:
-        yield await _held_body(request, limit, share, request.headers.get(INFERENCE_HEADER))
+        yield await _held_body(request, limit, share, _header(request, _INFERENCE_FIELD))
 
 
 async def run_sized(size: int, function: Callable[..., Result], *args: Any) -> Result:

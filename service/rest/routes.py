@@ -205,7 +205,11 @@ async def infer_request(request: Request, name: str, version: str | None) -> Res
                 adopt_body_id(decoded.id)
                 with watch:
                     prediction = await dataplane.predict(
-                        name, version, decoded.inputs, request_output_names(decoded)
+                        name,
+                        version,
+                        decoded.inputs,
+                        request_output_names(decoded),
+                        decoded.finite,
                     )
                 note_model(prediction.model.name, prediction.model.version)
                 span.predicted(prediction)
