@@ -287,7 +287,11 @@ def _check_values(name: str, values: np.ndarray, datatype: str) -> None:
     if kind not in "iuf":
         raise BadRequest(f"input '{name}': {datatype} data must be numbers")
     if target.itemsize < 8:
-        largest = max(float(values.max()), -float(values.min()))
+        # one reduction for floats (abs is exact for them; an int64 minimum's is not)
+        if kind == "f":
+            largest = float(np.abs(values).max())
+        else:
+            largest = max(float(values.max()), -float(values.min()))
         if largest > _FLOAT_MAX[target]:
             raise BadRequest(f"input '{name}': values overflow {datatype} (|x| up to {largest})")
 
