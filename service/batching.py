@@ -40,8 +40,8 @@ Tiny models run inline: handing a run to a run thread and its outcome back
 (a futex wake-up, the GIL changing hands twice, `call_soon_threadsafe` waking
 the event loop) costs the process INLINE_RUN_NS or more of CPU, several times a
 batch-1 run of the digits MLP (BENCHMARKS.md). So a request whose run the
-version's running estimate (`RunEstimate`, from every run it made) puts under
-that cost is run on the event loop itself, when nothing of that version is
+version's running estimate (`RunEstimate`: its inline runs' cost once it has
+some, else its run-thread runs') puts under that cost is run on the event loop itself, when nothing of that version is
 queued or running, no gathering delay is asked for, and a run slot of
 `concurrent_runs` is free at once (an inline run holds one like any run). A
 run estimated at up to 4x that cost still runs inline once in 32 requests, to
@@ -88,59 +88,111 @@ Served = tuple[list[np.ndarray], int, Execution]
 INLINE_RUN_NS = 40_000
 
 
-class RunEstimate:
-    """A version's running estimate of its session.run time and rows; event loop only.
+class RunMean:
+    """An exponential mean of one kind of run's nanoseconds and rows.
 
-    Measured as the calling thread's CPU (`Execution.infer_cpu_ns`): the wall
-    time on a run thread includes waiting for the GIL after the run, which
-    made a 4 µs run look like 35. Exponential means that follow a faster run at
-    once (half way) and a slower one slowly (an eighth): a first run on a cold
-    thread took 200 µs where the next ones took 10, and a run the machine
-    preempted is not the model's cost either; a model whose runs are slow stays
-    slow in it. A run of `rows` rows is expected to cost the mean run, times
-    rows / mean rows when it has more: never less than a run of the rows the
-    mean came from, so a model with a large cost per run is not taken for cheap
-    by its merged runs' cost per row.
+    It follows a faster run at once (half way) and a slower one slowly (an
+    eighth, of at most twice the mean): a first run on a cold thread took
+    200 µs where the next ones took 10, and a run the machine preempted or that
+    waited for the GIL is not the model's cost either. A model whose runs are
+    slow still becomes slow in it, by an eighth a run. A run of `rows` rows is
+    expected to cost the mean run, times rows / mean rows when it has more:
+    never less than a run of the rows the mean came from, so a model with a
+    large cost per run is not taken for cheap by its merged runs' cost per row.
     """
 
-    __slots__ = ("declined", "ns", "rows")
-    FASTER = 0.5  # weight of a run faster than the estimate
+    __slots__ = ("ns", "rows")
+    FASTER = 0.5  # weight of a run faster than the mean
     SLOWER = 0.125  # of a slower one
-    #: A run expected between the limit and this many times it still runs inline once in
-    #: `EXPLORE_EVERY` such requests (`inline`).
-    EXPLORE_FACTOR = 4.0
-    EXPLORE_EVERY = 32
+    MOST_SLOWER = 2.0  # a slower run counts as at most this many times the mean
 
     def __init__(self) -> None:
         self.ns: float | None = None  # no run yet: nothing is known
         self.rows = 1.0
-        self.declined = 0  # requests kept off the loop since the last exploring run
 
-    def observe(self, execution: Execution) -> None:
-        ns, known = execution.infer_cpu_ns, self.ns
+    def observe(self, ns: float, rows: int) -> None:
+        known = self.ns
         if known is None:
-            self.ns, self.rows = ns, execution.rows
+            self.ns, self.rows = ns, rows
             return
-        weight = self.FASTER if ns < known else self.SLOWER
+        if ns < known:
+            weight = self.FASTER
+        else:
+            weight, ns = self.SLOWER, min(ns, self.MOST_SLOWER * known)
         self.ns = known + weight * (ns - known)
-        self.rows += weight * (execution.rows - self.rows)
+        self.rows += weight * (rows - self.rows)
+
+    def expected(self, rows: int) -> float | None:
+        known = self.ns
+        return None if known is None else known * max(1.0, rows / max(1.0, self.rows))
+
+
+class RunEstimate:
+    """A version's estimate of what a run costs the event loop; event loop only.
+
+    Two means (`RunMean`) of the calling thread's CPU in session.run
+    (`Execution.infer_cpu_ns`; the wall time includes waiting for the GIL after
+    the run, which made a 4 µs run look like 35, and under load the time the
+    thread was preempted: inline runs of 9 µs of CPU took 25-320 µs of wall time
+    at 8 clients): of the runs made inline, and of the runs made on run threads.
+    The decision goes by the inline runs' mean once there is one: run-thread runs
+    cost more than the same rows on the loop (the thread slept between requests
+    and its caches went cold), and under load they are merged runs: at 8 clients
+    the digits MLP's 8-row runs measured 60-140 µs of CPU on the run threads, and
+    one mean of both kept most requests off the loop (BENCHMARKS.md, the
+    tiny-model gap). Reading a thread's CPU clock is a system call (0.5 µs, twice
+    a run, against a 9 µs run), so an inline run reads it only when it explores,
+    while the loop's mean is unknown, and every `MEASURE_EVERY`-th run.
+    """
+
+    __slots__ = ("declined", "exploring", "loop", "thread", "unmeasured")
+    #: A run expected between the limit and this many times it still runs inline once in
+    #: `EXPLORE_EVERY` such requests (`inline`).
+    EXPLORE_FACTOR = 4.0
+    EXPLORE_EVERY = 32
+    MEASURE_EVERY = 8
+
+    def __init__(self) -> None:
+        self.loop = RunMean()  # inline runs
+        self.thread = RunMean()  # runs on run threads
+        self.declined = 0  # requests kept off the loop since the last exploring run
+        self.exploring = False  # whether the last inline decision was an exploring one
+        self.unmeasured = 0  # inline runs since the last one that read the CPU clock
+
+    def observe(self, execution: Execution, inline: bool) -> None:
+        """Count a run (0 CPU nanoseconds: an inline run that did not read the clock)."""
+        if not execution.infer_cpu_ns:
+            return
+        (self.loop if inline else self.thread).observe(execution.infer_cpu_ns, execution.rows)
+
+    def measures(self) -> bool:
+        """Whether the inline run about to start should read the thread's CPU clock; an
+        exploring decision counts as taken only here, as its run starts."""
+        self.unmeasured += 1
+        if self.exploring:
+            self.declined = 0
+        elif self.loop.ns is not None and self.unmeasured < self.MEASURE_EVERY:
+            return False
+        self.unmeasured = 0
+        return True
 
     def inline(self, rows: int, limit_ns: float) -> bool:
         """Whether a run of `rows` rows should run inline: expected to take less than
         `limit_ns`, or less than `EXPLORE_FACTOR` times it and the `EXPLORE_EVERY`-th such
         request since the last one that did.
 
-        Why explore: runs on a run thread measure more CPU than the same runs on the event
-        loop (the thread slept between requests, its caches went cold), and a slow or busy
-        machine doubles both. The digits MLP's runs measured 40-80 µs there on a loaded CI
-        machine, so its estimate, fed by run threads only, never went under the limit and
-        no run went inline in 1,000 requests. One run in 32 on the loop measures the run
-        where the decision is about; it costs the loop at most 4x the limit when it is
-        not cheap after all, and then the estimate keeps the runs on the threads."""
-        known = self.ns
-        if known is None:
-            return False
-        expected = known * max(1.0, rows / max(1.0, self.rows))
+        Why explore: with no inline run yet, the run threads' mean is all there is, and
+        it overstates the loop's cost (class docstring); a slow or busy machine doubles
+        both. The digits MLP's runs measured 40-80 µs on run threads on a loaded CI
+        machine, so no run went inline in 1,000 requests. One run in 32 on the loop
+        measures the run where the decision is about; it costs the loop at most 4x the
+        limit when it is not cheap after all, and then the runs stay on the threads."""
+        expected = self.loop.expected(rows)
+        if expected is None:
+            expected = self.thread.expected(rows)
+            if expected is None:
+                return False
+        self.exploring = False
         if expected < limit_ns:
             return True
         if expected >= limit_ns * self.EXPLORE_FACTOR:
@@ -148,7 +200,7 @@ class RunEstimate:
         self.declined += 1
         if self.declined < self.EXPLORE_EVERY:
             return False
-        self.declined = 0
+        self.exploring = True  # until it runs (`measures`): the queue may turn it away
         return True
 
 
@@ -201,18 +253,18 @@ def _run_inline(
     feeds: dict[str, np.ndarray],
     output_names: Sequence[str],
     rows: int,
+    measured: bool,
 ) -> Outcome:
-    """`_run_alone` on the event loop, whose CPU in the run is taken as its wall time: the
-    loop does nothing else meanwhile, and the thread's CPU clock is a system call (0.5 µs,
-    twice a run, a tenth of a digits-MLP run). A run stretched by a preemption or a wait
-    for the GIL reads slower than it was, which the estimate follows only slowly."""
+    """`_run_alone` on the event loop; the thread's CPU read only when `measured`
+    (`RunEstimate.measures`), else 0."""
     started = time.perf_counter_ns()
+    cpu_started = time.thread_time_ns() if measured else 0
     try:
         outputs = run(output_names, feeds, None)
     except RUN_ERRORS as exc:
         return run_failed(model_name, exc)
-    ns = time.perf_counter_ns() - started
-    return outputs, Execution(rows, 0, ns, 0, ns)
+    cpu_ns = time.thread_time_ns() - cpu_started if measured else 0
+    return outputs, Execution(rows, 0, time.perf_counter_ns() - started, 0, cpu_ns)
 
 
 def _run_merged(
@@ -384,16 +436,18 @@ class ModelQueue:
                 return None
         try:
             started = time.perf_counter_ns()
-            outcome = _run_inline(self._run, self.model.name, feeds, output_names, rows)
+            outcome = _run_inline(
+                self._run, self.model.name, feeds, output_names, rows, self._estimate.measures()
+            )
             seconds = (time.perf_counter_ns() - started) * 1e-9
         finally:
             self._run_slots.give(slot)
         self._inline_runs.inc()
         self._queue_time.observe(0.0)
         if isinstance(outcome, Exception):
-            self._record_run(seconds, rows, 1, ())
+            self._record_run(seconds, rows, 1, (), inline=True)
             raise outcome
-        self._record_run(seconds, rows, 1, (outcome[1],))
+        self._record_run(seconds, rows, 1, (outcome[1],), inline=True)
         return outcome[0], 0, outcome[1]
 
     def withdraw(self, future: asyncio.Future[Served]) -> bool:
@@ -443,7 +497,12 @@ class ModelQueue:
                 future.set_result((outcome[0], queue_ns, outcome[1]))
 
     def _record_run(
-        self, seconds: float, rows: int, requests: int, executions: Sequence[Execution]
+        self,
+        seconds: float,
+        rows: int,
+        requests: int,
+        executions: Sequence[Execution],
+        inline: bool = False,
     ) -> None:
         """On the event loop: one run's metrics, statistics and run-time estimate."""
         self._compute_time.observe(seconds)
@@ -451,7 +510,7 @@ class ModelQueue:
         self._run_requests.observe(requests)
         for execution in executions:
             self._statistics.record_execution(execution)
-            self._estimate.observe(execution)
+            self._estimate.observe(execution, inline)
 
     @staticmethod
     def _settle(batch: Sequence[_Pending], errors: Sequence[BaseException]) -> None:

@@ -50,8 +50,8 @@ class Execution:
     input_ns: int  # the requests' feeds merged into the run's (concatenated)
     infer_ns: int  # session.run
     output_ns: int  # the run's outputs split back per request
-    # the calling thread's CPU in session.run: the run without the wait for the GIL after it
-    # (up to 30 µs on a run thread while the event loop holds it); the batcher's estimate
+    # a run thread's CPU in session.run: the run without the wait for the GIL after it (up
+    # to 30 µs while the event loop holds it), for the batcher's estimate; 0 inline
     infer_cpu_ns: int = 0
 
 

@@ -28,7 +28,7 @@ from reliability.harness import ServerProcess, server_process
 from reliability.packages import SLOW_WIDTH, write_slow
 from test_service_batching import metric, v2_body, v2_outputs
 
-from bnfold.service.batching import RunEstimate, RunSlots
+from bnfold.service.batching import RunEstimate, RunMean, RunSlots
 from bnfold.service.rest.lane import inference_target
 from bnfold.service.runs import RUN_ERRORS
 from bnfold.service.sessions import session_runner
@@ -228,10 +228,19 @@ def test_the_direct_infer_path_keeps_errors_request_ids_and_routing(
 # ---------------------------------------------------------------- the inline decision
 
 
-def _estimate_at(ns: int) -> RunEstimate:
+def _estimate_at(ns: int, rows: int = 1) -> RunEstimate:
+    """An estimate that has seen one run-thread run of `ns` CPU nanoseconds."""
     estimate = RunEstimate()
-    estimate.observe(Execution(1, 0, ns, 0, ns))
+    estimate.observe(Execution(rows, 0, 2 * ns, 0, ns), inline=False)
     return estimate
+
+
+def _decide(estimate: RunEstimate, limit: int, ran: bool = True) -> bool:
+    """`estimate.inline`, and when it says yes and the run is made (`ran`), its start."""
+    decision = estimate.inline(1, limit)
+    if decision and ran:
+        estimate.measures()
+    return decision
 
 
 def test_the_decision_runs_cheap_runs_inline_and_explores_the_middle() -> None:
@@ -240,7 +249,7 @@ def test_the_decision_runs_cheap_runs_inline_and_explores_the_middle() -> None:
     limit = 40_000
     cheap, middle, costly = (_estimate_at(ns) for ns in (39_000, 80_000, 160_000))
     assert all(cheap.inline(1, limit) for _ in range(100))
-    decisions = [middle.inline(1, limit) for _ in range(3 * RunEstimate.EXPLORE_EVERY)]
+    decisions = [_decide(middle, limit) for _ in range(3 * RunEstimate.EXPLORE_EVERY)]
     assert [index for index, taken in enumerate(decisions) if taken] == [
         RunEstimate.EXPLORE_EVERY * k - 1 for k in (1, 2, 3)
     ]
@@ -250,17 +259,70 @@ def test_the_decision_runs_cheap_runs_inline_and_explores_the_middle() -> None:
     assert not cheap.inline(3, limit)
 
 
-def test_an_exploring_run_measured_cheap_brings_the_estimate_under_the_limit() -> None:
-    """The estimate follows a faster run half way: a run thread's 80 µs, then loop runs
-    of 10 µs, go under 40 µs after two exploring runs, and stay there."""
+def _loop_run(cpu_ns: int) -> Execution:
+    """An inline run of one row that read the CPU clock: `cpu_ns` (its wall time 3x that:
+    the loop was preempted, which the estimate must not count)."""
+    return Execution(1, 0, 3 * cpu_ns, 0, cpu_ns)
+
+
+def test_an_exploring_run_measured_cheap_on_the_loop_decides_from_then_on() -> None:
+    """Run threads' 80 µs runs keep a request off the loop but for one in EXPLORE_EVERY;
+    once one such run measured 10 µs of CPU on the loop, the loop's mean decides: every
+    request runs inline, and the run threads' costly merged runs (8 rows, 100 µs of
+    CPU, as under load at 8 clients) no longer move the decision for one row."""
     estimate = _estimate_at(80_000)
-    inline_runs = 0
-    for _ in range(4 * RunEstimate.EXPLORE_EVERY):
-        if estimate.inline(1, 40_000):
-            inline_runs += 1
-            estimate.observe(Execution(1, 0, 10_000, 0, 10_000))
-    assert estimate.ns is not None and estimate.ns < 40_000
-    assert inline_runs > 2 * RunEstimate.EXPLORE_EVERY
+    decisions = [_decide(estimate, 40_000) for _ in range(RunEstimate.EXPLORE_EVERY)]
+    assert decisions.count(True) == 1 and decisions[-1]
+    estimate.observe(_loop_run(10_000), inline=True)
+    for _ in range(50):
+        estimate.observe(Execution(8, 0, 120_000, 0, 100_000), inline=False)
+    assert all(_decide(estimate, 40_000) for _ in range(4 * RunEstimate.EXPLORE_EVERY))
+    assert not estimate.inline(8, 40_000)  # eight rows of a 10 µs row: 80 µs expected
+
+
+def test_an_exploring_decision_the_queue_turned_away_is_retried_by_the_next_request() -> None:
+    """Under load an exploring request often finds the queue busy and is submitted: the
+    next request explores instead of waiting EXPLORE_EVERY more."""
+    estimate = _estimate_at(80_000)
+    decisions = [_decide(estimate, 40_000, ran=False) for _ in range(RunEstimate.EXPLORE_EVERY)]
+    assert decisions[-1] and _decide(estimate, 40_000)  # turned away, then retried and run
+    assert not any(_decide(estimate, 40_000) for _ in range(RunEstimate.EXPLORE_EVERY - 1))
+
+
+def test_inline_runs_read_the_cpu_clock_to_explore_and_one_in_measure_every() -> None:
+    """The clock is a system call: read by the first inline run, by exploring runs, and
+    by every MEASURE_EVERY-th routine run; a run that did not read it (0 ns) is not
+    counted in the mean."""
+    estimate = RunEstimate()
+    estimate.observe(Execution(1, 0, 50_000, 0, 30_000), inline=False)
+    assert _decide(estimate, 40_000) and estimate.unmeasured == 0  # the first: measured
+    estimate.observe(_loop_run(10_000), inline=True)
+    reads = []
+    for _ in range(3 * RunEstimate.MEASURE_EVERY):
+        assert estimate.inline(1, 40_000)
+        reads.append(estimate.measures())
+        estimate.observe(Execution(1, 0, 10_000, 0, 0), inline=True)  # unread: ignored
+    assert reads.count(True) == 3 and reads[RunEstimate.MEASURE_EVERY - 1]
+    assert estimate.loop.ns == 10_000
+
+
+def test_a_preempted_run_moves_the_mean_an_eighth_of_the_mean_at_most() -> None:
+    """A 2 ms run among 10 µs ones (preempted, or waiting for the GIL) counts as twice the
+    mean, an eighth of the way: the next run still goes inline. A model that really
+    slowed down is followed, by an eighth of the mean per run."""
+    mean = RunMean()
+    mean.observe(10_000, 1)
+    mean.observe(2_000_000, 1)
+    assert mean.ns == 10_000 + RunMean.SLOWER * 10_000
+    estimate = RunEstimate()
+    estimate.observe(_loop_run(10_000), inline=True)
+    estimate.observe(_loop_run(2_000_000), inline=True)
+    assert estimate.inline(1, 40_000)
+    runs = 0
+    while estimate.inline(1, 40_000):
+        estimate.observe(_loop_run(400_000), inline=True)
+        runs += 1
+    assert runs == 11  # 11.25 µs to over 40 µs, 1/8 of the mean a run: 1.125 ** 11 > 40 / 11.25
 
 
 def test_run_slots_hand_out_each_slot_once_until_given_back() -> None:
