@@ -494,7 +494,10 @@ async def _held_body(
     """The body and its JSON header's length, its decode cost held from `share`."""
     body = await read_body(request, limit, share)
     length = parse_header_length(header_value, len(body))
-    cost = await _run(len(body) > OFF_LOOP_BYTES, decode_cost, body, length)
+    if len(body) > OFF_LOOP_BYTES:
+        cost = await asyncio.to_thread(decode_cost, body, length)
+    else:  # no coroutine for the common small body
+        cost = decode_cost(body, length)
     share.hold(cost, "decoding this request")
     return body, length
 

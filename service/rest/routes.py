@@ -193,7 +193,8 @@ async def infer_request(request: Request, name: str, version: str | None) -> Res
     cancels it (`disconnects`: dropped from the queue, never run) and gets no answer."""
     dataplane = dataplane_of(request)
     watch = disconnect_watcher(request).watch(request)
-    span = request_span(dataplane.tracing, "infer", "http", name, version, request.headers)
+    tracing = dataplane.tracing  # the headers only for a span: a mapping built per request
+    span = request_span(tracing, "infer", "http", name, version, request.headers if tracing else {})
     try:
         with span, dataplane.metrics.track(dataplane.model_label(name), "infer"):
             dataplane.admit_infer(name, version)
