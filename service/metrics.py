@@ -270,8 +270,11 @@ class TrackedRequest:
     ) -> None:
         self._gauge.dec()
         if exc is None:
-            code = 200
-        elif isinstance(exc, asyncio.CancelledError):
+            requests, latency = self._metrics.answered(self._model, self._endpoint)
+            requests.inc()
+            latency.observe(time.perf_counter() - self._started)
+            return
+        if isinstance(exc, asyncio.CancelledError):
             code = CLIENT_CLOSED_REQUEST
         elif isinstance(exc, Exception):
             code = as_service_error(exc).status_code
@@ -285,6 +288,7 @@ class TrackedRequest:
 
 class ServiceMetrics:
     def __init__(self) -> None:
+        self._answered: dict[tuple[str, str], tuple[CounterSeries, HistogramSeries]] = {}
         self.requests = Counter(
             "bnfold_requests",
             "Inference and compare requests by model, endpoint and outcome.",
@@ -357,6 +361,17 @@ class ServiceMetrics:
 
     def remove_source(self, source: MetricSource) -> None:
         self._families.sources.remove(source)
+
+    def answered(self, model: str, endpoint: str) -> tuple[CounterSeries, HistogramSeries]:
+        """The series a 200 of `model`'s `endpoint` counts in: looked up once per pair."""
+        key = (model, endpoint)
+        found = self._answered.get(key)
+        if found is None:
+            found = self._answered[key] = (
+                self.requests.labels(model, endpoint, "ok", "200"),
+                self.latency.labels(model, endpoint),
+            )
+        return found
 
     def track(self, model: str, endpoint: str) -> TrackedRequest:
         """Count one request with its outcome (from the error it raised, if any) and latency;

@@ -68,14 +68,19 @@ class InferenceLane:
             else {"model_name": name, "model_version": version}
         )
         bytes_in = 0
+        # the bytes read are counted for the access line only: none at --log-level warning
+        access_log = self.access_log
+        request_receive = receive
+        if access_log is not None and access_log.writes_lines:
 
-        async def counted_receive() -> Message:
-            nonlocal bytes_in
-            message = await receive()
-            bytes_in += len(message.get("body", b""))
-            return message
+            async def counted_receive() -> Message:
+                nonlocal bytes_in
+                message = await receive()
+                bytes_in += len(message.get("body", b""))
+                return message
 
-        request = Request(scope, counted_receive, send)
+            request_receive = counted_receive
+        request = Request(scope, request_receive, send)
         status = 0
         bytes_out = 0
         try:
@@ -87,12 +92,10 @@ class InferenceLane:
                 response = cut_off_response()
             response.raw_headers.append((REQUEST_ID_FIELD, context.request_id.encode("ascii")))
             status = response.status_code
-            await response(scope, counted_receive, send)
+            await response(scope, request_receive, send)
             bytes_out = len(response.body)
         except BaseException as exc:
             status = status or ended_status(exc)
             raise
         finally:
-            finish_request(
-                self.access_log, token, scope, context, status, bytes_in, bytes_out, started
-            )
+            finish_request(access_log, token, scope, context, status, bytes_in, bytes_out, started)
