@@ -6,17 +6,33 @@ servers, wrk, the CPU per request read from /proc). Run from the repository root
 
     .venv/bin/python benchmarks/tiny_gap_bench.py [--duration 5] [--rounds 3] [--bnfold-option=--no-grpc]
 
-Prints req/s, p50, server CPU µs/req (all
-threads / event loop) per run, and the median ratio bnfold / empty per client count.
+Prints req/s, p50, server CPU µs/req (all threads / event loop) per run, for bnfold
+the share of its runs made inline on the event loop (`bnfold_inline_runs_total`), and
+the median ratio bnfold / empty per client count.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
+import urllib.request
 
 from serving.harness import bnfold_command, empty_command, ensure_repository, free_port, serve
 from serving.load import check_answer, load, write_bodies
+
+
+def inline_share(base_url: str) -> tuple[float, float]:
+    """bnfold's runs so far, and how many of them ran inline (its /metrics); (0, 0) for a
+    server without them."""
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+
+    def total(metric: str) -> float:
+        found = re.search(rf'^{metric}{{model="digits_mlp"}} (\S+)$', text, re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
+
+    return total("bnfold_run_batch_size_count"), total("bnfold_inline_runs_total")
 
 
 def main() -> None:
@@ -40,12 +56,18 @@ def main() -> None:
                 url = f"{server.url}/v2/models/digits_mlp/infer"
                 check_answer(url, body)
                 for clients in arguments.clients:
+                    runs, inline = inline_share(server.url) if name == "bnfold" else (0, 0)
                     result = load(url, body, clients, arguments.duration, server.process.pid)
                     rates.setdefault((name, clients), []).append(result.rps)
+                    share = ""
+                    if name == "bnfold":
+                        runs_now, inline_now = inline_share(server.url)
+                        ran = max(1.0, runs_now - runs)
+                        share = f", inline runs {100 * (inline_now - inline) / ran:.0f} %"
                     print(
                         f"round {round_index + 1} {name:6s} c={clients}: {result.rps:8.1f} req/s "
                         f"p50 {result.p50_ms:.2f} ms, CPU µs/req {result.cpu_us:.0f} "
-                        f"(loop {result.loop_cpu_us:.0f}), errors {result.errors}",
+                        f"(loop {result.loop_cpu_us:.0f}), errors {result.errors}{share}",
                         flush=True,
                     )
     for clients in arguments.clients:
