@@ -41,8 +41,8 @@ Tiny models run inline: handing a run to a run thread and its outcome back
 the event loop) costs the process INLINE_RUN_NS or more of CPU, several times a
 batch-1 run of the digits MLP (BENCHMARKS.md). So a request whose run the
 version's running estimate (`RunEstimate`: its inline runs' cost once it has
-some, else its run-thread runs') puts under that cost is run on the event loop itself, when nothing of that version is
-queued or running, no gathering delay is asked for, and a run slot of
+some, else its run-thread runs') puts under that cost is run on the event loop
+itself, when nothing of that version is queued or running, no gathering delay is asked for, and a run slot of
 `concurrent_runs` is free at once (an inline run holds one like any run). A
 run estimated at up to 4x that cost still runs inline once in 32 requests, to
 measure it where the decision is about (`RunEstimate.inline`). An
@@ -253,27 +253,10 @@ def _run_alone(
     feeds: dict[str, np.ndarray],
     output_names: Sequence[str],
     rows: int,
+    measured: bool = True,
 ) -> Outcome:
-    started = time.perf_counter_ns()
-    cpu_started = time.thread_time_ns()
-    try:
-        outputs = run(output_names, feeds, None)
-    except RUN_ERRORS as exc:
-        return run_failed(model_name, exc)
-    cpu_ns = time.thread_time_ns() - cpu_started
-    return outputs, Execution(rows, 0, time.perf_counter_ns() - started, 0, cpu_ns)
-
-
-def _run_inline(
-    run: SessionRun,
-    model_name: str,
-    feeds: dict[str, np.ndarray],
-    output_names: Sequence[str],
-    rows: int,
-    measured: bool,
-) -> Outcome:
-    """`_run_alone` on the event loop; the thread's CPU read only when `measured`
-    (`RunEstimate.measures`), else 0."""
+    """One request's run; the calling thread's CPU in it read only when `measured` (an
+    inline run reads it when `RunEstimate.measures` says so), else 0."""
     started = time.perf_counter_ns()
     cpu_started = time.thread_time_ns() if measured else 0
     try:
@@ -453,7 +436,7 @@ class ModelQueue:
                 return None
         try:
             started = time.perf_counter_ns()
-            outcome = _run_inline(
+            outcome = _run_alone(
                 self._run, self.model.name, feeds, output_names, rows, self._estimate.measures()
             )
             seconds = (time.perf_counter_ns() - started) * 1e-9

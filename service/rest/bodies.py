@@ -336,7 +336,7 @@ def _header(request: Request, name: bytes) -> str | None:
 
     Read from the scope rather than `request.headers`: Starlette's mapping raises and
     catches a KeyError for each absent field, and an inference request looks up three
-    that are usually absent or first."""
+    fields, two of them usually absent."""
     for key, value in request.scope["headers"]:
         if key == name:
             return value.decode("latin-1")

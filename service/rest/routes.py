@@ -194,7 +194,8 @@ async def infer_request(request: Request, name: str, version: str | None) -> Res
     dataplane = dataplane_of(request)
     watch = disconnect_watcher(request).watch(request)
     tracing = dataplane.tracing  # the headers only for a span: a mapping built per request
-    span = request_span(tracing, "infer", "http", name, version, request.headers if tracing else {})
+    carrier = request.headers if tracing is not None else {}
+    span = request_span(tracing, "infer", "http", name, version, carrier)
     try:
         with span, dataplane.metrics.track(dataplane.model_label(name), "infer"):
             dataplane.admit_infer(name, version)
