@@ -266,7 +266,9 @@ def test_shutdown_drains_a_call_in_flight_and_refuses_new_ones(grpc_repository: 
     server = stack.enter_context(
         running_server(one_run_settings(grpc_repository, shutdown_grace_seconds=20))
     )
-    batch, tensor = slow_input(SLOW_ROWS, seed=3)
+    # three times the usual rows: the call must outlast the start of the shutdown for a
+    # new call to be refused meanwhile (at SLOW_ROWS it ended first about once in 20 runs)
+    batch, tensor = slow_input(3 * SLOW_ROWS, seed=3)
     results: dict[str, object] = {}
 
     def call() -> None:
