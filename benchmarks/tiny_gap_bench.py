@@ -14,25 +14,25 @@ the median ratio bnfold / empty per client count.
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
-import urllib.request
 
-from serving.harness import bnfold_command, empty_command, ensure_repository, free_port, serve
+from serving.harness import (
+    bnfold_command,
+    empty_command,
+    ensure_repository,
+    free_port,
+    metric_values,
+    serve,
+)
 from serving.load import check_answer, load, write_bodies
 
 
 def inline_share(base_url: str) -> tuple[float, float]:
-    """bnfold's runs so far, and how many of them ran inline (its /metrics); (0, 0) for a
-    server without them."""
-    with urllib.request.urlopen(f"{base_url}/metrics", timeout=30) as response:
-        text = response.read().decode()
-
-    def total(metric: str) -> float:
-        found = re.search(rf'^{metric}{{model="digits_mlp"}} (\S+)$', text, re.MULTILINE)
-        return float(found.group(1)) if found else 0.0
-
-    return total("bnfold_run_batch_size_count"), total("bnfold_inline_runs_total")
+    """bnfold's runs so far, and how many of them ran inline (its /metrics)."""
+    runs, inline = metric_values(
+        base_url, ["bnfold_run_batch_size_count", "bnfold_inline_runs_total"], "digits_mlp"
+    )
+    return runs, inline
 
 
 def main() -> None:

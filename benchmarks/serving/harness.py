@@ -101,15 +101,21 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def metric_sum_count(url: str, name: str, model: str) -> tuple[float, float]:
-    """The sum and count of a Prometheus histogram of the server at `url`, for one model."""
-    values = {"sum": 0.0, "count": 0.0}
+def metric_values(url: str, names: Sequence[str], model: str) -> list[float]:
+    """The values of the series `names` (0 when absent) of the server at `url`, for one model."""
+    values = dict.fromkeys(names, 0.0)
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
         for line in response.read().decode().splitlines():
-            for kind in values:
-                if line.startswith(f"{name}_{kind}{{") and f'model="{model}"' in line:
-                    values[kind] = float(line.rsplit(" ", 1)[1])
-    return values["sum"], values["count"]
+            name = line.split("{", 1)[0]
+            if name in values and f'model="{model}"' in line:
+                values[name] = float(line.rsplit(" ", 1)[1])
+    return [values[name] for name in names]
+
+
+def metric_sum_count(url: str, name: str, model: str) -> tuple[float, float]:
+    """The sum and count of a Prometheus histogram of the server at `url`, for one model."""
+    total, count = metric_values(url, [f"{name}_sum", f"{name}_count"], model)
+    return total, count
 
 
 @dataclass
