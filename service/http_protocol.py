@@ -11,7 +11,9 @@ uvicorn bounds a request in size nowhere and in time only between requests
 - a connection limit: a request on a connection opened past `max_connections`
   gets 503 with `Retry-After: 1`;
 - the drain hooks (drain.py): while draining, each response closes its
-  connection, and at shutdown a request partly received is finished first.
+  connection, and at shutdown a request partly received is finished first;
+- one send per response (whole_response.py): the request's transport holds the
+  head for the body, and the scope offers the app `respond` for a whole answer.
 
 A refusal (431, 408, 503) carries the V2 error body `{"error": "..."}` naming
 the limit and `Connection: close`, and goes through no exception handler (the
@@ -115,6 +117,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from uvicorn.server import ServerState
 
 from bnfold.service.drain import DRAIN_STATE_KEY, DrainState
+from bnfold.service.whole_response import RESPOND_EXTENSION, OneSendResponses, respond
 
 LINGER_SECONDS = 2.0
 """How long a refused connection keeps reading (and discarding) before it closes.
@@ -233,57 +236,6 @@ class _Phase(enum.Enum):
     BODY = enum.auto()  # the head is complete, the message not yet
 
 
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-#: Above this, a held head and the body go out by writelines (no joined copy of the body).
-_JOIN_LIMIT = 64 * 1024
-
-
-class OneSendResponses:
-    """A request's view of the transport: the response head is held until the first body
-    write, and both go out in one send.
-
-    uvicorn writes a response's head and its body separately, and with uvloop each
-    write is its own `send` system call when the socket has room: two per response,
-    where one does (measured in BENCHMARKS.md, the tiny-model gap: the second send was
-    the largest single cost of a small response on the event loop). ASGI completes
-    every response with a body message, even an empty one, so a held head always
-    leaves, at the latest when the cycle closes the transport; the exception is HEAD,
-    whose body uvicorn never writes, so HEAD requests keep the plain transport. A
-    `100 Continue` is no response head and goes at once.
-    """
-
-    __slots__ = ("_head", "_head_passed", "_transport")
-
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self._transport = transport
-        self._head: bytes | None = None
-        self._head_passed = False
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._head_passed:
-            self._transport.write(data)
-        elif self._head is not None:
-            head, self._head = self._head, None
-            self._head_passed = True
-            if len(data) <= _JOIN_LIMIT:
-                self._transport.write(head + bytes(data))
-            else:
-                self._transport.writelines((head, data))
-        elif data == _CONTINUE:
-            self._transport.write(data)
-        else:  # the cycle's first write but a 100 Continue is its response head
-            self._head = bytes(data)
-
-    def close(self) -> None:
-        head, self._head = self._head, None
-        if head is not None:
-            self._transport.write(head)
-        self._transport.close()
-
-    def is_closing(self) -> bool:
-        return self._transport.is_closing()
-
-
 class GuardedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, bounding a client's head, body, time and connections."""
 
@@ -365,6 +317,13 @@ class GuardedProtocol(HttpToolsProtocol):
             return
         if self._phase is _Phase.IDLE and self._head_began is None:
             self._head_began = self.clock.now()  # a byte between requests: a head begins
+        counted = self._counted_bytes
+        if counted is None or counted + len(data) <= self.limits.head.max_bytes:
+            # the loop's first and only turn, without its slicing (most reads are one request)
+            if counted is not None:
+                self._counted_bytes = counted + len(data)
+            self._feed(data)
+            return
         unread = memoryview(data)
         while unread:
             if self._counted_bytes is None:
@@ -380,14 +339,22 @@ class GuardedProtocol(HttpToolsProtocol):
                     return
                 piece, unread = unread[:room], unread[room:]
                 self._counted_bytes += len(piece)
-            super().data_received(piece)  # type: ignore[arg-type]
-            if self.transport.is_closing() or self.transport.get_protocol() is not self:
-                self._stop_timers()  # a 400 closed it, or uvicorn handed it to its WebSocket protocol
+            if not self._feed(piece, last=not unread):
                 return
-            if self._refusal is not None:
-                self._refuse(self._refusal)
-                return
-        self._arm_timers()
+
+    def _feed(self, piece: bytes | memoryview, *, last: bool = True) -> bool:
+        """`piece` to uvicorn's parser; whether the connection reads on. After the `last`
+        piece of a read, the timers for a head or body that outlives it."""
+        super().data_received(piece)  # type: ignore[arg-type]
+        if self.transport.is_closing() or self.transport.get_protocol() is not self:
+            self._stop_timers()  # a 400 closed it, or uvicorn handed it to its WebSocket protocol
+            return False
+        if self._refusal is not None:
+            self._refuse(self._refusal)
+            return False
+        if last:
+            self._arm_timers()
+        return True
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -425,9 +392,11 @@ class GuardedProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         if self.cycle is previous:
             return  # a WebSocket upgrade makes no request: the app never sees it
-        self._body_cycle = self.cycle
+        cycle = self._body_cycle = self.cycle
         if self.scope["method"] != "HEAD":  # uvicorn writes no body for HEAD: nothing to join
-            self.cycle.transport = OneSendResponses(self.transport)  # type: ignore[assignment]
+            cycle.transport = OneSendResponses(self.transport)  # type: ignore[assignment]
+            extensions = self.scope.setdefault("extensions", {})  # type: ignore[typeddict-item]
+            extensions[RESPOND_EXTENSION] = functools.partial(respond, cycle, self.transport)
         if self._shutting_down or self._draining():
             self.cycle.keep_alive = False
 

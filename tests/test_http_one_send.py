@@ -1,20 +1,26 @@
-"""A response's head and body leave in one write (`http_protocol.OneSendResponses`).
+"""A response's head and body leave in one write (`whole_response`).
 
-The class against a transport that records its writes, then a real server on a
-raw socket: GET, HEAD (whose body uvicorn never writes), and `Expect:
-100-continue`, each answered completely.
+`OneSendResponses` and `respond` against a transport that records its writes
+(`respond` ending a real uvicorn request-response cycle), then a real server on
+a raw socket: GET, HEAD (whose body uvicorn never writes), `Expect:
+100-continue`, and inference on a kept-alive connection, each answered
+completely.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from uvicorn.protocols.http.flow_control import FlowControl
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
-from bnfold.service.http_protocol import OneSendResponses
 from bnfold.service.settings import Settings
+from bnfold.service.whole_response import OneSendResponses, respond
 
 from service_packages import write_mlp
 from service_server import RunningServer, running_server
@@ -39,6 +45,10 @@ class RecordingTransport:
 
     def is_closing(self) -> bool:
         return self.closed
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
 
 
 def test_head_and_body_go_in_one_write_and_later_bodies_pass_through() -> None:
@@ -68,6 +78,111 @@ def test_continue_goes_at_once_and_close_flushes_a_held_head() -> None:
     responses.write(HEAD)
     responses.close()
     assert transport.writes == [CONTINUE, HEAD] and transport.closed
+
+
+DATE = (b"date", b"Thu, 03 Dec 2026 12:00:00 GMT")
+JSON = (b"content-type", b"application/json")
+
+
+def _cycle(
+    transport: RecordingTransport, *, keep_alive: bool = True
+) -> tuple[RequestResponseCycle, list[str]]:
+    """uvicorn's own cycle for a POST, as its protocol makes it; `ended` records
+    `on_response` (the protocol's cue to start a pipelined request or the keep-alive timer)."""
+    ended: list[str] = []
+    cycle = RequestResponseCycle(
+        scope={"type": "http", "method": "POST", "http_version": "1.1"},  # type: ignore[typeddict-item]
+        transport=transport,  # type: ignore[arg-type]
+        flow=FlowControl(transport),  # type: ignore[arg-type]
+        logger=logging.getLogger("test"),
+        access_logger=logging.getLogger("test.access"),
+        access_log=False,
+        default_headers=[DATE],
+        message_event=asyncio.Event(),
+        expect_100_continue=False,
+        keep_alive=keep_alive,
+        on_response=lambda: ended.append("ended"),
+    )
+    return cycle, ended
+
+
+async def _asgi_answer(keep_alive: bool) -> tuple[list[bytes], bool]:
+    """What uvicorn's `send` writes for the same answer: its two messages."""
+    transport = RecordingTransport()
+    cycle, _ = _cycle(transport, keep_alive=keep_alive)
+    headers = [(b"content-length", b"7"), JSON, (b"x-request-id", b"abc")]
+    await cycle.send({"type": "http.response.start", "status": 200, "headers": headers})
+    await cycle.send({"type": "http.response.body", "body": b'{"a":1}'})
+    return transport.writes, transport.closed
+
+
+@pytest.mark.parametrize("keep_alive", [True, False])
+def test_respond_writes_what_send_writes_in_one_write_and_ends_the_cycle(keep_alive: bool) -> None:
+    transport = RecordingTransport()
+    cycle, ended = _cycle(transport, keep_alive=keep_alive)
+    assert respond(cycle, transport, 200, [JSON, (b"x-request-id", b"abc")], b'{"a":1}')  # type: ignore[arg-type]
+    sent, closed = asyncio.run(_asgi_answer(keep_alive))
+    head, _, body = transport.writes[0].partition(b"\r\n\r\n")
+    sent_head, _, sent_body = b"".join(sent).partition(b"\r\n\r\n")
+    # the same status line and fields (Content-Length where respond puts it), the same body
+    assert len(transport.writes) == 1 and body == sent_body == b'{"a":1}'
+    assert sorted(head.split(b"\r\n")) == sorted(sent_head.split(b"\r\n"))
+    assert (b"connection: close" in head) is (not keep_alive)
+    assert transport.closed is closed is (not keep_alive)
+    assert cycle.response_started and cycle.response_complete and cycle.message_event.is_set()
+    assert ended == ["ended"]
+
+
+def test_respond_writes_uvicorns_access_line_as_send_does(caplog: pytest.LogCaptureFixture) -> None:
+    lines = []
+    for answer in ("respond", "send"):
+        transport = RecordingTransport()
+        cycle, _ = _cycle(transport)
+        cycle.access_log = True
+        cycle.scope.update(client=("127.0.0.1", 5000), raw_path=b"/v2/x", query_string=b"a=1")
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="test.access"):
+            if answer == "respond":
+                assert respond(cycle, transport, 201, [], b"")  # type: ignore[arg-type]
+            else:
+                start = {"type": "http.response.start", "status": 201, "headers": []}
+                asyncio.run(cycle.send(start))  # type: ignore[arg-type]
+        lines.append([record.getMessage() for record in caplog.records])
+    assert lines[0] == lines[1] == ['127.0.0.1:5000 - "POST /v2/x?a=1 HTTP/1.1" 201']
+
+
+def test_respond_sends_a_large_body_without_a_joined_copy() -> None:
+    transport = RecordingTransport()
+    cycle, _ = _cycle(transport)
+    body = bytes(200_000)
+    assert respond(cycle, transport, 200, [JSON], body)  # type: ignore[arg-type]
+    assert len(transport.writes) == 1 and transport.writes[0].endswith(b"\r\n\r\n" + body)
+    assert b"content-length: 200000\r\n" in transport.writes[0]
+
+
+@pytest.mark.parametrize("state", ["response_started", "disconnected", "write_paused"])
+def test_respond_leaves_to_send_what_send_must_do(state: str) -> None:
+    """A begun response, a gone client, a full buffer (send waits for it): nothing
+    written, the cycle untouched, False."""
+    transport = RecordingTransport()
+    cycle, ended = _cycle(transport)
+    if state == "write_paused":
+        cycle.flow.pause_writing()
+    else:
+        setattr(cycle, state, True)
+    assert not respond(cycle, transport, 200, [JSON], b"{}")  # type: ignore[arg-type]
+    assert transport.writes == [] and not cycle.response_complete and ended == []
+
+
+def test_respond_refuses_a_field_that_would_break_the_head_and_an_unknown_status() -> None:
+    transport = RecordingTransport()
+    cycle, _ = _cycle(transport)
+    with pytest.raises(RuntimeError, match="header value"):
+        respond(cycle, transport, 200, [(b"x-request-id", b"a\r\nset-cookie: b")], b"")  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="header name"):
+        respond(cycle, transport, 200, [(b"x id", b"a")], b"")  # type: ignore[arg-type]
+    assert not respond(cycle, transport, 599, [], b"")  # type: ignore[arg-type]
+    assert transport.writes == [] and not cycle.response_started
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +246,34 @@ def test_expect_continue_then_inference(server: RunningServer, tmp_path: Path) -
     assert status == b"HTTP/1.1 200 OK"
     assert int(fields[b"content-length"]) == len(body) and b'"outputs"' in body
     assert b"x-request-id" in fields
+
+
+def test_inference_on_a_kept_alive_connection_is_answered_whole_each_time(
+    server: RunningServer,
+) -> None:
+    """The lane answers through `respond`: each answer complete, one Content-Length, the
+    connection kept for the next request."""
+    payload = (
+        b'{"inputs":[{"name":"input","shape":[1,8],"datatype":"FP32","data":[1,2,3,4,5,6,7,8]}]}'
+    )
+    request = (
+        b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(payload) + payload
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
+        bodies = []
+        for _ in range(2):
+            connection.sendall(request)
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += connection.recv(65536)
+            status, fields, body = _split(received)
+            while len(body) < int(fields[b"content-length"]):
+                body += connection.recv(65536)
+            assert status == b"HTTP/1.1 200 OK" and b"connection" not in fields
+            assert received.lower().count(b"content-length") == 1
+            # `respond` writes Content-Length last; starlette's response puts it first
+            assert received.partition(b"\r\n\r\n")[0].endswith(b"content-length: %d" % len(body))
+            assert fields[b"content-type"] == b"application/json" and b"x-request-id" in fields
+            bodies.append(body)
+    assert bodies[0] == bodies[1] and b'"outputs"' in bodies[0]

@@ -9,8 +9,10 @@ plumbing cost the event loop several times the model's run (BENCHMARKS.md, the
 tiny-model gap). The lane does what those did for an infer request, with no
 wrapper around `send`: the request's context and id, `infer_request` (the route's
 own code, so errors get the exception handler's response), the id on the
-response head, the shutdown cut-off's 503, and the access entry. The routes stay
-in the router for the OpenAPI document and for a server under a root path.
+response head, the shutdown cut-off's 503, and the access entry. A 200 goes out
+through the server's `respond` extension when it offers one (whole_response.py:
+`bnfold serve`'s protocol does), in one call rather than ASGI's two messages. The
+routes stay in the router for the OpenAPI document and for a server under a root path.
 """
 
 from __future__ import annotations
@@ -30,9 +32,12 @@ from bnfold.service.rest.access import (
     header_value,
 )
 from bnfold.service.rest.errors import cut_off_response, handle_error
+from bnfold.service.rest.responses import EncodedBodyResponse
 from bnfold.service.rest.routes import infer_request
+from bnfold.service.whole_response import RESPOND_EXTENSION
 
 _MODELS = "/v2/models/"
+_NO_EXTENSIONS: dict[str, object] = {}
 _INFER = "/infer"
 
 
@@ -90,9 +95,16 @@ class InferenceLane:
                 response = await handle_error(request, exc)
             except asyncio.CancelledError:  # the shutdown grace ended before an answer
                 response = cut_off_response()
-            response.raw_headers.append((REQUEST_ID_FIELD, context.request_id.encode("ascii")))
+            request_id = (REQUEST_ID_FIELD, context.request_id.encode("ascii"))
             status = response.status_code
-            await response(scope, request_receive, send)
+            respond = scope.get("extensions", _NO_EXTENSIONS).get(RESPOND_EXTENSION)
+            if not (
+                respond is not None
+                and type(response) is EncodedBodyResponse
+                and respond(status, [*response.fields, request_id], response.body)
+            ):
+                response.raw_headers.append(request_id)
+                await response(scope, request_receive, send)
             bytes_out = len(response.body)
         except BaseException as exc:
             status = status or ended_status(exc)

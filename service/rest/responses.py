@@ -49,6 +49,7 @@ class EncodedBodyResponse(Response):
         self.status_code = 200
         self.background = None
         self.body = body
+        self.fields = fields  # besides Content-Length: what `whole_response.respond` takes
         self.raw_headers = [(b"content-length", b"%d" % len(body)), *fields]
 
 
