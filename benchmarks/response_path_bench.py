@@ -1,6 +1,7 @@
 """What answering a small inference response costs the event loop: ASGI's two messages
 (starlette's `Response.__call__`, uvicorn's `send`, `OneSendResponses`) against the one
-call the lane makes through the server's `respond` extension (service/whole_response.py).
+call the lane makes through the server's `respond` extension (service/whole_response.py),
+the extension's making per request included.
 
 Both write the same bytes (tests/test_http_one_send.py checks it) through uvicorn's own
 request-response cycle to a transport that records nothing; a fresh cycle per response,
@@ -23,7 +24,7 @@ from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from bnfold.service.rest.responses import EncodedBodyResponse
-from bnfold.service.whole_response import OneSendResponses, respond
+from bnfold.service.whole_response import OneSendResponses, extension
 
 # the digits MLP's answer to one image, as the codec encodes it
 BODY = (
@@ -86,8 +87,9 @@ async def asgi_messages(count: int) -> None:
 async def one_call(count: int) -> None:
     for _ in range(count):
         cycle = new_cycle()
+        offered = extension(cycle, TRANSPORT)  # type: ignore[arg-type]  # the protocol's part
         response = EncodedBodyResponse(BODY, [(b"content-type", b"application/json")])
-        if not respond(cycle, TRANSPORT, 200, [*response.fields, REQUEST_ID], response.body):  # type: ignore[arg-type]
+        if not offered["respond"](200, [*response.fields, REQUEST_ID], response.body):
             raise RuntimeError("respond declined a plain 200")
 
 

@@ -117,7 +117,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from uvicorn.server import ServerState
 
 from bnfold.service.drain import DRAIN_STATE_KEY, DrainState
-from bnfold.service.whole_response import RESPOND_EXTENSION, OneSendResponses, respond
+from bnfold.service.whole_response import RESPOND_EXTENSION, OneSendResponses, extension
 
 LINGER_SECONDS = 2.0
 """How long a refused connection keeps reading (and discarding) before it closes.
@@ -396,7 +396,7 @@ class GuardedProtocol(HttpToolsProtocol):
         if self.scope["method"] != "HEAD":  # uvicorn writes no body for HEAD: nothing to join
             cycle.transport = OneSendResponses(self.transport)  # type: ignore[assignment]
             extensions = self.scope.setdefault("extensions", {})  # type: ignore[typeddict-item]
-            extensions[RESPOND_EXTENSION] = functools.partial(respond, cycle, self.transport)
+            extensions[RESPOND_EXTENSION] = extension(cycle, self.transport)
         if self._shutting_down or self._draining():
             self.cycle.keep_alive = False
 

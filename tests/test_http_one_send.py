@@ -10,8 +10,10 @@ completely.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import socket
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from bnfold.service.settings import Settings
-from bnfold.service.whole_response import OneSendResponses, respond
+from bnfold.service.whole_response import OneSendResponses, extension, respond
 
 from service_packages import write_mlp
 from service_server import RunningServer, running_server
@@ -149,6 +151,24 @@ def test_respond_writes_uvicorns_access_line_as_send_does(caplog: pytest.LogCapt
                 asyncio.run(cycle.send(start))  # type: ignore[arg-type]
         lines.append([record.getMessage() for record in caplog.records])
     assert lines[0] == lines[1] == ['127.0.0.1:5000 - "POST /v2/x?a=1 HTTP/1.1" 201']
+
+
+def test_the_extension_answers_its_cycle_and_leaves_no_reference_cycle() -> None:
+    """The scope holds the extension and the cycle the scope: the extension must hold the
+    cycle weakly, or each request would be garbage only a collection frees."""
+    transport = RecordingTransport()
+    cycle, ended = _cycle(transport)
+    cycle.scope["extensions"] = {"bnfold.respond": extension(cycle, transport)}  # type: ignore[arg-type]
+    offered = cycle.scope["extensions"]["bnfold.respond"]
+    assert offered["respond"](200, [JSON], b"{}") and ended == ["ended"]
+    gone = weakref.ref(cycle)
+    gc.disable()
+    try:
+        del cycle
+        assert gone() is None  # freed by its reference count alone
+    finally:
+        gc.enable()
+    assert not offered["respond"](200, [JSON], b"{}")  # a cycle gone: nothing to answer
 
 
 def test_respond_sends_a_large_body_without_a_joined_copy() -> None:

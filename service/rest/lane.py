@@ -97,11 +97,11 @@ class InferenceLane:
                 response = cut_off_response()
             request_id = (REQUEST_ID_FIELD, context.request_id.encode("ascii"))
             status = response.status_code
-            respond = scope.get("extensions", _NO_EXTENSIONS).get(RESPOND_EXTENSION)
+            offered = scope.get("extensions", _NO_EXTENSIONS).get(RESPOND_EXTENSION)
             if not (
-                respond is not None
+                offered is not None
                 and type(response) is EncodedBodyResponse
-                and respond(status, [*response.fields, request_id], response.body)
+                and offered["respond"](status, [*response.fields, request_id], response.body)
             ):
                 response.raw_headers.append(request_id)
                 await response(scope, request_receive, send)
