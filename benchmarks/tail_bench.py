@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -80,7 +81,7 @@ def _serve_with_probes(events_path: str, argv: list[str]) -> None:
     """Run `bnfold serve argv` in this process with the probes installed."""
     import onnxruntime as ort
 
-    from bnfold.service import drift_monitor
+    from bnfold.service import batching, drift_monitor
     from bnfold.service.rest import bodies
 
     out = open(events_path, "w", buffering=1)  # noqa: SIM115 - lives as long as the process
@@ -93,10 +94,13 @@ def _serve_with_probes(events_path: str, argv: list[str]) -> None:
     original_run = ort.InferenceSession.run
 
     def run(self: Any, output_names: Any, feeds: Any, run_options: Any = None) -> Any:
+        return probed_run(functools.partial(original_run, self), output_names, feeds, run_options)
+
+    def probed_run(runner: Any, output_names: Any, feeds: Any, run_options: Any = None) -> Any:
         start = time.monotonic()
         thread_start = time.thread_time()
         try:
-            return original_run(self, output_names, feeds, run_options)
+            return runner(output_names, feeds, run_options)
         finally:
             rows = next(iter(feeds.values())).shape[0] if feeds else 0
             log(
@@ -113,6 +117,17 @@ def _serve_with_probes(events_path: str, argv: list[str]) -> None:
             )
 
     ort.InferenceSession.run = run  # type: ignore[method-assign]
+    # the batcher runs a CPU session through its native run (sessions.session_runner),
+    # which the class's run above never sees
+    original_runner = batching.session_runner
+
+    def session_runner(session: Any) -> Any:
+        runner = original_runner(session)
+        if getattr(runner, "__func__", None) is run:  # the class's run: probed already
+            return runner
+        return functools.partial(probed_run, runner)
+
+    batching.session_runner = session_runner  # type: ignore[assignment]
 
     original_measure = drift_monitor.DriftMonitor._measure_group
 
