@@ -10,12 +10,13 @@ on each request:
 - `OneSendResponses`, the request's view of the transport: any ASGI response
   through uvicorn's `send`; the head is held until the first body write.
 - `respond`, offered to the app as the ASGI scope extension
-  `RESPOND_EXTENSION` (`extension`): a complete response (status, header fields, body) in one
-  call. ASGI's two messages went through starlette's `Response.__call__` and
-  uvicorn's `send` (message dicts, header lower-casing and parsing, the
-  Content-Length bookkeeping): about 5 µs of the event loop per small
-  response, where this takes 1. The inference lane uses it; every other route
-  keeps plain ASGI.
+  `RESPOND_EXTENSION` (`extension`): a complete response (status, header
+  fields, body) in one call. ASGI's two messages go through starlette's
+  `Response.__call__` and uvicorn's `send` (message dicts, header lower-casing
+  and parsing, the Content-Length bookkeeping): 5.2 µs of the event loop for
+  the digits MLP's answer, against 3.3 through `respond`
+  (benchmarks/response_path_bench.py). The inference lane uses it; every other
+  route keeps plain ASGI.
 
 Neither needs httptools, so the lane can import the extension's name on a server
 without it (where the extension is simply absent).
@@ -125,11 +126,11 @@ def respond(
 
     False, with nothing written, where ASGI's `send` must answer instead: a
     response already begun, a client gone, a full write buffer (`send` waits for
-    it to drain), or a status this table does not know. `fields` must not carry Content-Length,
-    Transfer-Encoding or Connection: the length is the body's, and the connection
-    closes when the cycle may not keep it alive (drain, shutdown, the client's
-    `Connection: close`), as `send` decides. A field that could break the head
-    raises RuntimeError, as in `send`.
+    it to drain), or a status this table does not know. `fields` must not carry
+    Content-Length, Transfer-Encoding or Connection: the length is the body's, and
+    the connection closes when the cycle may not keep it alive (drain, shutdown,
+    the client's `Connection: close`), as `send` decides. A field that could break
+    the head raises RuntimeError, as in `send`.
     """
     status_line = _STATUS_LINES.get(status)
     if (
@@ -181,7 +182,7 @@ def extension(cycle: Cycle, transport: asyncio.Transport) -> dict[str, Respond]:
     It holds the cycle weakly. The cycle holds the scope and the scope the
     extension, so a strong reference would make every request a reference cycle,
     freed (its scope, its body buffer) only by a garbage collection: under 256
-    clients sending 128 KiB bodies the server grew by 330 MiB that way
+    clients sending 128 KiB bodies the server grew by 390 MiB that way
     (tests/reliability/test_load.py caught it)."""
     cycle_ref = weakref.ref(cycle)
 
