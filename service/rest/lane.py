@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
@@ -37,8 +38,8 @@ from bnfold.service.rest.routes import infer_request
 from bnfold.service.whole_response import RESPOND_EXTENSION
 
 _MODELS = "/v2/models/"
-_NO_EXTENSIONS: dict[str, object] = {}
 _INFER = "/infer"
+_NO_EXTENSIONS: dict[str, dict[str, Any]] = {}  # a scope without "extensions" (ASGI: optional)
 
 
 def inference_target(path: str) -> tuple[str, str | None] | None:
