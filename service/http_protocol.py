@@ -67,6 +67,15 @@ charged to it; the client's share of a deadline still is. Timers are armed
 only when a head or body outlives the read it started in, so a request that
 arrives in one read (most do) costs no timer.
 
+**The keep-alive timer, armed once.** uvicorn arms a timer each time a
+response completes (`loop.call_later`, an idle connection closes after
+`timeout_keep_alive`) and cancels it when the next request's bytes come: a
+timer made and cancelled per request, 1.4-2.8 µs of the event loop's time with
+uvloop. Here the response only notes when the connection went idle, and one
+timer per connection checks, when it fires, whether it has been idle that
+long, else waits for the rest (`_keep_alive_deadline`). The connection closes
+at the same moment as uvicorn's would.
+
 **The connection limit.** A connection is admitted if, when it opens, this
 process has at most `max_connections` open connections (itself included);
 one that was not is admitted at its first head if the count has fallen back
@@ -266,6 +275,10 @@ class GuardedProtocol(HttpToolsProtocol):
         self._body_began: float | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
+        # when the connection last went idle after a response (None: not idle), on the loop's
+        # clock; the timer that closes it once idle for `timeout_keep_alive`
+        self._idle_since: float | None = None
+        self._keep_alive_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------ connection
 
@@ -282,6 +295,10 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_timers()
+        self._idle_since = None
+        if self._keep_alive_timer is not None:
+            self._keep_alive_timer.cancel()
+            self._keep_alive_timer = None
         super().connection_lost(exc)
 
     def shutdown(self) -> None:
@@ -422,6 +439,38 @@ class GuardedProtocol(HttpToolsProtocol):
         super().on_message_complete()
         if self._shutting_down and self.cycle is not None and self.cycle.response_complete:
             self.transport.close()
+
+    def on_response_complete(self) -> None:
+        # uvicorn's, but for the keep-alive timer (module docstring): only the moment the
+        # connection went idle is noted per response
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:  # its bytes came, so `_idle_since` is None
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self._idle_since = self.loop.time()
+        if self._keep_alive_timer is None:
+            self._keep_alive_timer = self.loop.call_later(
+                self.timeout_keep_alive, self._keep_alive_deadline
+            )
+
+    def _unset_keepalive_if_required(self) -> None:
+        # bytes came, or a response completed: not idle. uvicorn's version cancels its own
+        # timer, which only its `on_response_complete` arms, replaced above.
+        self._idle_since = None
+
+    def _keep_alive_deadline(self) -> None:
+        self._keep_alive_timer = None
+        if self._idle_since is None:
+            return  # busy now: the next response arms it again
+        remaining = self._idle_since + self.timeout_keep_alive - self.loop.time()
+        if remaining > 0:  # requests came meanwhile: the idle time counts from the last one
+            self._keep_alive_timer = self.loop.call_later(remaining, self._keep_alive_deadline)
+            return
+        self.timeout_keep_alive_handler()
 
     def _draining(self) -> bool:
         state: DrainState | None = self.app_state.get(DRAIN_STATE_KEY)

@@ -182,6 +182,30 @@ def test_an_idle_keep_alive_connection_is_closed_without_a_response(
     print(f"FIGURE idle keep-alive: closed {seconds:.2f} s after the response")
 
 
+def test_a_connection_used_more_often_than_the_keep_alive_stays_open_then_closes_when_idle(
+    timed_server: ServerProcess,
+) -> None:
+    """One keep-alive timer per connection, armed at its first idle moment: when it fires
+    on a connection that was used meanwhile, it waits for the rest of the idle time since
+    the last response instead of closing (http_protocol.py, the keep-alive timer)."""
+    gap = 0.6 * KEEP_ALIVE
+    with closing(connect(timed_server.port)) as connection:
+        opened = time.monotonic()
+        for _ in range(5):  # 2.4 keep-alive periods of use, each gap shorter than one
+            connection.sendall(HEALTH)
+            assert read_response(connection).status == 200
+            assert not _readable(connection, gap), "closed while in use"
+        assert time.monotonic() - opened > 2 * KEEP_ALIVE
+        connection.sendall(HEALTH)
+        assert read_response(connection).status == 200
+        answered = time.monotonic()
+        assert _readable(connection, KEEP_ALIVE + SLACK), "an idle connection stayed open"
+        seconds = time.monotonic() - answered
+        assert connection.recv(1) == b""
+        assert seconds >= KEEP_ALIVE / 2  # counted from the last response, not the first
+    print(f"FIGURE keep-alive after use: closed {seconds:.2f} s after the last response")
+
+
 def test_pipelined_requests_are_served(timed_server: ServerProcess) -> None:
     with closing(connect(timed_server.port)) as connection:
         connection.sendall(HEALTH * 3)
