@@ -10,6 +10,11 @@ per request:
   3. onnxruntime called in-process, at its best batch size and threading (the limit);
   4. an empty FastAPI POST handler (benchmarks/empty_server.py, the HTTP ceiling).
 
+The headline point (digits MLP JSON) is also measured side by side at 1 and 8
+clients, bnfold and the empty handler both up and taking 2 s turns for 10 rounds
+(serving/side_by_side.py): the targets table judges the ratio to the empty handler
+by the median of those rounds, not by two points measured minutes apart.
+
 Also the cost of drift monitoring: bnfold with monitoring off and on at several sample
 fractions, in interleaved rounds, on the MLP JSON and ResNet-18 binary points at 8
 clients (`--drift-only` runs just that and writes just its section).
@@ -48,7 +53,13 @@ from serving.load import driver_description
 from serving.profiling import bench_profile
 from serving.report import targets, write_report
 from serving.results import MODELS, ServeResults, read_results, save_results
-from serving.runs import bench_repeats, bench_servers, bench_startup, bench_tuning, bench_workers
+from serving.runs import (
+    bench_servers,
+    bench_side_by_side,
+    bench_startup,
+    bench_tuning,
+    bench_workers,
+)
 
 RESULTS = WORK / "results.json"
 PACKAGES = ("onnxruntime", "fastapi", "uvicorn", "uvloop", "httptools", "orjson", "numpy", "grpcio")
@@ -115,7 +126,7 @@ def main() -> None:
             f"(batch {limit.best_batch}, {limit.best_layout}), batch-1 p50 {limit.p50_ms}"
         )
     points, stats = bench_servers(repository, arguments.concurrency, arguments.duration)
-    repeats = bench_repeats(repository, arguments.duration)
+    side_by_side = bench_side_by_side(repository)
     startup = bench_startup()
     print(f"start to ready {startup['ready_s']:.2f} s, RSS {startup['rss_mb']:.0f} MB")
     workers = bench_workers(repository)
@@ -126,10 +137,10 @@ def main() -> None:
     if not arguments.no_drift:
         _drift(repository, arguments, dict(run), write=not arguments.no_write)
     results = ServeResults(
-        points, limits, startup, stats, repeats, workers, tuning, profile, run, machine
+        points, limits, startup, stats, side_by_side, workers, tuning, profile, run, machine
     )
     save_results(results, RESULTS)
-    for row in targets(points, limits, startup):
+    for row in targets(points, limits, startup, side_by_side):
         print(" | ".join(row))
     if not arguments.no_write:
         write_report(results)

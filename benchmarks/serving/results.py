@@ -49,7 +49,8 @@ class ServeResults:
     limits: dict[str, InProcess]  # in-process onnxruntime by model
     startup: dict[str, float]
     stats: dict[str, dict]  # bnfold's peak RSS and mean rows per run, by server
-    repeats: dict[str, list[float]]
+    # the headline point's side-by-side turns: req/s by server and client count, in round order
+    side_by_side: dict[str, dict[int, list[float]]]
     workers: dict[str, float]
     tuning: list[dict]
     profile: dict[str, dict[str, float]]
@@ -59,6 +60,17 @@ class ServeResults:
 
 def save_results(results: ServeResults, path: Path) -> None:
     path.write_text(json.dumps(asdict(results), indent=1))
+
+
+def _side_by_side(saved: dict) -> dict[str, dict[int, list[float]]]:
+    """The side-by-side turns; a run saved before them had three fresh-server repeats of the
+    8-client point ("repeats"), read as three rounds at 8 clients."""
+    if "side_by_side" in saved:
+        return {
+            server: {int(clients): rates for clients, rates in by_clients.items()}
+            for server, by_clients in saved["side_by_side"].items()
+        }
+    return {server: {8: rates} for server, rates in saved["repeats"].items()}
 
 
 def read_results(path: Path, machine_now: Machine) -> ServeResults:
@@ -85,7 +97,7 @@ def read_results(path: Path, machine_now: Machine) -> ServeResults:
         },
         startup=saved["startup"],
         stats=saved["stats"],
-        repeats=saved["repeats"],
+        side_by_side=_side_by_side(saved),
         workers=saved["workers"],
         tuning=saved["tuning"],
         profile=saved["profile"],

@@ -1,4 +1,4 @@
-"""The measurements of one run: every server at every point, the headline point repeated,
+"""The measurements of one run: every server at every point, the headline point side by side,
 start-up, the memory of `--workers 2`, and the settings the defaults were chosen by."""
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ from .harness import (
 )
 from .load import check_answer, load, write_bodies
 from .results import MODELS, Point
+from .side_by_side import alternating_turns, ratios, summarize
+
+SIDE_BY_SIDE_CLIENTS = (1, 8)
+SIDE_BY_SIDE_ROUNDS, SIDE_BY_SIDE_SECONDS = 10, 2.0
 
 
 def bench_servers(
@@ -71,22 +75,20 @@ def bench_servers(
     return points, stats
 
 
-def bench_repeats(repository: Path, seconds: float, times: int = 3) -> dict[str, list[float]]:
-    """The headline point again, bnfold and the empty handler taking turns, `times` each:
-    how much one measurement of it varies on this machine within the run."""
-    body = write_bodies(repository, "digits_mlp")["json"]
-    rates: dict[str, list[float]] = {"bnfold JSON": [], "empty handler": []}
-    port = free_port()
-    commands = {
-        "bnfold JSON": bnfold_command(repository, port),
-        "empty handler": empty_command(port),
-    }
-    for _ in range(times):
-        for name, command in commands.items():
-            with serve(f"repeat {name}", command, port) as server:
-                url = f"{server.url}/v2/models/digits_mlp/infer"
-                rates[name].append(load(url, body, 8, seconds).rps)
-    print(f"repeats: {rates}", flush=True)
+def bench_side_by_side(
+    repository: Path, rounds: int = SIDE_BY_SIDE_ROUNDS, seconds: float = SIDE_BY_SIDE_SECONDS
+) -> dict[str, dict[int, list[float]]]:
+    """The headline point (digits MLP JSON) at 1 and 8 clients, bnfold and the empty handler
+    both up and taking `seconds` turns for `rounds` rounds (side_by_side.py): the ratio
+    the targets table judges, measured where a ratio is fair on this machine."""
+    rates = alternating_turns(repository, SIDE_BY_SIDE_CLIENTS, rounds, seconds)
+    for clients in SIDE_BY_SIDE_CLIENTS:
+        summary = summarize(ratios(rates, clients))
+        print(
+            f"side by side, {clients} client(s): bnfold / empty median {summary.median:.2f} "
+            f"(quartiles {summary.lower_quartile:.2f}-{summary.upper_quartile:.2f})",
+            flush=True,
+        )
     return rates
 
 
