@@ -13,7 +13,9 @@ per request:
 The headline point (digits MLP JSON) is also measured side by side at 1 and 8
 clients, bnfold and the empty handler both up and taking 2 s turns for 10 rounds
 (serving/side_by_side.py): the targets table judges the ratio to the empty handler
-by the median of those rounds, not by two points measured minutes apart.
+by the median of those rounds, not by two points measured minutes apart. Likewise
+ResNet-18's targets: bnfold's throughput at 8 clients and p50 at one, against
+in-process onnxruntime's best and batch-1 p50, taking 3 s turns for 5 rounds.
 
 Also the cost of drift monitoring: bnfold with monitoring off and on at several sample
 fractions, in interleaved rounds, on the MLP JSON and ResNet-18 binary points at 8
@@ -54,6 +56,7 @@ from serving.profiling import bench_profile
 from serving.report import targets, write_report
 from serving.results import MODELS, ServeResults, read_results, save_results
 from serving.runs import (
+    bench_beside_limit,
     bench_servers,
     bench_side_by_side,
     bench_startup,
@@ -127,6 +130,7 @@ def main() -> None:
         )
     points, stats = bench_servers(repository, arguments.concurrency, arguments.duration)
     side_by_side = bench_side_by_side(repository)
+    beside_limit = {"resnet18": bench_beside_limit(repository, "resnet18", limits["resnet18"])}
     startup = bench_startup()
     print(f"start to ready {startup['ready_s']:.2f} s, RSS {startup['rss_mb']:.0f} MB")
     workers = bench_workers(repository)
@@ -137,10 +141,20 @@ def main() -> None:
     if not arguments.no_drift:
         _drift(repository, arguments, dict(run), write=not arguments.no_write)
     results = ServeResults(
-        points, limits, startup, stats, side_by_side, workers, tuning, profile, run, machine
+        points,
+        limits,
+        startup,
+        stats,
+        side_by_side,
+        beside_limit,
+        workers,
+        tuning,
+        profile,
+        run,
+        machine,
     )
     save_results(results, RESULTS)
-    for row in targets(points, limits, startup, side_by_side):
+    for row in targets(points, limits, startup, side_by_side, beside_limit):
         print(" | ".join(row))
     if not arguments.no_write:
         write_report(results)

@@ -4,6 +4,7 @@ size and threading, and its batch-1 latency."""
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import threading
 import time
@@ -58,6 +59,34 @@ def _latency_ms(session: ort.InferenceSession, sample: np.ndarray, seconds: floa
     return statistics.median(samples) * 1e3
 
 
+_LAYOUT = "{runs} run(s) x {threads} thread(s)"
+_LAYOUT_PATTERN = re.compile(r"(\d+) run\(s\) x (\d+) thread\(s\)")
+
+
+class LimitProbe:
+    """`in_process`'s best layout and batch, and the service's batch-1 threading, measured
+    again on demand: what a side-by-side round sets beside the server's turns."""
+
+    def __init__(self, repository: Path, model: str, limit: InProcess) -> None:
+        path = repository / model / "1" / "model.onnx"
+        shape = input_shape(repository, model)
+        found = _LAYOUT_PATTERN.fullmatch(limit.best_layout)
+        assert found, limit.best_layout
+        self._runs, threads = int(found[1]), int(found[2])
+        rng = np.random.default_rng(2)
+        self._best = _session(path, threads)
+        self._batch = rng.random((limit.best_batch, *shape[1:]), dtype=np.float32)
+        self._single = _session(path, len(os.sched_getaffinity(0)))
+        self._sample = rng.random(shape, dtype=np.float32)
+
+    def best_samples_per_s(self, seconds: float) -> float:
+        return _throughput(self._best, self._batch, self._runs, seconds)
+
+    def batch1_p50_ms(self, seconds: float) -> float:
+        """On every core, as `bnfold serve` runs one request by default."""
+        return _latency_ms(self._single, self._sample, seconds)
+
+
 def in_process(repository: Path, model: str, seconds: float) -> InProcess:
     """The limit: the best samples/s over batch sizes and threading, and batch-1 latency."""
     path = repository / model / "1" / "model.onnx"
@@ -68,7 +97,7 @@ def in_process(repository: Path, model: str, seconds: float) -> InProcess:
     by_batch: dict[str, dict[int, float]] = {}
     for threads, runs in ((cores, 1), (1, cores)):
         session = _session(path, threads)
-        layout = f"{runs} run(s) x {threads} thread(s)"
+        layout = _LAYOUT.format(runs=runs, threads=threads)
         by_batch[layout] = {
             batch: _throughput(
                 session, rng.random((batch, *shape[1:]), dtype=np.float32), runs, seconds

@@ -51,6 +51,8 @@ class ServeResults:
     stats: dict[str, dict]  # bnfold's peak RSS and mean rows per run, by server
     # the headline point's side-by-side turns: req/s by server and client count, in round order
     side_by_side: dict[str, dict[int, list[float]]]
+    # the heavy model beside in-process onnxruntime, round by round (side_by_side.LIMIT_TURNS)
+    beside_limit: dict[str, dict[str, list[float]]]
     workers: dict[str, float]
     tuning: list[dict]
     profile: dict[str, dict[str, float]]
@@ -98,6 +100,7 @@ def read_results(path: Path, machine_now: Machine) -> ServeResults:
         startup=saved["startup"],
         stats=saved["stats"],
         side_by_side=_side_by_side(saved),
+        beside_limit=saved.get("beside_limit", {}),
         workers=saved["workers"],
         tuning=saved["tuning"],
         profile=saved["profile"],

@@ -19,8 +19,8 @@ from .harness import (
     serve,
 )
 from .load import check_answer, load, write_bodies
-from .results import MODELS, Point
-from .side_by_side import alternating_turns, ratios, summarize
+from .results import MODELS, InProcess, Point
+from .side_by_side import against_in_process, alternating_turns, ratios, summarize
 
 SIDE_BY_SIDE_CLIENTS = (1, 8)
 SIDE_BY_SIDE_ROUNDS, SIDE_BY_SIDE_SECONDS = 10, 2.0
@@ -90,6 +90,14 @@ def bench_side_by_side(
             flush=True,
         )
     return rates
+
+
+def bench_beside_limit(
+    repository: Path, model: str, limit: InProcess, rounds: int = 5, seconds: float = 3.0
+) -> dict[str, list[float]]:
+    """The heavy model's targets measured side by side with in-process onnxruntime
+    (side_by_side.against_in_process): `rounds` rounds of `seconds` turns."""
+    return against_in_process(repository, model, limit, rounds, seconds)
 
 
 def bench_startup(repeats: int = 3) -> dict[str, float]:
