@@ -60,6 +60,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "drift-0.002": ("--drift-sample-fraction", "0.002"),
     # onnxruntime's threads spin between a run's parallel sections, and stop when it ends
     "spinning": ("--spinning",),
+    # one onnxruntime thread per run: no second vCPU for a run to wait on (and a slower p50)
+    "one-thread": ("--threads", "1"),
     # every request sampled: the worker's priority and arena, amplified
     "drift-all-before": ("--drift-sample-fraction", "1.0", "--drift-cpu-budget", "0", *BEFORE),
     "drift-all-after": ("--drift-sample-fraction", "1.0", "--drift-cpu-budget", "0"),
@@ -317,9 +319,10 @@ def _breakdown(requests: list[Request]) -> list[str]:
     return lines
 
 
-def _in_process_runs(repository: Path, model: str, count: int) -> list[float]:
-    """Seconds per batch-1 run of `model`'s model.onnx called here, opened as the service
-    opens it (same options, threads, arena): the tail onnxruntime has on its own."""
+def _in_process_runs(repository: Path, model: str, count: int, threads: int = 0) -> list[float]:
+    """Seconds per batch-1 run of `model`'s model.onnx called here, in the order run, opened
+    as the service opens it (same options, arena; `threads` intra-op threads, 0: the
+    service's default): the tail onnxruntime has on its own."""
     import numpy as np
 
     from bnfold.package_format import EVAL_GRAPH
@@ -329,7 +332,8 @@ def _in_process_runs(repository: Path, model: str, count: int) -> list[float]:
 
     from serving.harness import input_shape
 
-    config = SessionConfig.from_settings(Settings(device="cpu"), ("CPUExecutionProvider",))
+    settings = Settings(device="cpu", intra_op_threads=threads)
+    config = SessionConfig.from_settings(settings, ("CPUExecutionProvider",))
     graph = (repository / model / "1" / EVAL_GRAPH).read_bytes()
     session = open_session(graph, {NO_FILE: b""}, config)
     sample = np.random.default_rng(0).random(input_shape(repository, model), dtype=np.float32)
@@ -343,6 +347,29 @@ def _in_process_runs(repository: Path, model: str, count: int) -> list[float]:
         seconds.append(time.perf_counter() - start)
         time.sleep(0.001)  # a client's round trip between requests
     return seconds
+
+
+def slow_in_runs(seconds: list[float], ratio: float = SLOW_RATIO) -> tuple[int, int]:
+    """(slow runs, slow runs next to another slow run) in `seconds`, runs in the order made.
+
+    Slow: over `ratio` times the median. Slow runs that come in runs of their own mean
+    the machine was slower for a stretch (tens of runs, a tenth of a second and more),
+    not that single runs went wrong: on this project's 2-vCPU VM, a 2-thread run's slow
+    stretches had both threads' CPU time up 1.6x, while 1-thread runs in the same
+    minutes stayed within 1.2x (BENCHMARKS.md, tail latency)."""
+    median = statistics.median(seconds)
+    slow = [value > ratio * median for value in seconds]
+    neighboured = sum(
+        1
+        for index, is_slow in enumerate(slow)
+        if is_slow
+        and ((index > 0 and slow[index - 1]) or (index + 1 < len(slow) and slow[index + 1]))
+    )
+    return sum(slow), neighboured
+
+
+def _threads(threads: int) -> str:
+    return "default threads" if threads == 0 else f"{threads} thread{'s' * (threads > 1)}"
 
 
 def main() -> None:
@@ -362,8 +389,16 @@ def main() -> None:
         action="store_false",
         help="skip the reference: the same model's runs called in this process, each round",
     )
+    parser.add_argument(
+        "--in-process-threads",
+        type=int,
+        nargs="+",
+        default=[0, 1],
+        help="the reference's intra-op threads, each in turn every round (0: the service's "
+        "default, one run on every CPU)",
+    )
     args = parser.parse_args()
-    in_process: list[float] = []
+    in_process: dict[int, list[float]] = {threads: [] for threads in args.in_process_threads}
 
     from serving.harness import WORK, ensure_repository, free_port, serve
     from serving.load import write_bodies
@@ -400,12 +435,12 @@ def main() -> None:
             )
         for round_number in range(args.rounds):
             order = variants if round_number % 2 == 0 else variants[::-1]
-            if args.in_process:
-                runs = _in_process_runs(repository, args.model, args.requests)
-                in_process.extend(runs)
+            for threads in in_process if args.in_process else ():
+                runs = _in_process_runs(repository, args.model, args.requests, threads)
+                in_process[threads].extend(runs)
                 ms = sorted(1000 * value for value in runs)
                 print(
-                    f"round {round_number + 1} -      onnxruntime in-process "
+                    f"round {round_number + 1} -      onnxruntime, {_threads(threads):10} "
                     f"p50 {_percentile(ms, 0.5):6.1f}  p99 {_percentile(ms, 0.99):6.1f}  "
                     f"max {ms[-1]:6.1f} ms",
                     flush=True,
@@ -437,12 +472,24 @@ def main() -> None:
                 f"| {encoding} | {variant.name} | {len(ms)} | {p50:.1f} | "
                 f"{_percentile(ms, 0.9):.1f} | {p99:.1f} | {max(ms):.1f} | {p99 / p50:.2f} |"
             )
-    if in_process:
-        ms = [1000 * value for value in in_process]
+    for threads, runs in in_process.items() if args.in_process else ():
+        ms = [1000 * value for value in runs]
         p50, p99 = _percentile(ms, 0.5), _percentile(ms, 0.99)
         print(
-            f"| (run alone) | onnxruntime in-process | {len(ms)} | {p50:.1f} | "
-            f"{_percentile(ms, 0.9):.1f} | {p99:.1f} | {max(ms):.1f} | {p99 / p50:.2f} |"
+            f"| (run alone) | onnxruntime in-process, {_threads(threads)} | {len(ms)} | "
+            f"{p50:.1f} | {_percentile(ms, 0.9):.1f} | {p99:.1f} | {max(ms):.1f} | "
+            f"{p99 / p50:.2f} |"
+        )
+    print()
+    for threads, runs in in_process.items() if args.in_process else ():
+        # per round: a run of requests is one stretch of time; rounds are minutes apart
+        slow = neighboured = 0
+        for start in range(0, len(runs), args.requests):
+            counts = slow_in_runs(runs[start : start + args.requests])
+            slow, neighboured = slow + counts[0], neighboured + counts[1]
+        print(
+            f"onnxruntime in-process, {_threads(threads)}: {slow} of {len(runs)} runs over "
+            f"{SLOW_RATIO}x their round's median, {neighboured} of them next to another slow run"
         )
     print()
     for encoding in args.encodings:
