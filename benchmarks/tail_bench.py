@@ -16,8 +16,10 @@ rounds, and what overlapped its slow requests.
     python benchmarks/tail_bench.py --requests 400 --rounds 3 --encodings json binary
 
 Each round also times the model's batch-1 runs called in this process, opened as
-the service opens them (`--no-in-process` skips it): the tail onnxruntime has on its
-own on this machine, which no server can go below.
+the service opens them (`--no-in-process` skips it), at the service's default thread
+count and at one thread (`--in-process-threads`): the tail onnxruntime has on its own
+on this machine, which no server can go below, and how many of its slow runs came in
+stretches (next to another slow run: the machine slower for a while, not one run).
 
 Noisy machines: compare the variants of one run, not runs.
 """
