@@ -351,12 +351,12 @@ def _in_process_runs(repository: Path, model: str, count: int, threads: int = 0)
     return seconds
 
 
-def slow_in_runs(seconds: list[float], ratio: float = SLOW_RATIO) -> tuple[int, int]:
+def _slow_runs(seconds: list[float], ratio: float = SLOW_RATIO) -> tuple[int, int]:
     """(slow runs, slow runs next to another slow run) in `seconds`, runs in the order made.
 
-    Slow: over `ratio` times the median. Slow runs that come in runs of their own mean
-    the machine was slower for a stretch (tens of runs, a tenth of a second and more),
-    not that single runs went wrong: on this project's 2-vCPU VM, a 2-thread run's slow
+    Slow: over `ratio` times the median. Slow runs that come one after another mean the
+    machine was slower for a stretch (7-8 runs, a tenth of a second and more, when
+    measured), not that single runs went wrong: on this project's 2-vCPU VM, a 2-thread run's slow
     stretches had both threads' CPU time up 1.6x, while 1-thread runs in the same
     minutes stayed within 1.2x (BENCHMARKS.md, tail latency)."""
     median = statistics.median(seconds)
@@ -400,7 +400,9 @@ def main() -> None:
         "default, one run on every CPU)",
     )
     args = parser.parse_args()
-    in_process: dict[int, list[float]] = {threads: [] for threads in args.in_process_threads}
+    in_process: dict[int, list[float]] = (
+        {threads: [] for threads in args.in_process_threads} if args.in_process else {}
+    )
 
     from serving.harness import WORK, ensure_repository, free_port, serve
     from serving.load import write_bodies
@@ -437,12 +439,12 @@ def main() -> None:
             )
         for round_number in range(args.rounds):
             order = variants if round_number % 2 == 0 else variants[::-1]
-            for threads in in_process if args.in_process else ():
+            for threads in in_process:
                 runs = _in_process_runs(repository, args.model, args.requests, threads)
                 in_process[threads].extend(runs)
                 ms = sorted(1000 * value for value in runs)
                 print(
-                    f"round {round_number + 1} -      onnxruntime, {_threads(threads):10} "
+                    f"round {round_number + 1} -      onnxruntime, {_threads(threads):15} "
                     f"p50 {_percentile(ms, 0.5):6.1f}  p99 {_percentile(ms, 0.99):6.1f}  "
                     f"max {ms[-1]:6.1f} ms",
                     flush=True,
@@ -474,7 +476,7 @@ def main() -> None:
                 f"| {encoding} | {variant.name} | {len(ms)} | {p50:.1f} | "
                 f"{_percentile(ms, 0.9):.1f} | {p99:.1f} | {max(ms):.1f} | {p99 / p50:.2f} |"
             )
-    for threads, runs in in_process.items() if args.in_process else ():
+    for threads, runs in in_process.items():
         ms = [1000 * value for value in runs]
         p50, p99 = _percentile(ms, 0.5), _percentile(ms, 0.99)
         print(
@@ -483,11 +485,11 @@ def main() -> None:
             f"{p99 / p50:.2f} |"
         )
     print()
-    for threads, runs in in_process.items() if args.in_process else ():
+    for threads, runs in in_process.items():
         # per round: a run of requests is one stretch of time; rounds are minutes apart
         slow = neighboured = 0
         for start in range(0, len(runs), args.requests):
-            counts = slow_in_runs(runs[start : start + args.requests])
+            counts = _slow_runs(runs[start : start + args.requests])
             slow, neighboured = slow + counts[0], neighboured + counts[1]
         print(
             f"onnxruntime in-process, {_threads(threads)}: {slow} of {len(runs)} runs over "
