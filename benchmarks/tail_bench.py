@@ -356,9 +356,9 @@ def _slow_runs(seconds: list[float], ratio: float = SLOW_RATIO) -> tuple[int, in
 
     Slow: over `ratio` times the median. Slow runs that come one after another mean the
     machine was slower for a stretch (7-8 runs, a tenth of a second and more, when
-    measured), not that single runs went wrong: on this project's 2-vCPU VM, a 2-thread run's slow
-    stretches had both threads' CPU time up 1.6x, while 1-thread runs in the same
-    minutes stayed within 1.2x (BENCHMARKS.md, tail latency)."""
+    measured), not that single runs went wrong. On this project's 2-vCPU VM, a 2-thread
+    run's slow stretches had its worker's CPU time up about 1.7x, while 1-thread runs in
+    the same minutes had p99/p50 1.17-1.26 (BENCHMARKS.md, tail latency)."""
     median = statistics.median(seconds)
     slow = [value > ratio * median for value in seconds]
     neighboured = sum(
